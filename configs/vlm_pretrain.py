@@ -1,0 +1,111 @@
+"""VLM pre-training with MMTP (training stage 3).
+
+Usage: `--config=configs/vlm_pretrain.py:<preset>[,option=value,...]`, e.g.
+`configs/vlm_pretrain.py:tiny,mmtp=image_token` or `:0p5b,mmtp=visual_embed,seeds=3`.
+
+Presets (parameter counts: `python -m glm5v_jax.tools.summary --config=...`):
+  tiny       about 10M: LLM 256 wide, 4 layers (1 dense + 3 MoE, 8 experts + 1 shared,
+             top-2), CogViT 128 wide, depth 2. A train step in about a second on 2 CPU cores.
+  0p5b       the MMTP-ablation model: dense 24 x 1024 backbone (16 heads, 4 KV, head_dim
+             128, SwiGLU 3072, vocab 32768) with a ViT-B-like CogViT (768/12/12): ~0.53B.
+  0p5b_moe   the same width with MoE layers (16 x 1024, 1 dense, 16 experts + 1 shared, top-2).
+  glm45_air  GLM-4.5-Air-like backbone (106B total, ~12B active) with a CogViT-L-like
+             (so400m-shaped) tower. Only ever built abstractly on a CPU host.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from glm5v_jax.config_args import parse_arg
+
+PRESETS = ("tiny", "0p5b", "0p5b_moe", "glm45_air")
+
+# Options accepted after the preset, with their defaults (None: keep the preset's value).
+OPTIONS = dict(
+    mmtp="image_token",  # visual_embed | mask | image_token
+    mtp_depths=-1,  # -1: the preset's
+    layers=-1,  # override backbone depth (compile-time studies); -1: the preset's
+    dtype="bfloat16",  # compute dtype; parameters stay float32
+    attention_impl="xla",
+    moe_impl="ragged_dot",
+    remat=False,
+    seed=0,
+)
+
+
+def _vision(embed_dim, depth, num_heads, mlp_dim, max_patches, mlp_type="gelu"):
+    return ml_collections.ConfigDict(dict(
+        embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, mlp_type=mlp_type,
+        patch_size=16, max_patches=max_patches, merge_size=2, qk_norm=True, qkv_bias=True,
+        rope_theta=100.0, norm_eps=1e-6))
+
+
+def _backbone(**kw):
+    base = dict(
+        vocab_size=8192, embed_dim=256, num_layers=4, first_k_dense=1, num_heads=4, num_kv_heads=2,
+        head_dim=64, mlp_dim=768, num_experts=8, experts_per_token=2, num_shared_experts=1,
+        moe_mlp_dim=128, routed_scaling=1.0, qkv_bias=True, qk_norm=True, rotary_fraction=0.5,
+        rope_theta=10000.0, mrope_sections=(4, 6, 6), norm_eps=1e-5, balance_loss_weight=0.0,
+        init_std=0.02)
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
+
+
+def _model(preset: str) -> ml_collections.ConfigDict:
+    if preset == "tiny":
+        vision = _vision(128, 2, 2, 512, max_patches=64)
+        backbone = _backbone()
+    elif preset in ("0p5b", "0p5b_moe"):
+        vision = _vision(768, 12, 12, 3072, max_patches=256)
+        common = dict(vocab_size=32768, embed_dim=1024, num_heads=16, num_kv_heads=4, head_dim=128,
+                      mlp_dim=3072, mrope_sections=(8, 12, 12))
+        if preset == "0p5b":
+            backbone = _backbone(num_layers=24, first_k_dense=24, num_experts=0, experts_per_token=0,
+                                 num_shared_experts=0, moe_mlp_dim=0, **common)
+        else:
+            backbone = _backbone(num_layers=16, first_k_dense=1, num_experts=16, experts_per_token=2,
+                                 num_shared_experts=1, moe_mlp_dim=384, **common)
+    elif preset == "glm45_air":
+        vision = _vision(1152, 27, 16, 4304, max_patches=4096)
+        backbone = _backbone(vocab_size=151552, embed_dim=4096, num_layers=46, first_k_dense=1,
+                             num_heads=96, num_kv_heads=8, head_dim=128, mlp_dim=10944, num_experts=128,
+                             experts_per_token=8, num_shared_experts=1, moe_mlp_dim=1408,
+                             routed_scaling=1.0, qk_norm=False, rope_theta=1e6,
+                             mrope_sections=(8, 12, 12), balance_loss_weight=1e-4)
+    else:  # parse_arg has already refused unknown presets
+        raise AssertionError(preset)
+    return ml_collections.ConfigDict(dict(
+        vision=vision,
+        backbone=backbone,
+        mtp=ml_collections.ConfigDict(dict(num_depths=1, mode="image_token", loss_weight=0.3,
+                                           trunk_gradient="full")),
+        image_token_id=4,  # the tokenizer's <|image|> id; the data pipeline checks it
+        dtype="bfloat16", param_dtype="float32",
+        attention_impl="xla", moe_impl="ragged_dot", remat=False,
+    ))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    opts = parse_arg(arg, PRESETS, "tiny", **OPTIONS)
+    config = ml_collections.ConfigDict()
+    config.preset = opts.preset
+    config.seed = opts.seed
+    config.model = _model(opts.preset)
+    m = config.model
+    m.mtp.mode = opts.mmtp
+    if opts.mtp_depths >= 0:
+        m.mtp.num_depths = opts.mtp_depths
+    if opts.layers > 0:
+        m.backbone.num_layers = opts.layers
+        m.backbone.first_k_dense = min(m.backbone.first_k_dense, opts.layers)
+    m.dtype, m.attention_impl, m.moe_impl, m.remat = opts.dtype, opts.attention_impl, opts.moe_impl, opts.remat
+
+    # Training settings used by the train step and, later, the stage-3 trainer.
+    config.train = ml_collections.ConfigDict(dict(
+        batch_size=8 if opts.preset == "tiny" else 256,
+        seq_len=256 if opts.preset == "tiny" else 4096,
+        learning_rate=3e-3 if opts.preset == "tiny" else 3e-4,
+        weight_decay=0.1,
+        router_bias_update_rate=1e-3,  # aux-loss-free balancing step size
+    ))
+    return config

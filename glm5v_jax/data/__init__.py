@@ -1,0 +1,1 @@
+"""Input pipelines: image preprocessing for the vision tower."""

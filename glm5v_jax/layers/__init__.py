@@ -1,0 +1,1 @@
+"""Reusable Flax NNX layers with logical axis names on every parameter."""

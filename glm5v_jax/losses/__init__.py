@@ -1,0 +1,1 @@
+"""Losses: next-token cross-entropy with MTP terms."""

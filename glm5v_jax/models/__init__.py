@@ -1,0 +1,1 @@
+"""Models: CogViT, projector, GLM backbone, MMTP and the GLM-5V VLM."""

@@ -1,0 +1,117 @@
+"""GLM-4.5-style decoder backbone: embedding, scanned dense and MoE layer stacks, head.
+
+Pre-norm blocks (RMSNorm), GQA attention with q/k/v bias and optional QK-Norm,
+partial RoPE or M-RoPE over (t, h, w) positions, SwiGLU MLP in the first
+`first_k_dense` layers and GLM MoE in the rest. Each stack is one scan, so
+compile time stays flat as depth grows. Embedding and head are untied.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glm5v_jax.layers.attention import Attention
+from glm5v_jax.layers.mlp import SwiGLU
+from glm5v_jax.layers.moe import MoE, update_router_bias
+from glm5v_jax.layers.norms import RMSNorm
+from glm5v_jax.layers.params import normal, param
+from glm5v_jax.layers.rope import Rotary
+from glm5v_jax.layers.stack import scan_layers, stacked
+from glm5v_jax.models.specs import BackboneSpec
+
+
+class DecoderBlock(nnx.Module):
+    """x + Attn(norm(x)); x + FFN(norm(x)), FFN a dense SwiGLU or an MoE."""
+
+    def __init__(self, spec: BackboneSpec, *, moe: bool, rngs: nnx.Rngs):
+        h, dt, pdt, std = spec.embed_dim, spec.dtype, spec.param_dtype, spec.init_std
+        self.is_moe = moe
+        self.attn_norm = RMSNorm(h, eps=spec.norm_eps, param_dtype=pdt, rngs=rngs)
+        self.attn = Attention(h, spec.num_heads, spec.num_kv_heads, spec.head_dim, qkv_bias=spec.qkv_bias,
+                              qk_norm=spec.qk_norm, norm_eps=spec.norm_eps, impl=spec.attention_impl,
+                              dtype=dt, param_dtype=pdt, init_std=std, rngs=rngs)
+        self.mlp_norm = RMSNorm(h, eps=spec.norm_eps, param_dtype=pdt, rngs=rngs)
+        if moe:
+            self.mlp = MoE(h, spec.moe_mlp_dim, spec.num_experts, spec.experts_per_token,
+                           num_shared_experts=spec.num_shared_experts, routed_scaling=spec.routed_scaling,
+                           impl=spec.moe_impl, dtype=dt, param_dtype=pdt, init_std=std, rngs=rngs)
+        else:
+            self.mlp = SwiGLU(h, spec.mlp_dim, dtype=dt, param_dtype=pdt, init_std=std, rngs=rngs)
+
+    def __call__(self, x, rotary, segment_ids):
+        """Returns (x, aux); aux holds the MoE load statistics (empty for dense)."""
+        x = x + self.attn(self.attn_norm(x), rotary=rotary, segment_ids=segment_ids, causal=True)
+        if self.is_moe:
+            y, aux = self.mlp(self.mlp_norm(x), token_mask=segment_ids != 0)
+        else:
+            y, aux = self.mlp(self.mlp_norm(x)), {}
+        return x + y.astype(x.dtype), aux
+
+
+class GLMBackbone(nnx.Module):
+    """Token ids or embeddings `[B, S, H]` -> hidden states and logits."""
+
+    def __init__(self, spec: BackboneSpec, *, rngs: nnx.Rngs):
+        self.spec = spec
+        h, v, pdt = spec.embed_dim, spec.vocab_size, spec.param_dtype
+        self.embed = param(rngs, normal(spec.init_std), (v, h), ("vocab", "embed"), pdt)
+        self.dense_layers = (stacked(lambda r: DecoderBlock(spec, moe=False, rngs=r), spec.first_k_dense, rngs)
+                             if spec.first_k_dense else None)
+        self.moe_layers = (stacked(lambda r: DecoderBlock(spec, moe=True, rngs=r), spec.num_moe_layers, rngs)
+                           if spec.num_moe_layers else None)
+        self.final_norm = RMSNorm(h, eps=spec.norm_eps, param_dtype=pdt, rngs=rngs)
+        self.head = param(rngs, normal(spec.init_std), (h, v), ("embed", "vocab"), pdt)
+        self.rotary = Rotary(spec.rotary_dim, spec.rope_theta,
+                             tuple(spec.mrope_sections) if spec.mrope_sections else None)
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """`[B, S]` int -> `[B, S, H]` in the compute dtype."""
+        return jnp.take(self.embed[...], tokens, axis=0).astype(self.spec.dtype)
+
+    def rotary_tables(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """positions `[B, S, 3]` (t, h, w) or `[B, S]` -> (cos, sin) `[B, S, R/2]`."""
+        if positions.ndim == 2:
+            positions = positions[..., None]
+        return self.rotary.cos_sin(positions[..., : self.rotary.num_axes])
+
+    def run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array):
+        """The decoder stack on embeddings x `[B, S, H]`; returns (h before the final norm, aux).
+
+        aux: `expert_load [L_moe, E]` and `balance_loss` (mean over MoE layers).
+        """
+        rotary = self.rotary_tables(positions)
+        remat = self.spec.remat
+
+        def body(block, h):
+            return block(h, rotary, segment_ids)
+
+        aux = {}
+        if self.dense_layers is not None:
+            x, _ = scan_layers(self.dense_layers, x, body, remat=remat)
+        if self.moe_layers is not None:
+            x, moe_aux = scan_layers(self.moe_layers, x, body, remat=remat)
+            aux = {"expert_load": moe_aux["expert_load"], "balance_loss": jnp.mean(moe_aux["balance_loss"])}
+        return x, aux
+
+    def head_logits(self, x: jax.Array) -> jax.Array:
+        """The output head alone on normalised states: `[B, S, H]` -> float32 `[B, S, V]`."""
+        dt = self.spec.dtype
+        return jnp.einsum("bsh,hv->bsv", x.astype(dt), self.head[...].astype(dt),
+                          preferred_element_type=jnp.float32)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Final norm + head: `[B, S, H]` -> float32 logits `[B, S, V]`."""
+        return self.head_logits(self.final_norm(h))
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array):
+        """Text-only forward: (logits `[B, S, V]`, h `[B, S, H]`, aux)."""
+        h, aux = self.run_layers(self.embed_tokens(tokens), positions, segment_ids)
+        return self.logits(h), h, aux
+
+    def update_router_biases(self, expert_load: jax.Array, rate: float) -> None:
+        """Auxiliary-loss-free balancing step from a step's `expert_load [L_moe, E]`."""
+        if self.moe_layers is None:
+            return
+        bias = self.moe_layers.mlp.correction_bias
+        bias[...] = update_router_bias(bias[...], expert_load, rate)

@@ -1,0 +1,51 @@
+"""Translate an ml-collections model config into model specs, in one place.
+
+Errors name the config field (`config.model.backbone.num_kv_heads`), and are
+raised here, before anything is built or compiled.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from glm5v_jax.errors import ConfigError
+from glm5v_jax.models.specs import (
+    BackboneSpec, MTPSpec, ProjectorSpec, VisionSpec, VLMSpec, as_dtype,
+)
+
+_PREFIX = "config.model"
+
+
+def _fields(section: Any, spec_cls, path: str, **extra) -> Any:
+    """spec_cls(**section, **extra) with unknown keys refused and errors prefixed by path."""
+    values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    known = set(spec_cls.__dataclass_fields__)
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{path}.{key}", f"unknown field; {spec_cls.__name__} accepts {sorted(known)}")
+    if "mrope_sections" in values and values["mrope_sections"] is not None:
+        values["mrope_sections"] = tuple(values["mrope_sections"])
+    try:
+        return spec_cls(**values, **extra)
+    except ConfigError as e:
+        raise e.with_prefix(path) from None
+
+
+def vlm_spec_from_config(model: Any) -> VLMSpec:
+    """VLMSpec from `config.model` (a ConfigDict or a dict)."""
+    get = model.get
+    dtype = as_dtype(get("dtype", "float32"), f"{_PREFIX}.dtype")
+    param_dtype = as_dtype(get("param_dtype", "float32"), f"{_PREFIX}.param_dtype")
+    common = dict(dtype=dtype, param_dtype=param_dtype)
+    attn = get("attention_impl", "xla")
+    remat = bool(get("remat", False))
+    vision = _fields(model["vision"], VisionSpec, f"{_PREFIX}.vision", attention_impl=attn, remat=remat, **common)
+    backbone = _fields(model["backbone"], BackboneSpec, f"{_PREFIX}.backbone", attention_impl=attn,
+                       moe_impl=get("moe_impl", "ragged_dot"), remat=remat, **common)
+    mtp = _fields(model["mtp"], MTPSpec, f"{_PREFIX}.mtp")
+    projector = ProjectorSpec(vision_dim=vision.embed_dim, out_dim=backbone.embed_dim,
+                              merge_size=vision.merge_size, **common)
+    try:
+        return VLMSpec(vision=vision, projector=projector, backbone=backbone, mtp=mtp,
+                       image_token_id=int(get("image_token_id", 4)))
+    except ConfigError as e:
+        raise e.with_prefix(_PREFIX) from None

@@ -1,0 +1,117 @@
+"""Multimodal multi-token prediction (MMTP), DeepSeek-V3-style with GLM naming.
+
+Depth k (1..D) at position i combines the previous depth's hidden state h^{k-1}_i
+(h^0 = the main model's last hidden state) with the embedding of token t_{i+k}:
+
+    h'_i = eh_proj [enorm(e_{i+k}); hnorm(h^{k-1}_i)]      (embedding first, as GLM)
+    h^k  = DecoderBlock_k(h')                              (causal, packed segments)
+    logits^k_i = head(shared_head_norm_k(h^k_i))  -> predicts t_{i+k+1}
+
+The embedding table and head are the backbone's. What e_{i+k} is at image
+positions is the MMTP mode (`MMTPMode`): the backbone's merged input embeddings
+(`visual_embed`), the shared `<|image|>` row of the embedding table
+(`image_token`), or nothing at all: visual positions leave the stream, neither
+attended to nor used as input (`mask`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glm5v_jax.layers.norms import RMSNorm
+from glm5v_jax.layers.params import normal, param
+from glm5v_jax.models.backbone import DecoderBlock, GLMBackbone
+from glm5v_jax.models.specs import BackboneSpec, MMTPMode, MTPSpec, TrunkGradient
+
+
+def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
+    """x[:, i] <- x[:, i + k] along axis 1; the last k entries get `fill`."""
+    if k == 0:
+        return x
+    pad = jnp.full((x.shape[0], k) + x.shape[2:], fill, x.dtype)
+    return jnp.concatenate([x[:, k:], pad], axis=1)
+
+
+def stream_segments(segment_ids: jax.Array, is_visual: jax.Array, depth: int, mode: MMTPMode) -> jax.Array:
+    """Segment ids of the depth-k MTP stream `[B, S]` (0 = position not in the stream).
+
+    Position i is in the stream when token i+k exists in the same document; in
+    `mask` mode also neither token i nor token i+k may be visual.
+    """
+    keep = (segment_ids != 0) & (shift_left(segment_ids, depth) == segment_ids)
+    if mode == MMTPMode.MASK:
+        keep &= ~is_visual & ~shift_left(is_visual, depth, fill=True)
+    return jnp.where(keep, segment_ids, 0)
+
+
+class MTPDepth(nnx.Module):
+    """One MTP depth: enorm, hnorm, eh_proj, a decoder block, shared_head.norm."""
+
+    def __init__(self, spec: BackboneSpec, *, moe: bool, rngs: nnx.Rngs):
+        h, pdt = spec.embed_dim, spec.param_dtype
+        self.dtype = spec.dtype
+        self.enorm = RMSNorm(h, eps=spec.norm_eps, param_dtype=pdt, rngs=rngs)
+        self.hnorm = RMSNorm(h, eps=spec.norm_eps, param_dtype=pdt, rngs=rngs)
+        self.eh_proj = param(rngs, normal(spec.init_std), (2 * h, h), ("mtp_concat", "embed"), pdt)
+        self.block = DecoderBlock(spec, moe=moe, rngs=rngs)
+        self.head_norm = RMSNorm(h, eps=spec.norm_eps, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, h_prev, emb_next, rotary, segment_ids):
+        """h_prev, emb_next `[B, S, H]` -> (h^k `[B, S, H]` before head_norm, aux)."""
+        dt = self.dtype
+        x = jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1).astype(dt)
+        x = x @ self.eh_proj[...].astype(dt)
+        return self.block(x, rotary, segment_ids)
+
+
+class MMTP(nnx.Module):
+    """D MTP depths over the backbone's hidden states; shares its embedding and head."""
+
+    def __init__(self, spec: MTPSpec, backbone: BackboneSpec, *, rngs: nnx.Rngs):
+        self.spec = spec
+        moe = spec.moe_block if spec.moe_block is not None else backbone.num_moe_layers > 0
+        self.depths = nnx.List([MTPDepth(backbone, moe=moe, rngs=rngs) for _ in range(spec.num_depths)])
+
+    def __call__(
+        self,
+        backbone: GLMBackbone,
+        h0: jax.Array,
+        tokens: jax.Array,
+        input_embeds: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        is_visual: jax.Array,
+    ):
+        """Per-depth logits and stream masks.
+
+        h0 `[B, S, H]`: main hidden states; tokens `[B, S]`; input_embeds `[B, S, H]`:
+        the backbone's merged input (vision features at image positions);
+        is_visual `[B, S]`: image positions. Returns (list of logits `[B, S, V]`,
+        list of stream segment ids `[B, S]`, list of MTP-stream inputs `[B, S, H]`
+        (e_{i+k}, for inspection), aux of the MoE blocks).
+        """
+        mode = self.spec.mode
+        if self.spec.trunk_gradient == TrunkGradient.STOP:
+            h0 = jax.lax.stop_gradient(h0)
+        if mode == MMTPMode.VISUAL_EMBED:
+            stream_embeds = input_embeds
+        else:  # image positions hold the <|image|> id: one shared embedding row
+            stream_embeds = backbone.embed_tokens(tokens)
+        if mode == MMTPMode.MASK:
+            stream_embeds = jnp.where(is_visual[..., None], 0, stream_embeds)
+        rotary = backbone.rotary_tables(positions)
+        logits, segments, inputs, auxes = [], [], [], []
+        h = h0
+        for k, depth in enumerate(self.depths, start=1):
+            seg_k = stream_segments(segment_ids, is_visual, k, mode)
+            in_stream = (seg_k != 0)[..., None]
+            emb_k = jnp.where(in_stream, shift_left(stream_embeds, k), 0)
+            h_in = jnp.where(in_stream, h, 0)
+            h, aux = depth(h_in, emb_k, rotary, seg_k)
+            h = jnp.where(in_stream, h, 0)
+            logits.append(backbone.head_logits(depth.head_norm(h)))
+            segments.append(seg_k)
+            inputs.append(emb_k)
+            auxes.append(aux)
+        return logits, segments, inputs, auxes

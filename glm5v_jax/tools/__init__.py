@@ -1,0 +1,1 @@
+"""Command-line tools (summary; later aot)."""

@@ -1,0 +1,97 @@
+"""Pure-jnp reference implementations: attention with GQA/segments and grouped matmul.
+
+These are the twins of the Pallas kernels (issue: kernels) and the `xla` path of
+the model. Conventions shared with the kernels:
+
+* q `[B, S, H, D]`, k and v `[B, T, KV, D]` with H a multiple of KV (GQA: each
+  group of H // KV query heads reads one K/V head; K/V are never repeated).
+* segment ids `[B, S]` / `[B, T]` int32; 0 marks padding. A query attends to a key
+  only when both have the same non-zero segment id. Padding query rows, and rows
+  with no visible key, produce zeros.
+* causal masking compares the index within the row (packed rows restart their
+  documents through segment ids, so index order is enough).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(
+    q_len: int,
+    kv_len: int,
+    *,
+    causal: bool,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+) -> jax.Array | None:
+    """Boolean mask `[B or 1, S, T]`: True where query s may attend to key t."""
+    mask = None
+    if causal:
+        mask = (jnp.arange(q_len)[:, None] >= jnp.arange(kv_len)[None, :])[None]
+    if q_segment_ids is not None or kv_segment_ids is not None:
+        if q_segment_ids is None or kv_segment_ids is None:
+            raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+        seg = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (
+            q_segment_ids[:, :, None] != 0
+        )
+        mask = seg if mask is None else (mask & seg)
+    return mask
+
+
+def attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+    return_probs: bool = False,
+):
+    """Softmax attention in float32; returns `[B, S, H, D]` in q's dtype.
+
+    With `return_probs=True` also returns the probabilities `[B, H, S, T]` (used by
+    tests that check which keys a query can see).
+    """
+    b, s, h, d = q.shape
+    _, t, kv, _ = k.shape
+    if h % kv:
+        raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({kv})")
+    groups = h // kv
+    scale = d**-0.5 if scale is None else scale
+    qg = q.reshape(b, s, kv, groups, d).astype(jnp.float32)
+    logits = jnp.einsum("bskgd,btkd->bkgst", qg, k.astype(jnp.float32)) * scale
+    mask = attention_mask(
+        s, t, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids
+    )
+    if mask is not None:
+        mask = mask[:, None, None]  # [B, 1, 1, S, T]
+        logits = jnp.where(mask, logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        # Rows that see no key at all (padding) give zeros, not a uniform average.
+        probs = jnp.where(mask, probs, 0.0)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(jnp.float32))
+    out = out.reshape(b, s, h, d).astype(q.dtype)
+    if return_probs:
+        return out, probs.reshape(b, h, s, t)
+    return out
+
+
+def gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Grouped matmul: rows of `lhs [m, k]` in consecutive groups times `rhs [G, k, n]`.
+
+    Group g owns rows `[sum(sizes[:g]), sum(sizes[:g+1]))`; rows past the sum of the
+    sizes are zero in the output. Float32 accumulation, output in lhs's dtype.
+    """
+    m = lhs.shape[0]
+    ends = jnp.cumsum(group_sizes)
+    row_group = jnp.searchsorted(ends, jnp.arange(m), side="right")  # [m]
+    in_range = row_group < rhs.shape[0]
+    w = rhs[jnp.clip(row_group, 0, rhs.shape[0] - 1)]  # [m, k, n]
+    out = jnp.einsum("mk,mkn->mn", lhs.astype(jnp.float32), w.astype(jnp.float32))
+    return jnp.where(in_range[:, None], out, 0.0).astype(lhs.dtype)

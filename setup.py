@@ -1,0 +1,33 @@
+"""glm5v_jax: a JAX/TPU-native reproduction of the GLM-5V-Turbo training system.
+
+The top-level `kernels/` folder is installed as the package `glm5v_jax.kernels`
+(see `package_dir`), so it depends on jax only and can be vendored on its own.
+"""
+from setuptools import find_packages, setup
+
+_LIB_PACKAGES = [p for p in find_packages(include=["glm5v_jax", "glm5v_jax.*"])]
+_KERNEL_PACKAGES = ["glm5v_jax.kernels"] + [
+    "glm5v_jax.kernels." + p for p in find_packages(where="kernels")
+]
+
+setup(
+    name="glm5v_jax",
+    version="0.1.0",
+    description="GLM-5V-Turbo training system in JAX / Flax NNX: CogViT, GLM MoE backbone, MMTP.",
+    python_requires=">=3.11",
+    packages=_LIB_PACKAGES + _KERNEL_PACKAGES,
+    package_dir={"glm5v_jax.kernels": "kernels"},
+    install_requires=[
+        "jax>=0.10.2,<0.13",
+        "flax>=0.12.8,<0.14",
+        "optax>=0.2.6,<0.3",
+        "ml-collections>=1.0,<2",
+        "numpy>=1.26",
+        "pillow>=10",
+        "absl-py>=2",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3"],
+        "tpu": ["jax[tpu]"],
+    },
+)
