@@ -1,0 +1,1 @@
+"""Training: the shared train step; one trainer file per stage."""

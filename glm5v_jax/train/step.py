@@ -1,0 +1,51 @@
+"""The VLM pre-training step: loss, gradients, optimizer update, router-bias update.
+
+Kept separate from the stage trainer so benchmarks, notebooks and the sharding
+tools compile exactly the step that training runs.
+"""
+from __future__ import annotations
+
+import jax
+import optax
+from flax import nnx
+
+from glm5v_jax.layers.moe import update_router_bias
+from glm5v_jax.losses.lm import vlm_loss
+from glm5v_jax.models.vlm import GLM5V
+
+
+def make_optimizer(model: GLM5V, learning_rate: float, weight_decay: float = 0.1) -> nnx.Optimizer:
+    """AdamW over `nnx.Param` only (the router correction bias is not optimized)."""
+    return nnx.Optimizer(model, optax.adamw(learning_rate, weight_decay=weight_decay), wrt=nnx.Param)
+
+
+def update_router_biases(model: GLM5V, outputs, rate: float) -> None:
+    """Aux-loss-free balancing for the backbone's MoE layers and the MTP MoE blocks."""
+    load = outputs["aux"].get("expert_load")
+    if load is not None:
+        model.backbone.update_router_biases(load, rate)
+    for depth, aux in zip(model.mtp.depths if model.mtp is not None else (), outputs.get("mtp_aux", ())):
+        if "expert_load" in aux:
+            bias = depth.block.mlp.correction_bias
+            bias[...] = update_router_bias(bias[...], aux["expert_load"], rate)
+
+
+def loss_and_outputs(model: GLM5V, batch, mtp_loss_weight: float, balance_loss_weight: float):
+    outputs = model(batch)
+    loss, metrics = vlm_loss(outputs, batch, mtp_loss_weight=mtp_loss_weight,
+                             balance_loss_weight=balance_loss_weight)
+    return loss, (metrics, outputs)
+
+
+def train_step(model: GLM5V, optimizer: nnx.Optimizer, batch, *, mtp_loss_weight: float = 0.3,
+               balance_loss_weight: float = 0.0, router_bias_rate: float = 1e-3):
+    """One optimisation step in place on (model, optimizer); returns metrics."""
+    grad_fn = nnx.value_and_grad(loss_and_outputs, has_aux=True)
+    (loss, (metrics, outputs)), grads = grad_fn(model, batch, mtp_loss_weight, balance_loss_weight)
+    optimizer.update(model, grads)
+    update_router_biases(model, jax.lax.stop_gradient(outputs), router_bias_rate)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return metrics
+
+
+jit_train_step = nnx.jit(train_step, static_argnames=("mtp_loss_weight", "balance_loss_weight", "router_bias_rate"))

@@ -1,0 +1,31 @@
+"""Small model specs and batches shared by the model-level tests."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from glm5v_jax.data.synthetic import packed_vlm_batch
+from glm5v_jax.models.specs import BackboneSpec, MTPSpec, ProjectorSpec, VisionSpec, VLMSpec
+
+IMAGE_ID = 4
+IMAGE_SIZES = [(32, 64), (64, 32), (40, 40)]  # three aspect ratios
+
+
+def small_spec(mode="image_token", depths=1, trunk="full", dtype=jnp.float32, moe_impl="ragged_dot"):
+    """A few-thousand-parameter VLM with every feature of the real ones (MoE, M-RoPE, MTP)."""
+    common = dict(dtype=dtype)
+    return VLMSpec(
+        vision=VisionSpec(embed_dim=32, depth=1, num_heads=2, mlp_dim=64, max_patches=16, **common),
+        projector=ProjectorSpec(vision_dim=32, out_dim=32, **common),
+        backbone=BackboneSpec(vocab_size=128, embed_dim=32, num_layers=2, first_k_dense=1, num_heads=4,
+                              num_kv_heads=2, head_dim=16, mlp_dim=64, num_experts=4, experts_per_token=2,
+                              moe_mlp_dim=16, mrope_sections=(1, 1, 2), moe_impl=moe_impl, **common),
+        mtp=MTPSpec(num_depths=depths, mode=mode, trunk_gradient=trunk),
+        image_token_id=IMAGE_ID,
+    )
+
+
+def small_batch(seed=0, rows=2, seq_len=64, image_sizes=IMAGE_SIZES, max_patches=16, vocab_size=128):
+    b = packed_vlm_batch(rows=rows, seq_len=seq_len, vocab_size=vocab_size, image_token_id=IMAGE_ID,
+                         image_sizes=image_sizes, max_patches=max_patches, seed=seed)
+    return jax.tree.map(jnp.asarray, b)

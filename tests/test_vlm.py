@@ -1,0 +1,232 @@
+"""Model-level acceptance tests: forward/backward, MMTP modes, causality, packing, NaFlex."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from glm5v_jax.losses.lm import per_segment_mean, target_weights, token_cross_entropy, vlm_loss
+from glm5v_jax.models.build import vlm_spec_from_config
+from glm5v_jax.models.mmtp import shift_left
+from glm5v_jax.models.vlm import GLM5V
+from glm5v_jax.train.step import jit_train_step, make_optimizer
+
+from helpers import IMAGE_ID, IMAGE_SIZES, small_batch, small_spec
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+import vlm_pretrain  # noqa: E402
+
+
+def _flat_grads(grads, prefix):
+    return [v for p, v in nnx.to_flat_state(nnx.state(grads)) if p[0] == prefix]
+
+
+def test_tiny_preset_forward_backward_bf16_packed_images_and_text():
+    """The tiny preset (bf16 compute, f32 params) trains on 2 packed rows with 3 images
+    of different aspect ratios plus text-only documents; all parts get finite gradients."""
+    spec = vlm_spec_from_config(vlm_pretrain.get_config("tiny").model)
+    assert spec.backbone.dtype == jnp.bfloat16
+    model = GLM5V(spec, rngs=nnx.Rngs(0))
+    batch = small_batch(rows=2, seq_len=128, image_sizes=[(64, 128), (128, 48), (80, 80)],
+                        max_patches=spec.vision.max_patches, vocab_size=spec.backbone.vocab_size)
+    assert int(batch["segment_ids"].max()) >= 3  # image docs and text docs share rows
+    opt = make_optimizer(model, 1e-3)
+    before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+    metrics = jit_train_step(model, opt, batch)
+    assert np.isfinite(float(metrics["loss/total"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert 4.0 < float(metrics["loss/main"]) < 12.0  # about log(8192) = 9 at init
+    after = nnx.state(model, nnx.Param)
+    for (path, v0), (_, v1) in zip(nnx.to_flat_state(before), nnx.to_flat_state(after)):
+        assert v1.dtype == jnp.float32, path
+    changed = {p[0] for (p, a), (_, b) in zip(nnx.to_flat_state(before), nnx.to_flat_state(after))
+               if not np.array_equal(np.asarray(a), np.asarray(b))}
+    assert {"vision", "projector", "backbone", "mtp"} <= changed
+
+
+_forward = nnx.jit(lambda model, batch: model(batch))
+
+
+def _mtp_loss(model, batch):
+    return vlm_loss(model(batch), batch)[1]["loss/mtp"]
+
+
+@pytest.mark.parametrize("mode,trunk,expect_zero", [
+    ("image_token", "stop", True),
+    ("mask", "stop", True),
+    ("visual_embed", "stop", False),
+    ("visual_embed", "full", False),
+])
+def test_mtp_loss_gradient_reaching_vision(mode, trunk, expect_zero):
+    """image_token / mask: no gradient of the MTP loss reaches CogViT or the projector
+    (exactly zero) once the trunk is detached; visual_embed sends gradient straight
+    through the MTP input. (With trunk_gradient='full', MTP gradients reach vision through
+    the trunk in every mode, as in DeepSeek-V3.)"""
+    model = GLM5V(small_spec(mode=mode, trunk=trunk), rngs=nnx.Rngs(1))
+    batch = small_batch()
+    grads = nnx.jit(nnx.grad(_mtp_loss))(model, batch)
+    leaves = _flat_grads(grads, "vision") + _flat_grads(grads, "projector")
+    assert leaves
+    if expect_zero:
+        for v in leaves:
+            assert not np.any(np.asarray(v)), "MTP loss reached the vision tower"
+    else:
+        assert sum(float(jnp.abs(v).sum()) for v in leaves) > 0
+        assert all(np.isfinite(np.asarray(v)).all() for v in leaves)
+
+
+def test_image_token_mode_feeds_shared_image_embedding():
+    """With image_token, the MTP stream's input for every visual token is the one
+    shared <|image|> row of the embedding table (no vision feature)."""
+    model = GLM5V(small_spec(mode="image_token"), rngs=nnx.Rngs(2))
+    batch = small_batch()
+    out = _forward(model, batch)
+    emb_k = np.asarray(out["mtp_inputs"][0])  # e_{i+1} at position i
+    next_visual = np.asarray(shift_left(out["is_visual"], 1, fill=False)) & (np.asarray(out["mtp_segments"][0]) != 0)
+    assert next_visual.sum() >= 4
+    row = np.asarray(model.backbone.embed[...][IMAGE_ID])
+    np.testing.assert_array_equal(emb_k[next_visual], np.broadcast_to(row, emb_k[next_visual].shape))
+    # visual_embed feeds the projected features instead: those differ per position.
+    model.mtp.spec = small_spec(mode="visual_embed").mtp
+    emb_v = np.asarray(_forward(model, batch)["mtp_inputs"][0])[next_visual]
+    assert np.abs(emb_v - row).max() > 1e-3
+
+
+def test_mask_mode_ignores_visual_positions():
+    """mask: inputs at visual positions (pixels, their hidden states, their embeddings)
+    never change the MTP loss, and visual positions are out of the MTP stream, so no
+    query attends to them."""
+    model = GLM5V(small_spec(mode="mask", depths=2), rngs=nnx.Rngs(3))
+    batch = small_batch()
+    out = _forward(model, batch)
+    vis = np.asarray(out["is_visual"])
+    for k, seg_k in enumerate(out["mtp_segments"], start=1):
+        seg_k = np.asarray(seg_k)
+        assert not seg_k[vis].any()  # a visual position is never a query or a key
+        assert not seg_k[np.asarray(shift_left(out["is_visual"], k, fill=True))].any()
+    h0, _ = model.backbone.run_layers(model.backbone.embed_tokens(batch["tokens"]),
+                                      model.positions(batch), batch["segment_ids"])
+    rng = np.random.default_rng(0)
+    noise = jnp.asarray(rng.normal(size=h0.shape) * 5, h0.dtype)
+    visual = out["is_visual"][..., None]
+
+    def mtp_logits(h, embeds):
+        logits, segs, _, _ = model.mtp(model.backbone, h, batch["tokens"], embeds, model.positions(batch),
+                                       batch["segment_ids"], out["is_visual"])
+        return [np.where(np.asarray(s)[..., None] != 0, np.asarray(l), 0) for l, s in zip(logits, segs)]
+
+    embeds = model.backbone.embed_tokens(batch["tokens"])
+    base = mtp_logits(h0, embeds)
+    perturbed = mtp_logits(jnp.where(visual, h0 + noise, h0), jnp.where(visual, embeds + noise, embeds))
+    for a, b in zip(base, perturbed):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # New pixels change the vision features scattered into the backbone input, yet with the
+    # trunk's h0 fixed the MTP head sees nothing of them.
+    pixels = dict(batch, patches=batch["patches"] + 3.0)
+    feats = _forward(model, pixels)  # still runs; main logits change, MTP input embeddings do not
+    assert not np.allclose(np.asarray(feats["logits"]), np.asarray(out["logits"]))
+    for a, b in zip(out["mtp_inputs"], feats["mtp_inputs"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("mode", ["image_token", "visual_embed", "mask"])
+def test_labels_at_visual_positions_never_count(mode):
+    """No loss term (main or any MTP depth) has a visual token as its target."""
+    model = GLM5V(small_spec(mode=mode, depths=2), rngs=nnx.Rngs(4))
+    batch = small_batch()
+    out = _forward(model, batch)
+    vis = out["is_visual"]
+    for shift, seg in [(1, None)] + [(k + 1, s) for k, s in enumerate(out["mtp_segments"], start=1)]:
+        w = np.asarray(target_weights(batch["segment_ids"], vis, shift, stream_segments=seg))
+        assert w.sum() > 0
+        assert not w[np.asarray(shift_left(vis, shift, fill=True))].any()
+    # And the loss is blind to logits at positions whose target is visual.
+    target_visual = shift_left(vis, 1, fill=True)[..., None]
+    out2 = dict(out, logits=jnp.where(target_visual, out["logits"] * 7.0 + 3.0, out["logits"]))
+    assert float(vlm_loss(out, batch)[1]["loss/main"]) == float(vlm_loss(out2, batch)[1]["loss/main"])
+
+
+def test_causality_main_and_mtp_depths():
+    """Changing tokens after position t leaves main logits at <= t unchanged; MTP depth k
+    at position i depends on no token beyond i + k."""
+    model = GLM5V(small_spec(depths=2), rngs=nnx.Rngs(5))
+    rng = np.random.default_rng(1)
+    s = 24
+    tokens = rng.integers(16, 128, (1, s)).astype(np.int32)
+    base = dict(tokens=jnp.asarray(tokens), segment_ids=jnp.ones((1, s), jnp.int32))
+    ref = _forward(model, base)
+    for t in (3, 11, 20):
+        changed = tokens.copy()
+        changed[0, t + 1:] = rng.integers(16, 128, s - t - 1)
+        out = _forward(model, dict(base, tokens=jnp.asarray(changed)))
+        np.testing.assert_allclose(out["logits"][0, : t + 1], ref["logits"][0, : t + 1], atol=1e-5)
+        assert not np.allclose(out["logits"][0, t + 1:], ref["logits"][0, t + 1:])
+        for k, (a, b) in enumerate(zip(out["mtp_logits"], ref["mtp_logits"]), start=1):
+            upto = t - k + 1  # positions i with i + k <= t
+            if upto > 0:
+                np.testing.assert_allclose(a[0, :upto], b[0, :upto], atol=1e-5)
+            assert not np.allclose(a[0, upto:s - k], b[0, upto:s - k])
+
+
+def test_packing_matches_documents_run_alone():
+    """Two documents packed in one row give the same per-token (and per-document) main
+    and MTP losses as each document alone in its own row (f32, 1e-5)."""
+    model = GLM5V(small_spec(depths=1), rngs=nnx.Rngs(6))
+    rng = np.random.default_rng(2)
+    s, la, lb = 40, 17, 15
+    a, b = rng.integers(16, 128, la), rng.integers(16, 128, lb)
+    packed = np.zeros((1, s), np.int32); seg_p = np.zeros((1, s), np.int32)
+    packed[0, :la], packed[0, la:la + lb] = a, b
+    seg_p[0, :la], seg_p[0, la:la + lb] = 1, 2
+    alone = np.zeros((2, s), np.int32); seg_a = np.zeros((2, s), np.int32)
+    alone[0, :la], alone[1, :lb] = a, b
+    seg_a[0, :la], seg_a[1, :lb] = 1, 1
+
+    def per_token(tokens, seg):
+        batch = dict(tokens=jnp.asarray(tokens), segment_ids=jnp.asarray(seg))
+        out = _forward(model, batch)
+        vis = out["is_visual"]
+        main = token_cross_entropy(out["logits"], shift_left(batch["tokens"], 1))
+        w = target_weights(batch["segment_ids"], vis, 1)
+        mtp = token_cross_entropy(out["mtp_logits"][0], shift_left(batch["tokens"], 2))
+        wm = target_weights(batch["segment_ids"], vis, 2, stream_segments=out["mtp_segments"][0])
+        docs = per_segment_mean(main, w, batch["segment_ids"], 2)
+        return np.asarray(main * w), np.asarray(mtp * wm), np.asarray(docs)
+
+    main_p, mtp_p, docs_p = per_token(packed, seg_p)
+    main_a, mtp_a, docs_a = per_token(alone, seg_a)
+    np.testing.assert_allclose(main_p[0, :la], main_a[0, :la], atol=1e-5)
+    np.testing.assert_allclose(main_p[0, la:la + lb], main_a[1, :lb], atol=1e-5)
+    np.testing.assert_allclose(mtp_p[0, :la], mtp_a[0, :la], atol=1e-5)
+    np.testing.assert_allclose(mtp_p[0, la:la + lb], mtp_a[1, :lb], atol=1e-5)
+    np.testing.assert_allclose(docs_p[0], [docs_a[0, 0], docs_a[1, 0]], atol=1e-5)
+
+
+def test_naflex_padding_changes_no_valid_output():
+    """CogViT: changing padded patches (and their coordinates) changes no valid output;
+    padded outputs are zero."""
+    model = GLM5V(small_spec(), rngs=nnx.Rngs(7))
+    batch = small_batch()
+    valid = np.asarray(batch["patch_valid"])
+    assert (~valid).any()
+    rng = np.random.default_rng(3)
+    noisy = np.where(valid[..., None], np.asarray(batch["patches"]), rng.normal(size=batch["patches"].shape) * 10)
+    yx = np.where(valid[..., None], np.asarray(batch["patch_yx"]), rng.integers(0, 50, batch["patch_yx"].shape))
+    a = np.asarray(model.vision(batch["patches"], batch["patch_yx"], batch["patch_valid"]))
+    b = np.asarray(model.vision(jnp.asarray(noisy, jnp.float32), jnp.asarray(yx), batch["patch_valid"]))
+    np.testing.assert_allclose(a[valid], b[valid], atol=1e-5)
+    assert not b[~valid].any()
+
+
+def test_moe_impls_agree_in_the_model():
+    """dense and ragged_dot MoE dispatch give the same VLM loss."""
+    batch = small_batch()
+    losses = []
+    for impl in ("dense", "ragged_dot"):
+        model = GLM5V(small_spec(moe_impl=impl), rngs=nnx.Rngs(8))
+        losses.append(float(vlm_loss(_forward(model, batch), batch)[0]))
+    assert abs(losses[0] - losses[1]) < 1e-5
