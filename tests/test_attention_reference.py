@@ -1,11 +1,16 @@
 """Tests for the pure-jnp references (glm5v_jax.kernels.reference) and the Attention layer."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from glm5v_jax.kernels import attention_reference, gmm_reference
+from glm5v_jax import kernels
 from glm5v_jax.layers.attention import Attention, get_attention_impl
+
+# Jitted once per shape: fewer compiles than running every op eagerly.
+attention_reference = jax.jit(kernels.attention_reference, static_argnames=("causal", "return_probs"))
+gmm_reference = jax.jit(kernels.gmm_reference)
 
 B, S, H, KV, D = 2, 7, 4, 2, 8
 # Row 0: two documents then padding; row 1: three documents, no padding.
@@ -125,7 +130,7 @@ def test_attention_reference_rejects_bad_gqa():
     q = jnp.zeros((1, 2, 3, 4))
     k = jnp.zeros((1, 2, 2, 4))
     with pytest.raises(ValueError):
-        attention_reference(q, k, k)
+        kernels.attention_reference(q, k, k)
 
 
 @pytest.mark.parametrize("sizes,m", [
@@ -158,18 +163,20 @@ def _np_rms(x, scale, eps):
 def test_attention_layer_qknorm_bias_matches_numpy():
     """Attention(qk_norm, qkv_bias), no rope, causal + segments, equals a NumPy re-implementation."""
     e = 12
-    layer = Attention(e, H, KV, D, qkv_bias=True, qk_norm=True, norm_eps=1e-5,
-                      rngs=nnx.Rngs(0))
+    # Built abstractly, then every parameter gets non-trivial values (biases would start
+    # at 0 and norm scales at 1).
+    layer = nnx.eval_shape(lambda: Attention(e, H, KV, D, qkv_bias=True, qk_norm=True,
+                                             norm_eps=1e-5, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(5)
-    # Non-trivial values for every parameter (biases start at 0 and norm scales at 1).
-    for name in ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm"):
+    names = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm")
+    for name in names:
         var = getattr(layer, name)
-        var[...] = jnp.asarray(rng.standard_normal(var[...].shape).astype(np.float32) * 0.5)
+        var.set_value(jnp.asarray(rng.standard_normal(var.shape).astype(np.float32) * 0.5))
     x = rng.standard_normal((B, S, e)).astype(np.float32)
-    out = np.asarray(layer(jnp.asarray(x), segment_ids=jnp.asarray(SEG), causal=True))
+    fwd = nnx.jit(lambda m, xs, seg: m(xs, segment_ids=seg, causal=True))
+    out = np.asarray(fwd(layer, jnp.asarray(x), jnp.asarray(SEG)))
 
-    p = {n: np.asarray(getattr(layer, n)[...], np.float64) for n in
-         ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "q_norm", "k_norm")}
+    p = {n: np.asarray(getattr(layer, n)[...], np.float64) for n in names}
     x64 = x.astype(np.float64)
     q = np.einsum("bse,ehd->bshd", x64, p["q"]) + p["q_bias"]
     k = np.einsum("bse,ehd->bshd", x64, p["k"]) + p["k_bias"]

@@ -40,7 +40,7 @@ def test_partial_rope_matches_numpy_and_passes_tail_through():
     x = rng.standard_normal((B, S, H, head_dim)).astype(np.float32)
     pos = rng.integers(0, 200, size=(B, S))
     rot = Rotary(rotary_dim, theta)
-    cos, sin = rot.cos_sin(jnp.asarray(pos))
+    cos, sin = rot.cos_sin(jnp.asarray(pos)[..., None])
     assert cos.shape == (B, S, rotary_dim // 2)
     out = np.asarray(apply_rotary(jnp.asarray(x), cos, sin))
     assert out.shape == x.shape and out.dtype == np.float32
@@ -56,12 +56,12 @@ def test_partial_rope_shift_invariance():
     rng = np.random.default_rng(1)
     q = rng.standard_normal((B, S, H, 24)).astype(np.float32)
     k = rng.standard_normal((B, S, H, 24)).astype(np.float32)
-    pos = rng.integers(0, 40, size=(B, S))
+    pos = rng.integers(0, 40, size=(B, S, 1))
     rot = Rotary(16, 10000.0)
     base = _rotated_scores(rot, q, k, pos)
     _assert_scores_close(_rotated_scores(rot, q, k, pos + 17), base)
     # Sanity: the check can fail - non-uniform shifts change the scores.
-    assert not np.allclose(_rotated_scores(rot, q, k, pos + np.arange(S)), base, rtol=1e-3, atol=1e-3)
+    assert not np.allclose(_rotated_scores(rot, q, k, pos + np.arange(S)[:, None]), base, rtol=1e-3, atol=1e-3)
 
 
 def test_mrope_shift_invariance_common_and_per_axis():
@@ -113,7 +113,7 @@ def test_mrope_equal_axes_reduces_to_1d():
     np.testing.assert_array_equal(inv_m, inv_1)
     np.testing.assert_array_equal(axis_m, [0] * 4 + [1] * 6 + [2] * 6)
     cos_m, sin_m = mrope.cos_sin(jnp.asarray(np.repeat(pos[..., None], 3, axis=-1)))
-    cos_1, sin_1 = rope.cos_sin(jnp.asarray(pos))
+    cos_1, sin_1 = rope.cos_sin(jnp.asarray(pos)[..., None])
     np.testing.assert_allclose(np.asarray(cos_m), np.asarray(cos_1), atol=1e-6)
     np.testing.assert_allclose(np.asarray(sin_m), np.asarray(sin_1), atol=1e-6)
     x = rng.standard_normal((B, S, H, 32)).astype(np.float32)
@@ -136,6 +136,10 @@ def test_too_few_position_axes_and_too_wide_rotary_raise():
     """Positions with fewer axes than sections, or rotary dims > head_dim, raise ValueError."""
     with pytest.raises(ValueError):
         Rotary(32, 10000.0, (4, 6, 6)).cos_sin(jnp.zeros((B, S, 2), jnp.int32))
-    cos, sin = Rotary(32).cos_sin(jnp.zeros((B, S), jnp.int32))
+    with pytest.raises(ValueError, match="positions"):
+        Rotary(32).cos_sin(jnp.zeros((B, S), jnp.int32))  # no axis dim: refused, not guessed
+    cos, sin = Rotary(32).cos_sin(jnp.zeros((B, 1, 1), jnp.int32))
+    assert cos.shape == (B, 1, 16)  # a single-token step keeps its sequence axis
+    cos, sin = Rotary(32).cos_sin(jnp.zeros((B, S, 1), jnp.int32))
     with pytest.raises(ValueError):
         apply_rotary(jnp.zeros((B, S, H, 16)), cos, sin)

@@ -22,7 +22,7 @@ import numpy as np
 class Rotary:
     """Rotary embedding settings; `cos_sin(positions)` gives the tables to apply.
 
-    positions: `[..., num_axes]` int (or `[...]` when there is one axis).
+    positions: `[..., num_axes]` int (1D RoPE: `[..., 1]`).
     """
 
     rotary_dim: int
@@ -62,11 +62,10 @@ class Rotary:
         """cos and sin tables `[..., rotary_dim/2]` in float32."""
         inv_freq, axis = self.frequencies()
         pos = positions.astype(jnp.float32)
-        if self.num_axes == 1 and (pos.ndim == 0 or pos.shape[-1] != 1):
-            pos = pos[..., None]
-        if pos.shape[-1] < self.num_axes:
+        if pos.ndim == 0 or pos.shape[-1] != self.num_axes:
             raise ValueError(
-                f"positions have {pos.shape[-1]} axes, the rotary sections need {self.num_axes}"
+                f"positions {tuple(pos.shape)} must end in an axis of size {self.num_axes} "
+                f"(one per rotary section); for 1D RoPE pass positions[..., None]"
             )
         angles = jnp.take(pos, jnp.asarray(axis), axis=-1) * jnp.asarray(inv_freq)
         return jnp.cos(angles), jnp.sin(angles)
