@@ -102,7 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Training settings used by the train step and, later, the stage-3 trainer.
     config.train = ml_collections.ConfigDict(dict(
-        batch_size=8 if opts.preset == "tiny" else 256,
+        batch_size=4 if opts.preset == "tiny" else 256,
         seq_len=256 if opts.preset == "tiny" else 4096,
         learning_rate=3e-3 if opts.preset == "tiny" else 3e-4,
         weight_decay=0.1,
