@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from glm5v_jax.data.batch import validate_vlm_batch
 from glm5v_jax.data.naflex import naflex_preprocess
 
 
@@ -73,4 +74,5 @@ def packed_vlm_batch(
             room = seq_len - cursor[row]
             if room >= 4:
                 put(row, text(int(rng.integers(4, max(5, room // 2 + 1)))))
+    validate_vlm_batch(out, image_token_id=image_token_id, vocab_size=vocab_size, merge=merge)
     return out

@@ -1,15 +1,13 @@
 """GLM-5V-style vision-language model: CogViT -> projector -> GLM backbone (+ MMTP).
 
-The batch (see `VLMBatch` keys below) holds packed token rows and a flat list of
+The batch holds packed token rows and a flat list of
 NaFlex images. Projected vision features are scattered into the `<|image|>`
 positions in order of appearance over the flattened batch, and M-RoPE positions
 are built from the image grids unless the batch brings its own.
 
-Batch keys:
-  tokens [B, S] int32, segment_ids [B, S] int32 (0 = padding),
-  patches [NI, N, P*P*3], patch_yx [NI, N, 2], patch_valid [NI, N] bool,
-  image_grid [NI, 2] int32 (patch rows, cols), image_valid [NI] bool,
-  optional: positions [B, S, 3], loss_mask [B, S] (which tokens are targets).
+The batch keys are documented, and checked on the host, in `glm5v_jax.data.batch`
+(`validate_vlm_batch`): inside `jit` a mismatch between `<|image|>` tokens and
+images cannot raise.
 """
 from __future__ import annotations
 
