@@ -24,6 +24,7 @@ PRESETS = ("tiny", "0p5b", "0p5b_moe", "glm45_air")
 OPTIONS = dict(
     mmtp="image_token",  # visual_embed | mask | image_token
     mtp_depths=-1,  # -1: the preset's
+    trunk_grad="isolate_vision",  # isolate_vision | full | stop (see MTPSpec.trunk_gradient)
     layers=-1,  # override backbone depth (compile-time studies); -1: the preset's
     dtype="bfloat16",  # compute dtype; parameters stay float32
     attention_impl="xla",
@@ -78,7 +79,7 @@ def _model(preset: str) -> ml_collections.ConfigDict:
         vision=vision,
         backbone=backbone,
         mtp=ml_collections.ConfigDict(dict(num_depths=1, mode="image_token", loss_weight=0.3,
-                                           trunk_gradient="full")),
+                                           trunk_gradient="isolate_vision")),
         image_token_id=4,  # the tokenizer's <|image|> id; the data pipeline checks it
         dtype="bfloat16", param_dtype="float32",
         attention_impl="xla", moe_impl="ragged_dot", remat=False,
@@ -93,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model = _model(opts.preset)
     m = config.model
     m.mtp.mode = opts.mmtp
+    m.mtp.trunk_gradient = opts.trunk_grad
     if opts.mtp_depths >= 0:
         m.mtp.num_depths = opts.mtp_depths
     if opts.layers > 0:

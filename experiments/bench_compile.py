@@ -20,46 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(layers: int, rows: int, seq_len: int, steps: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from bench_step import measure as measure_step
 
-    sys.path.insert(0, str(ROOT / "configs"))
-    import vlm_pretrain
-    from glm5v_jax.data.synthetic import packed_vlm_batch
-    from glm5v_jax.models.build import vlm_spec_from_config
-    from glm5v_jax.models.vlm import GLM5V
-    from glm5v_jax.train.step import make_optimizer, train_step
-
-    cfg = vlm_pretrain.get_config(f"tiny,layers={layers},dtype=float32")
-    spec = vlm_spec_from_config(cfg.model)
-    model = GLM5V(spec, rngs=nnx.Rngs(0))
-    opt = make_optimizer(model, cfg.train.learning_rate)
-    batch = jax.tree.map(jnp.asarray, packed_vlm_batch(
-        rows=rows, seq_len=seq_len, vocab_size=spec.backbone.vocab_size, image_token_id=spec.image_token_id,
-        image_sizes=[(64, 128), (128, 64), (96, 96), (48, 160)][:rows], max_patches=spec.vision.max_patches))
-    graphdef, state = nnx.split((model, opt))
-
-    def pure_step(state, batch):
-        m, o = nnx.merge(graphdef, state)
-        metrics = train_step(m, o, batch)
-        return nnx.state((m, o)), metrics
-
-    t0 = time.perf_counter()
-    lowered = jax.jit(pure_step, donate_argnums=0).lower(state, batch)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    return dict(layers=layers, trace_lower_s=t1 - t0, compile_s=t2 - t1, step_s=min(times),
-                loss=float(m["loss/total"]), rows=rows, seq_len=seq_len)
+    out = measure_step(f"tiny,layers={layers},dtype=float32", rows, seq_len, steps)
+    return dict(out, layers=layers)
 
 
 def main() -> None:

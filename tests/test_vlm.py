@@ -56,16 +56,20 @@ def _mtp_loss(model, batch):
 
 
 @pytest.mark.parametrize("mode,trunk,expect_zero", [
+    ("image_token", "isolate_vision", True),  # the default
+    ("mask", "isolate_vision", True),
+    ("visual_embed", "isolate_vision", False),
     ("image_token", "stop", True),
     ("mask", "stop", True),
     ("visual_embed", "stop", False),
+    ("image_token", "full", False),  # plain DeepSeek-V3: through the trunk into vision
     ("visual_embed", "full", False),
 ])
 def test_mtp_loss_gradient_reaching_vision(mode, trunk, expect_zero):
     """image_token / mask: no gradient of the MTP loss reaches CogViT or the projector
-    (exactly zero) once the trunk is detached; visual_embed sends gradient straight
-    through the MTP input. (With trunk_gradient='full', MTP gradients reach vision through
-    the trunk in every mode, as in DeepSeek-V3.)"""
+    (exactly zero) with the default trunk_gradient='isolate_vision' (and with 'stop');
+    visual_embed sends gradient straight through the MTP input. With 'full', MTP gradients
+    reach vision through the trunk in every mode."""
     model = GLM5V(small_spec(mode=mode, trunk=trunk), rngs=nnx.Rngs(1))
     batch = small_batch()
     grads = nnx.jit(nnx.grad(_mtp_loss))(model, batch)
@@ -77,6 +81,32 @@ def test_mtp_loss_gradient_reaching_vision(mode, trunk, expect_zero):
     else:
         assert sum(float(jnp.abs(v).sum()) for v in leaves) > 0
         assert all(np.isfinite(np.asarray(v)).all() for v in leaves)
+
+
+def test_isolate_vision_keeps_trunk_gradients_and_main_vision_gradients():
+    """isolate_vision changes no forward value; the MTP loss trains the backbone exactly as
+    with 'full'; the vision tower gets exactly the main loss's gradient."""
+    batch = small_batch()
+
+    def grads(trunk, which):
+        model = GLM5V(small_spec(mode="image_token", trunk=trunk), rngs=nnx.Rngs(9))
+
+        def loss(m, b):
+            _, metrics = vlm_loss(m(b), b)
+            return metrics[which]
+        return nnx.jit(nnx.value_and_grad(loss))(model, batch)
+
+    (l_iso, g_iso), (l_full, g_full) = grads("isolate_vision", "loss/mtp"), grads("full", "loss/mtp")
+    assert float(l_iso) == float(l_full)
+    bb_iso, bb_full = _flat_grads(g_iso, "backbone"), _flat_grads(g_full, "backbone")
+    assert sum(float(jnp.abs(v).sum()) for v in bb_iso) > 0
+    for a, b in zip(bb_iso, bb_full):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert sum(float(jnp.abs(v).sum()) for v in _flat_grads(g_full, "vision")) > 0
+    _, g_total = grads("isolate_vision", "loss/total")
+    _, g_main = grads("isolate_vision", "loss/main")
+    for a, b in zip(_flat_grads(g_total, "vision"), _flat_grads(g_main, "vision")):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
 
 
 def test_image_token_mode_feeds_shared_image_embedding():

@@ -35,9 +35,14 @@ class MMTPMode(str, enum.Enum):
 
 
 class TrunkGradient(str, enum.Enum):
-    """Whether the MTP loss back-propagates into the main model through h^0."""
+    """Where the MTP loss back-propagates through the main model's hidden states h^0."""
 
-    FULL = "full"  # DeepSeek-V3 / Megatron: MTP gradients train the trunk too
+    # MTP gradients train the trunk (as in DeepSeek-V3) but are not passed on through the
+    # trunk into the vision features: only the MTP stream's own input can reach the vision
+    # tower (it does in `visual_embed`, never in `image_token` or `mask`). Costs one extra
+    # activation-only backward pass through the trunk on batches with images.
+    ISOLATE_VISION = "isolate_vision"
+    FULL = "full"  # DeepSeek-V3 / Megatron as is: through the trunk into vision as well
     STOP = "stop"  # h^0 detached: the MTP loss trains the MTP blocks and shared head only
 
 
@@ -173,7 +178,7 @@ class MTPSpec:
     num_depths: int = 1
     mode: MMTPMode = MMTPMode.IMAGE_TOKEN
     loss_weight: float = 0.3
-    trunk_gradient: TrunkGradient = TrunkGradient.FULL
+    trunk_gradient: TrunkGradient = TrunkGradient.ISOLATE_VISION
     moe_block: bool | None = None  # None: MoE block iff the backbone has MoE layers
 
     def __post_init__(self):

@@ -11,6 +11,8 @@ images cannot raise.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -20,7 +22,7 @@ from glm5v_jax.models.cogvit import CogViT
 from glm5v_jax.models.mmtp import MMTP
 from glm5v_jax.models.positions import mrope_positions
 from glm5v_jax.models.projector import Projector
-from glm5v_jax.models.specs import VLMSpec
+from glm5v_jax.models.specs import TrunkGradient, VLMSpec
 
 
 def scatter_image_features(embeds: jax.Array, is_image: jax.Array, features: jax.Array,
@@ -35,6 +37,45 @@ def scatter_image_features(embeds: jax.Array, is_image: jax.Array, features: jax
     rank = jnp.cumsum(is_image.reshape(-1).astype(jnp.int32)) - 1
     gathered = compact[jnp.clip(rank, 0, compact.shape[0] - 1)].reshape(embeds.shape)
     return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _trunk_two_streams(trunk, state, x, positions, segment_ids, is_visual):
+    """(h, aux, h_for_mtp) = trunk's output twice; see `trunk_isolating_vision`."""
+    h, aux = trunk(state, x, positions, segment_ids)
+    return h, aux, h
+
+
+def _trunk_two_streams_fwd(trunk, state, x, positions, segment_ids, is_visual):
+    (h, aux), vjp_fn = jax.vjp(lambda s, e: trunk(s, e, positions, segment_ids), state, x)
+    return (h, aux, h), (vjp_fn, is_visual)
+
+
+def _trunk_two_streams_bwd(trunk, res, cotangents):
+    vjp_fn, is_visual = res
+    g_main, g_aux, g_mtp = cotangents
+    d_state, dx_all = vjp_fn((g_main + g_mtp, g_aux))  # parameters learn from both losses
+    _, dx_main = vjp_fn((g_main, g_aux))  # the input at image positions: main loss only
+    dx = jnp.where(is_visual[..., None], dx_main, dx_all)
+    return d_state, dx, None, None, None
+
+
+_trunk_two_streams.defvjp(_trunk_two_streams_fwd, _trunk_two_streams_bwd)
+
+
+def trunk_isolating_vision(backbone: GLMBackbone, embeds, positions, segment_ids, is_visual):
+    """Run the decoder stack once; return (h, aux, h_for_mtp).
+
+    Forward values are identical. In the backward pass, gradient arriving at
+    `h_for_mtp` trains the trunk's parameters and the text inputs, but is dropped at
+    the image positions of the input, so it never reaches the vision tower.
+    """
+    graphdef, state = nnx.split(backbone)
+
+    def trunk(state, x, positions, segment_ids):
+        return nnx.merge(graphdef, state).run_layers(x, positions, segment_ids)
+
+    return _trunk_two_streams(trunk, state, embeds, positions, segment_ids, is_visual)
 
 
 class GLM5V(nnx.Module):
@@ -66,14 +107,21 @@ class GLM5V(nnx.Module):
         tokens, segment_ids = batch["tokens"], batch["segment_ids"]
         is_visual = tokens == self.spec.image_token_id
         embeds = self.backbone.embed_tokens(tokens)
-        if "patches" in batch and batch["patches"].shape[0]:
+        has_images = "patches" in batch and batch["patches"].shape[0] > 0
+        if has_images:
             feats, feats_valid = self.encode_images(batch)
             embeds = scatter_image_features(embeds, is_visual, feats, feats_valid)
         positions = self.positions(batch)
-        h, aux = self.backbone.run_layers(embeds, positions, segment_ids)
+        isolate = (self.mtp is not None and has_images
+                   and self.spec.mtp.trunk_gradient == TrunkGradient.ISOLATE_VISION)
+        if isolate:
+            h, aux, h_mtp = trunk_isolating_vision(self.backbone, embeds, positions, segment_ids, is_visual)
+        else:
+            h, aux = self.backbone.run_layers(embeds, positions, segment_ids)
+            h_mtp = h
         out = {"logits": self.backbone.logits(h), "is_visual": is_visual, "aux": aux}
         if self.mtp is not None:
             logits, segments, inputs, mtp_aux = self.mtp(
-                self.backbone, h, tokens, embeds, positions, segment_ids, is_visual)
+                self.backbone, h_mtp, tokens, embeds, positions, segment_ids, is_visual)
             out.update(mtp_logits=logits, mtp_segments=segments, mtp_inputs=inputs, mtp_aux=mtp_aux)
         return out
