@@ -250,6 +250,9 @@ def test_naflex_padding_changes_no_valid_output():
     b = np.asarray(model.vision(jnp.asarray(noisy, jnp.float32), jnp.asarray(yx), batch["patch_valid"]))
     np.testing.assert_allclose(a[valid], b[valid], atol=1e-5)
     assert not b[~valid].any()
+    pooled = np.asarray(model.vision.pool(jnp.asarray(b), batch["patch_valid"]))
+    for j in range(b.shape[0]):  # pooling averages valid tokens only
+        np.testing.assert_allclose(pooled[j], b[j][valid[j]].mean(0), atol=1e-5)
 
 
 def test_moe_impls_agree_in_the_model():

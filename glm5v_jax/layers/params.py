@@ -56,9 +56,3 @@ def zeros() -> Initializer:
 
 def ones() -> Initializer:
     return nnx.initializers.ones
-
-
-def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:
-    """The logical axis names recorded on a variable, or None."""
-    meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
-    return meta.get("out_sharding")
