@@ -25,9 +25,20 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "absl-py>=2",
+        # data: TFDS builds ArrayRecord without TensorFlow; grain reads it
+        "grain>=0.2.12,<0.3",
+        "tensorflow-datasets>=4.9.8,<5",
+        "array-record>=0.5",
+        "sentencepiece>=0.2,<0.3",
+        # training: checkpoints, metrics (clu.metrics is TF-free), TensorBoard via tensorboardX
+        "orbax-checkpoint>=0.11,<0.13",
+        "clu>=0.0.12",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3"],
+        # tensorboard: to view the logs and, in tests, to read event files back
+        "test": ["pytest>=8", "pytest-xdist>=3", "tensorboard>=2.18"],
         "tpu": ["jax[tpu]"],
     },
 )

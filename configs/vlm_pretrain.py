@@ -80,7 +80,7 @@ def _model(preset: str) -> ml_collections.ConfigDict:
         backbone=backbone,
         mtp=ml_collections.ConfigDict(dict(num_depths=1, mode="image_token", loss_weight=0.3,
                                            trunk_gradient="isolate_vision")),
-        image_token_id=4,  # the tokenizer's <|image|> id; the data pipeline checks it
+        image_token_id=10,  # <|image|> in the project tokenizer; the trainer takes it from the tokenizer
         dtype="bfloat16", param_dtype="float32",
         attention_impl="xla", moe_impl="ragged_dot", remat=False,
     ))
@@ -102,12 +102,39 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         m.backbone.first_k_dense = min(m.backbone.first_k_dense, opts.layers)
     m.dtype, m.attention_impl, m.moe_impl, m.remat = opts.dtype, opts.attention_impl, opts.moe_impl, opts.remat
 
-    # Training settings used by the train step and, later, the stage-3 trainer.
-    config.train = ml_collections.ConfigDict(dict(
-        batch_size=4 if opts.preset == "tiny" else 256,
-        seq_len=256 if opts.preset == "tiny" else 4096,
-        learning_rate=3e-3 if opts.preset == "tiny" else 3e-4,
-        weight_decay=0.1,
+    # Run control: top-level so every run is scripted the same way (--config.total_steps=...).
+    tiny = opts.preset == "tiny"
+    config.total_steps = 300 if tiny else 20_000
+    config.log_every = 10 if tiny else 50
+    config.eval_every = 100 if tiny else 1000
+    config.checkpoint_every = 100 if tiny else 1000
+    config.keep_checkpoints = 3
+
+    # Data: the embedded shapes-world set (built on first use) or a real corpus.
+    config.data = ml_collections.ConfigDict(dict(
+        data_dir="",  # where datasets are built / found; "" -> <workdir>/data
+        dataset="shapes_world",
+        build_seed=0,
+        split_sizes=ml_collections.ConfigDict(dict(train=6000, validation=300, text_train=3000,
+                                                   text_validation=150)),
+        tokenizer="",  # path of a SentencePiece model; "" -> trained on the dataset's text
+        tokenizer_vocab_size=4096,
+        text_weight=0.2,  # share of text-only documents in the training mixture
+        batch_size=4 if tiny else 256,  # packed rows per step (global)
+        seq_len=256 if tiny else 4096,
+        max_images_per_row=4 if tiny else 16,
+        num_workers=0,
+        eval_batches=8 if tiny else 50,
+    ))
+
+    # Optimizer: AdamW with per-module peak LR, warmup and cosine decay.
+    def group(lr):
+        return ml_collections.ConfigDict(dict(lr=lr, warmup_steps=30 if tiny else 1000, decay="cosine",
+                                              final_fraction=0.1, weight_decay=0.1))
+    base_lr = 3e-3 if tiny else 3e-4
+    config.optim = ml_collections.ConfigDict(dict(
+        vision=group(base_lr * 0.5), projector=group(base_lr), text=group(base_lr),
+        clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8,
         router_bias_update_rate=1e-3,  # aux-loss-free balancing step size
     ))
     return config

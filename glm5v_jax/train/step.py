@@ -6,6 +6,7 @@ tools compile exactly the step that training runs.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -43,9 +44,27 @@ def train_step(model: GLM5V, optimizer: nnx.Optimizer, batch, *, mtp_loss_weight
     grad_fn = nnx.value_and_grad(loss_and_outputs, has_aux=True)
     (loss, (metrics, outputs)), grads = grad_fn(model, batch, mtp_loss_weight, balance_loss_weight)
     optimizer.update(model, grads)
-    update_router_biases(model, jax.lax.stop_gradient(outputs), router_bias_rate)
+    outputs = jax.lax.stop_gradient(outputs)
+    update_router_biases(model, outputs, router_bias_rate)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics.update(moe_statistics(model, outputs))
     return metrics
+
+
+def moe_statistics(model: GLM5V, outputs) -> dict:
+    """Expert-load imbalance (max / mean slots per expert, averaged over MoE layers) and
+    correction-bias statistics of the backbone's MoE layers."""
+    load = outputs["aux"].get("expert_load")
+    if load is None:
+        return {}
+    mean = jnp.maximum(load.mean(-1), 1e-9)
+    bias = model.backbone.moe_layers.mlp.correction_bias[...]
+    return {
+        "moe/load_max_over_mean": jnp.mean(load.max(-1) / mean),
+        "moe/load_min_over_mean": jnp.mean(load.min(-1) / mean),
+        "moe/bias_abs_mean": jnp.mean(jnp.abs(bias)),
+        "moe/bias_std": jnp.mean(jnp.std(bias, axis=-1)),
+    }
 
 
 jit_train_step = nnx.jit(train_step, static_argnames=("mtp_loss_weight", "balance_loss_weight", "router_bias_rate"))

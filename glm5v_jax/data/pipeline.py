@@ -1,0 +1,788 @@
+"""grain input pipeline: records -> packed multimodal batches of the `glm5v_jax.data.batch` contract.
+
+Stages (all deterministic given `PipelineConfig.seed`):
+
+    source (random access: source[i] -> record dict)
+      -> per-host shard        ds[process_index::process_count]
+      -> shuffle               MapDataset.shuffle(seed), reshuffled every epoch
+      -> repeat                num_epochs (None = forever)
+      -> map_with_index        decode PNG (PIL), NaFlex, `templates.build_document`
+      -> to_iter_dataset       (+ mp_prefetch when num_workers > 0)
+      -> PackedBatchDataset    greedy first-fit packing into `rows_per_batch` rows of
+                               `seq_len` tokens, at most `max_images_per_row` images per
+                               row, emitted as one batch dict.
+
+Record format (any random-access source whose items are dicts; strings may be `str`
+or `bytes`): image (PNG/JPEG bytes, or a uint8 array; b"" for text-only), width,
+height, kind ("image" | "text"), caption_en, caption_zh, ocr, qa_json, boxes_json,
+text, id. See `glm5v_jax.data.templates` for how a record becomes a document.
+
+Batch (numpy; B = rows_per_batch, S = seq_len, M = max_images_per_row,
+N = max_patches, P = patch_size):
+
+    tokens [B, S] int32        (padding = tokenizer.pad_id)
+    segment_ids [B, S] int32   (1, 2, ... per document in a row, 0 = padding)
+    loss_mask [B, S] bool      (1 = this token is a target; see templates)
+    patches [B*M, N, P*P*3]    (patch_dtype), patch_yx [B*M, N, 2] int32,
+    patch_valid [B*M, N] bool, image_grid [B*M, 2] int32, image_valid [B*M] bool
+
+Row b owns image slots b*M .. b*M+M-1, filled in order of appearance, unused slots
+invalid, so the valid images in slot order are in the order of the `<|image|>`
+tokens of the row-major flattened batch: the order the model scatters features in.
+Every batch is checked with `validate_vlm_batch` (config.validate).
+
+Bad samples never crash the pipeline and never reach a batch; they are counted in
+the iterator's `.stats` (running totals, part of its checkpoint state):
+
+    skipped/undecodable_image  image bytes PIL cannot decode
+    skipped/empty_image        kind "image" with no bytes, or width/height 0
+    skipped/too_small_image    smaller than one patch per side (NaFlexError), e.g. 1x2000
+    skipped/empty_text         no usable caption/QA/box/OCR (image) or empty text (text-only)
+    skipped/too_long           image doc whose image block (+ one answer token) exceeds seq_len
+    skipped/error              any other exception while processing the record
+    truncated/text             text-only doc cut to seq_len
+    truncated/image            image doc whose answer was cut at seq_len
+    dropped/empty_caption      image record without a caption (other tasks still used)
+    dropped/empty_answer       QA pairs with an empty question or answer, left out
+    examples, examples/image, examples/text   documents accepted for packing (emitted, or
+                               carried over into the next batch)
+    batches, tokens (non-padding), images     emitted
+
+Checkpointing: the batch iterator's `get_state()` is a JSON-serialisable dict
+
+    {"version": 1, "parent": <grain state of the upstream iterator at the oldest
+     document not yet emitted>, "n_consumed": int, "keep": [int, ...],
+     "stats": {...}, "layout": {seq_len, rows_per_batch, max_images_per_row, max_patches}}
+
+Between batches the only unfinished documents are the ones carried over (they did
+not fit the previous batch). `set_state` rewinds the upstream iterator to the
+oldest of them and re-reads `n_consumed` documents, keeping the offsets in `keep`
+(the carried ones) and dropping the others (already emitted or skipped and
+counted), so the next batch equals the one the saved iterator would have produced,
+with no image data in the state. Works with `grain.checkpoint.CheckpointSave`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import logging
+import math
+import time
+import zlib
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from glm5v_jax.data.batch import validate_vlm_batch
+from glm5v_jax.data.naflex import NaFlexError, fit_grid, pad_patches, patchify, resize_to_grid
+from glm5v_jax.data.templates import (DEFAULT_TASK_WEIGHTS, TASKS, SkipSample, as_str, available_tasks,
+                                      build_document)
+
+log = logging.getLogger(__name__)
+
+STAT_KEYS = (
+    "skipped/undecodable_image", "skipped/empty_image", "skipped/too_small_image",
+    "skipped/empty_text", "skipped/too_long", "skipped/error",
+    "truncated/text", "truncated/image", "dropped/empty_caption", "dropped/empty_answer",
+    "examples", "examples/image", "examples/text", "batches", "tokens", "images",
+)
+STATE_VERSION = 1
+
+
+def empty_stats() -> dict[str, int]:
+    return {k: 0 for k in STAT_KEYS}
+
+
+@dataclasses.dataclass(kw_only=True)
+class PipelineConfig:
+    """Settings of `make_batch_iterator` (all keyword-only)."""
+
+    seq_len: int
+    rows_per_batch: int
+    max_images_per_row: int
+    patch_size: int = 16
+    max_patches: int = 256
+    merge: int = 2
+    seed: int = 0
+    num_epochs: int | None = None  # None: repeat forever
+    shuffle: bool = True
+    num_workers: int = 0  # > 0: decode + NaFlex + templating in grain worker processes
+    worker_buffer_size: int = 8  # per-worker prefetch buffer (elements)
+    read_threads: int = 0  # grain ReadOptions.num_threads per process (0: read in the caller's thread)
+    read_buffer: int = 32  # grain ReadOptions.prefetch_buffer_size (with read_threads > 0)
+    process_index: int = 0
+    process_count: int = 1
+    task_weights: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_TASK_WEIGHTS))
+    zh_caption_prob: float = 0.3
+    qa_all_prob: float = 0.5
+    # Documents that did not fit the open batch before it is emitted (>= 1, <= rows_per_batch).
+    # 1 = emit as soon as one document does not fit; larger packs tighter.
+    pack_lookahead: int = 4
+    patch_dtype: str = "float32"  # or "bfloat16" (via ml_dtypes)
+    # Big images: JPEG DCT-scaled decoding and an integer box-reduce before the bicubic resize.
+    fast_downscale: bool = True
+    validate: bool = True  # validate_vlm_batch on every batch
+    # Raise (instead of looping forever) after this many skipped records in a row: a source
+    # whose records are all bad, e.g. raw bytes without a parser.
+    max_consecutive_skips: int = 10_000
+
+    def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"PipelineConfig: {msg}")
+        need(self.seq_len > 0, f"seq_len ({self.seq_len}) must be positive")
+        need(self.rows_per_batch > 0, f"rows_per_batch ({self.rows_per_batch}) must be positive")
+        need(self.max_images_per_row >= 1, f"max_images_per_row ({self.max_images_per_row}) must be >= 1")
+        need(self.patch_size > 0 and self.merge >= 1, "patch_size and merge must be positive")
+        need(self.max_patches > 0 and self.max_patches % (self.merge ** 2) == 0,
+             f"max_patches ({self.max_patches}) must be a positive multiple of merge**2 = {self.merge ** 2}")
+        need(0 <= self.process_index < self.process_count,
+             f"process_index ({self.process_index}) must lie in [0, process_count={self.process_count})")
+        need(self.num_epochs is None or self.num_epochs >= 1, f"num_epochs ({self.num_epochs}) must be >= 1 or None")
+        need(0 <= self.seed < 2 ** 32, f"seed ({self.seed}) must lie in [0, 2**32)")
+        need(self.pack_lookahead >= 1, f"pack_lookahead ({self.pack_lookahead}) must be >= 1")
+        need(self.num_workers >= 0, f"num_workers ({self.num_workers}) must be >= 0")
+        need(self.patch_dtype in ("float32", "bfloat16"), f"patch_dtype ({self.patch_dtype!r}) must be float32 or bfloat16")
+        need(set(self.task_weights) <= set(TASKS), f"task_weights keys {sorted(self.task_weights)} must be among {TASKS}")
+        need(any(w > 0 for w in self.task_weights.values()), "task_weights needs a positive weight")
+        need(self.max_consecutive_skips >= 1, f"max_consecutive_skips ({self.max_consecutive_skips}) must be >= 1")
+
+
+def _patch_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes  # noqa: PLC0415  (ships with jax; imported only when asked for)
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+# --------------------------------------------------------------------------- images
+
+
+class _ImageSkip(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _open_image(data: Any) -> Image.Image:
+    """A PIL image from encoded bytes (opened lazily: header only) or a uint8 array; raises _ImageSkip."""
+    if isinstance(data, np.ndarray) and data.dtype != np.object_:
+        arr = data
+        if arr.size == 0:
+            raise _ImageSkip("skipped/empty_image")
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+            raise _ImageSkip("skipped/undecodable_image")
+        return Image.fromarray(np.ascontiguousarray(arr))
+    if isinstance(data, np.ndarray):  # 0-d object array holding bytes
+        data = data.item() if data.size == 1 else b""
+    if isinstance(data, str):
+        data = data.encode("latin-1")
+    data = bytes(data or b"")
+    if not data:
+        raise _ImageSkip("skipped/empty_image")
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception:  # noqa: BLE001  PIL raises many kinds (UnidentifiedImageError, DecompressionBomb...)
+        raise _ImageSkip("skipped/undecodable_image") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")  # transparent pixels -> white, not whatever RGB they hold
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def preprocess_image(data: Any, *, patch_size: int, max_patches: int, merge: int = 2,
+                     fast_downscale: bool = True) -> dict[str, np.ndarray]:
+    """Encoded image (or uint8 array) -> NaFlex arrays (patches, patch_yx, valid, grid).
+
+    Same grid as `naflex_preprocess` (from the stored size). With `fast_downscale`, a
+    JPEG is decoded at a reduced DCT scale no smaller than the target (`draft`), and an
+    image at least twice the target size per side is box-reduced by an integer factor
+    (cheap, antialiased) before the bicubic resize. Raises `_ImageSkip` with a counter name.
+    """
+    img = _open_image(data)
+    if img.width == 0 or img.height == 0:
+        raise _ImageSkip("skipped/empty_image")
+    try:
+        gh, gw = fit_grid(img.height, img.width, patch_size=patch_size, max_patches=max_patches, merge=merge)
+    except NaFlexError:
+        raise _ImageSkip("skipped/too_small_image") from None
+    target = (gw * patch_size, gh * patch_size)  # PIL (width, height)
+    try:
+        if fast_downscale and img.format == "JPEG":
+            img.draft(None, target)  # DCT scaling; mode unchanged
+        img.load()
+        img = _to_rgb(img)
+    except Exception:  # noqa: BLE001  truncated / corrupt data behind a valid header
+        raise _ImageSkip("skipped/undecodable_image") from None
+    factor = min(img.height // target[1], img.width // target[0])
+    if fast_downscale and factor >= 2:
+        img = img.reduce(factor)
+    resized = resize_to_grid(np.asarray(img), gh, gw, patch_size)
+    patches, yx = patchify(resized, patch_size, merge)
+    patches, yx, valid = pad_patches(patches, yx, max_patches)
+    return dict(patches=patches, patch_yx=yx, valid=valid, grid=np.array([gh, gw], np.int32))
+
+
+# --------------------------------------------------------------------------- per-record map
+
+
+def _record_kind(record: Mapping[str, Any]) -> str:
+    kind = as_str(record.get("kind")).strip().lower()
+    if kind in ("image", "text"):
+        return kind
+    image = record.get("image")
+    has_image = image is not None and (np.size(image) > 0 if isinstance(image, np.ndarray) else bool(image))
+    return "image" if has_image else "text"
+
+
+def _skip(reason: str, counts: dict[str, int] | None = None) -> dict[str, Any]:
+    counts = dict(counts or {})
+    counts[reason] = counts.get(reason, 0) + 1
+    return {"skip": reason, "counts": counts}
+
+
+_n_errors = 0
+
+
+def _warn_error(record: Any, e: Exception) -> None:
+    """Log the first 10 unexpected errors of this process, then every 1000th."""
+    global _n_errors
+    _n_errors += 1
+    if _n_errors <= 10 or _n_errors % 1000 == 0:
+        rid = as_str(record.get("id")) if isinstance(record, Mapping) else f"<{type(record).__name__}>"
+        log.warning("pipeline: record %r skipped (error %d in this process) after %s: %s",
+                    rid, _n_errors, type(e).__name__, e)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessRecord:
+    """grain `map_with_index` transform: (index, record) -> packable document or a skip marker.
+
+    A document is {"tokens" int32 [L], "loss_mask" bool [L], "n_images": 0|1, "counts": {...}}
+    plus, for image documents, "patches" [1, N, D], "patch_yx" [1, N, 2], "patch_valid" [1, N],
+    "image_grid" [1, 2]. A skip marker is {"skip": reason, "counts": {...}}. Module-level and
+    plain data, so it pickles into grain workers.
+    """
+
+    tokenizer: Any
+    config: PipelineConfig
+    epoch_len: int
+
+    def rng(self, index: int, record: Mapping[str, Any]) -> np.random.Generator:
+        rid = as_str(record.get("id"))
+        key = zlib.crc32(rid.encode("utf-8")) if rid else index % self.epoch_len
+        return np.random.default_rng([self.config.seed, key, index // self.epoch_len, 0x7E5C])
+
+    def __call__(self, index: int, record: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            return self._process(index, record)
+        except Exception as e:  # noqa: BLE001  bad data must never stop training
+            _warn_error(record, e)
+            return _skip("skipped/error")
+
+    def _process(self, index: int, record: Mapping[str, Any]) -> dict[str, Any]:
+        cfg, tok = self.config, self.tokenizer
+        counts: dict[str, int] = {}
+        rng = self.rng(index, record)
+        if _record_kind(record) == "text":
+            try:
+                ids, mask = build_document(record, tok, n_image_tokens=None, rng=rng)
+            except SkipSample as e:
+                return _skip(e.reason)
+            if len(ids) > cfg.seq_len:
+                ids, mask = ids[:cfg.seq_len], mask[:cfg.seq_len]
+                counts["truncated/text"] = 1
+            counts.update({"examples": 1, "examples/text": 1})
+            return {"tokens": ids, "loss_mask": mask, "n_images": 0, "counts": counts}
+
+        try:
+            w, h = int(np.asarray(record.get("width", -1))), int(np.asarray(record.get("height", -1)))
+        except (TypeError, ValueError):
+            w = h = -1
+        if w == 0 or h == 0:
+            return _skip("skipped/empty_image")
+        tasks = available_tasks(record, counts)  # before decoding: no text, no work
+        if not any(cfg.task_weights.get(t, 0.0) > 0 for t in tasks):
+            return _skip("skipped/empty_text", counts)
+        try:
+            item = preprocess_image(record.get("image"), patch_size=cfg.patch_size, max_patches=cfg.max_patches,
+                                    merge=cfg.merge, fast_downscale=cfg.fast_downscale)
+        except _ImageSkip as e:
+            return _skip(e.reason, counts)
+        gh, gw = (int(v) for v in item["grid"])
+        n_tok = (gh // cfg.merge) * (gw // cfg.merge)
+        try:
+            ids, mask = build_document(record, tok, n_image_tokens=n_tok, rng=rng, task_weights=cfg.task_weights,
+                                       zh_caption_prob=cfg.zh_caption_prob, qa_all_prob=cfg.qa_all_prob)
+        except SkipSample as e:
+            return _skip(e.reason, counts)
+        if len(ids) > cfg.seq_len:
+            first_target = int(np.argmax(mask)) if mask.any() else len(ids)
+            if first_target >= cfg.seq_len:  # the image block (+ prompt) alone fills the row
+                return _skip("skipped/too_long", counts)
+            ids, mask = ids[:cfg.seq_len], mask[:cfg.seq_len]
+            counts["truncated/image"] = 1
+        counts.update({"examples": 1, "examples/image": 1})
+        dt = _patch_dtype(cfg.patch_dtype)
+        return {"tokens": ids, "loss_mask": mask, "n_images": 1, "counts": counts,
+                "patches": item["patches"][None].astype(dt), "patch_yx": item["patch_yx"][None],
+                "patch_valid": item["valid"][None], "image_grid": item["grid"][None]}
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@dataclasses.dataclass(frozen=True)
+class PackLayout:
+    """Static shapes and ids the packer needs (plain data, picklable)."""
+
+    seq_len: int
+    rows_per_batch: int
+    max_images_per_row: int
+    max_patches: int
+    patch_dim: int
+    pad_id: int
+    image_token_id: int
+    vocab_size: int
+    merge: int = 2
+    lookahead: int = 4
+    patch_dtype: str = "float32"
+    validate: bool = True
+    max_consecutive_skips: int = 10_000
+
+    def key(self) -> dict[str, int]:
+        return dict(seq_len=self.seq_len, rows_per_batch=self.rows_per_batch,
+                    max_images_per_row=self.max_images_per_row, max_patches=self.max_patches)
+
+
+class _Row:
+    __slots__ = ("docs", "used", "n_images")
+
+    def __init__(self):
+        self.docs: list[dict] = []
+        self.used = 0
+        self.n_images = 0
+
+    def fits(self, doc: dict, layout: PackLayout) -> bool:
+        return (self.used + len(doc["tokens"]) <= layout.seq_len
+                and self.n_images + doc["n_images"] <= layout.max_images_per_row)
+
+    def add(self, doc: dict) -> None:
+        self.docs.append(doc)
+        self.used += len(doc["tokens"])
+        self.n_images += doc["n_images"]
+
+
+class PackedBatchIterator(grain.DatasetIterator):
+    """Checkpointable iterator of packed batches; see the module docstring for the state."""
+
+    def __init__(self, parent: grain.DatasetIterator, layout: PackLayout):
+        super().__init__(parent)
+        self._layout = layout
+        self._lookahead = max(1, min(layout.lookahead, layout.rows_per_batch))
+        self._carry: list[tuple[int, Any, dict]] = []  # (seq, parent state before it, doc)
+        self._seq = 0  # documents read from the parent (relative numbering)
+        self.stats: dict[str, int] = empty_stats()
+
+    # -- reading
+    def _read(self) -> tuple[Any, dict]:
+        pre = copy.deepcopy(self._parent.get_state())
+        el = next(self._parent)
+        self._seq += 1
+        return pre, el
+
+    def _count(self, counts: Mapping[str, int]) -> None:
+        for k, v in counts.items():
+            self.stats[k] = self.stats.get(k, 0) + int(v)
+
+    # -- packing
+    def _place(self, rows: list[_Row], doc: dict) -> bool:
+        for row in rows:
+            if row.fits(doc, self._layout):
+                row.add(doc)
+                return True
+        return False
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        layout = self._layout
+        rows = [_Row() for _ in range(layout.rows_per_batch)]
+        carried, self._carry = self._carry, []
+        for entry in carried:  # documents that did not fit the previous batch go first
+            if not self._place(rows, entry[2]):
+                self._carry.append(entry)
+        skips = 0
+        while len(self._carry) < self._lookahead:
+            try:
+                pre, el = self._read()
+            except StopIteration:
+                break
+            self._count(el.get("counts", {}))
+            if "skip" in el:
+                skips += 1
+                if skips >= layout.max_consecutive_skips:
+                    bad = {k: v for k, v in self.stats.items() if v and k.startswith("skipped/")}
+                    raise RuntimeError(f"packer: {skips} records in a row were skipped ({bad}); "
+                                       "is the source in the record format?")
+                continue
+            skips = 0
+            if not self._place(rows, el):
+                self._carry.append((self._seq - 1, pre, el))
+        if not any(row.docs for row in rows):
+            if self._carry:  # cannot happen: every document fits an empty row
+                raise RuntimeError("packer: carried documents do not fit an empty batch")
+            raise StopIteration
+        return self._emit(rows)
+
+    def _emit(self, rows: list[_Row]) -> dict[str, np.ndarray]:
+        L = self._layout
+        b, s, m, n = L.rows_per_batch, L.seq_len, L.max_images_per_row, L.max_patches
+        out = dict(
+            tokens=np.full((b, s), L.pad_id, np.int32),
+            segment_ids=np.zeros((b, s), np.int32),
+            loss_mask=np.zeros((b, s), bool),
+            patches=np.zeros((b * m, n, L.patch_dim), _patch_dtype(L.patch_dtype)),
+            patch_yx=np.zeros((b * m, n, 2), np.int32),
+            patch_valid=np.zeros((b * m, n), bool),
+            image_grid=np.zeros((b * m, 2), np.int32),
+            image_valid=np.zeros((b * m,), bool),
+        )
+        n_images = 0
+        for r, row in enumerate(rows):
+            pos, slot = 0, r * m
+            for seg, doc in enumerate(row.docs, start=1):
+                k = len(doc["tokens"])
+                out["tokens"][r, pos:pos + k] = doc["tokens"]
+                out["segment_ids"][r, pos:pos + k] = seg
+                out["loss_mask"][r, pos:pos + k] = doc["loss_mask"]
+                pos += k
+                for j in range(doc["n_images"]):
+                    out["patches"][slot] = doc["patches"][j]
+                    out["patch_yx"][slot] = doc["patch_yx"][j]
+                    out["patch_valid"][slot] = doc["patch_valid"][j]
+                    out["image_grid"][slot] = doc["image_grid"][j]
+                    out["image_valid"][slot] = True
+                    slot += 1
+                    n_images += 1
+        if L.validate:
+            validate_vlm_batch(out, image_token_id=L.image_token_id, vocab_size=L.vocab_size, merge=L.merge)
+        self.stats["batches"] += 1
+        self.stats["tokens"] += int((out["segment_ids"] != 0).sum())
+        self.stats["images"] += n_images
+        return out
+
+    # -- checkpointing
+    def get_state(self) -> dict[str, Any]:
+        if self._carry:
+            anchor_seq, anchor_state, _ = self._carry[0]
+            parent = copy.deepcopy(anchor_state)
+            n_consumed = self._seq - anchor_seq
+            keep = [seq - anchor_seq for seq, _, _ in self._carry]
+        else:
+            parent, n_consumed, keep = copy.deepcopy(self._parent.get_state()), 0, []
+        return {"version": STATE_VERSION, "parent": parent, "n_consumed": n_consumed, "keep": keep,
+                "stats": dict(self.stats), "layout": self._layout.key()}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"packed-batch iterator state version {state.get('version')!r}, "
+                             f"expected {STATE_VERSION}")
+        if dict(state["layout"]) != self._layout.key():
+            raise ValueError(f"packed-batch iterator state was saved with layout {dict(state['layout'])}, "
+                             f"this pipeline has {self._layout.key()}")
+        self._parent.set_state(copy.deepcopy(state["parent"]))
+        self.stats = empty_stats()
+        self.stats.update({k: int(v) for k, v in state["stats"].items()})
+        self._carry, self._seq = [], 0
+        keep = set(int(i) for i in state["keep"])
+        for i in range(int(state["n_consumed"])):  # replay: rebuild the carried documents
+            pre, el = self._read()
+            if i in keep:
+                if "skip" in el:
+                    raise ValueError("packed-batch iterator state does not match the data: "
+                                     f"replayed element {i} is a skipped record")
+                self._carry.append((i, pre, el))
+
+    def __str__(self) -> str:
+        return f"PackedBatchIterator({self._layout})"
+
+
+class PackedBatchDataset(grain.IterDataset):
+    """IterDataset of packed batches over an IterDataset of `ProcessRecord` outputs."""
+
+    def __init__(self, parent: grain.IterDataset, layout: PackLayout):
+        super().__init__(parent)
+        self._layout = layout
+
+    def __iter__(self) -> PackedBatchIterator:
+        return PackedBatchIterator(self._parent.__iter__(), self._layout)
+
+    def __str__(self) -> str:
+        return f"PackedBatchDataset({self._layout})"
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _as_map_dataset(source: Any) -> grain.MapDataset:
+    return source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
+
+
+def _mark_absl_flags_parsed() -> None:
+    """grain 0.2.18 reads an absl flag in mp_prefetch; outside absl.app.run it is unparsed."""
+    from absl import flags  # noqa: PLC0415
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_record_dataset(source: Any, tokenizer, config: PipelineConfig) -> grain.IterDataset:
+    """The pipeline up to (not including) packing: an IterDataset of documents / skip markers."""
+    ds = _as_map_dataset(source)
+    if config.process_count > 1:
+        ds = ds[config.process_index::config.process_count]
+    n = len(ds)
+    if n == 0:
+        raise ValueError(f"process {config.process_index} of {config.process_count} has no records "
+                         f"(source length {len(_as_map_dataset(source))})")
+    if config.shuffle:
+        ds = ds.shuffle(seed=config.seed)
+    if config.num_epochs != 1:
+        ds = ds.repeat(config.num_epochs)
+    ds = ds.map_with_index(ProcessRecord(tokenizer, config, n))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                              prefetch_buffer_size=config.read_buffer))
+    if config.num_workers > 0:
+        _mark_absl_flags_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers,
+                                                         per_worker_buffer_size=config.worker_buffer_size))
+    return it
+
+
+def pack_layout(tokenizer, config: PipelineConfig) -> PackLayout:
+    return PackLayout(
+        seq_len=config.seq_len, rows_per_batch=config.rows_per_batch,
+        max_images_per_row=config.max_images_per_row, max_patches=config.max_patches,
+        patch_dim=config.patch_size * config.patch_size * 3, pad_id=int(tokenizer.pad_id),
+        image_token_id=int(tokenizer.image_id), vocab_size=int(tokenizer.vocab_size), merge=config.merge,
+        lookahead=config.pack_lookahead, patch_dtype=config.patch_dtype, validate=config.validate,
+        max_consecutive_skips=config.max_consecutive_skips)
+
+
+def make_batch_dataset(source: Any, tokenizer, config: PipelineConfig) -> PackedBatchDataset:
+    """The whole pipeline as a grain IterDataset of batch dicts (e.g. for `grain.experimental.device_put`)."""
+    return PackedBatchDataset(make_record_dataset(source, tokenizer, config), pack_layout(tokenizer, config))
+
+
+def make_batch_iterator(source: Any, tokenizer, config: PipelineConfig) -> PackedBatchIterator:
+    """Checkpointable iterator of packed batch dicts (numpy); `.stats` holds the running counters.
+
+    source: any random-access source (`len`, `source[i]` -> record dict), e.g. a list of dicts,
+      `tfds.data_source(...)`, `tfds_source(...)`, `array_record_source(...)`, or a
+      `grain.MapDataset` such as `mix_sources(...)`.
+    """
+    return iter(make_batch_dataset(source, tokenizer, config))
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclasses.dataclass(frozen=True)
+class _TagSource:
+    """Prefix record ids with the source name (ids of different sources may collide)."""
+
+    name: str
+
+    def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(record)
+        out["id"] = f"{self.name}/{as_str(record.get('id'))}"
+        return out
+
+
+def mix_sources(sources: Mapping[str, Any], weights: Mapping[str, float], seed: int) -> grain.MapDataset:
+    """Mix random-access sources (e.g. multimodal and text-only) with the given weights.
+
+    Each source is shuffled (seed folded with its position) and repeated, so a small source
+    is revisited in new orders rather than cutting the mixture short; `grain.MapDataset.mix`
+    then interleaves them in proportion. The result is finite: one "epoch" is long enough
+    for the source with the most records per unit weight to be seen once. Record ids get
+    the source name as prefix. Feed it to `make_batch_iterator` like any source.
+    """
+    names = list(sources)
+    if not names:
+        raise ValueError("mix_sources: no sources")
+    if set(weights) != set(names):
+        raise ValueError(f"mix_sources: weights for {sorted(weights)} but sources {sorted(names)}")
+    w = np.asarray([float(weights[k]) for k in names])
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"mix_sources: weights must be >= 0 with a positive sum, got {dict(weights)}")
+    names = [k for k, wk in zip(names, w) if wk > 0]
+    w = w[w > 0] / w[w > 0].sum()
+    parts, lengths = [], []
+    for k, name in enumerate(names):
+        ds = _as_map_dataset(sources[name])
+        if len(ds) == 0:
+            raise ValueError(f"mix_sources: source {name!r} is empty")
+        lengths.append(len(ds))
+        ds = ds.shuffle(seed=(int(seed) + 1_000_003 * (k + 1)) % 2 ** 32).repeat().map(_TagSource(name))
+        parts.append(ds)
+    total = max(math.ceil(n / wk) for n, wk in zip(lengths, w))
+    return grain.MapDataset.mix(parts, [float(x) for x in w])[:total]
+
+
+def _lookup(example: Mapping[str, Any], key: str) -> Any:
+    value: Any = example
+    for part in key.split("/"):
+        value = value[part]
+    return value
+
+
+def _first_text(value: Any) -> str:
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim > 0):
+        for v in (value.reshape(-1) if isinstance(value, np.ndarray) else value):
+            s = as_str(v).strip()
+            if s:
+                return s
+        return ""
+    return as_str(value).strip()
+
+
+def caption_record(image: Any, caption: str, record_id: str) -> dict[str, Any]:
+    """A record of the pipeline's format for a captioning pair (image bytes or uint8 array)."""
+    if isinstance(image, np.ndarray) and image.dtype != np.object_ and image.ndim >= 2:
+        height, width = int(image.shape[0]), int(image.shape[1])
+    else:
+        height = width = -1  # unknown until decoded
+    return dict(image=image, width=width, height=height, kind="image", caption_en=caption, caption_zh="",
+                ocr="", qa_json="[]", boxes_json="[]", text="", id=record_id)
+
+
+class TfdsCaptionSource:
+    """Random-access adapter: a TFDS dataset with an image and a text feature -> caption records.
+
+    Uses `tfds.data_source` (ArrayRecord; no TensorFlow import). The image feature may be
+    decoded (uint8 array, `tfds.features.Image`) or encoded bytes; the text feature a string
+    or a list of strings (the first non-empty one is used); nested keys as "a/b". Pickles as
+    its arguments and reopens the data source lazily (grain workers).
+    """
+
+    def __init__(self, name: str, split: str, data_dir: str | None = None, image_key: str = "image",
+                 text_key: str = "caption"):
+        self._args = (name, split, data_dir, image_key, text_key)
+        self._ds = None
+
+    def _source(self):
+        if self._ds is None:
+            import tensorflow_datasets as tfds  # noqa: PLC0415  (optional dependency)
+            name, split, data_dir, _, _ = self._args
+            self._ds = tfds.data_source(name, split=split, data_dir=data_dir)
+        return self._ds
+
+    def __len__(self) -> int:
+        return len(self._source())
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name, split, _, image_key, text_key = self._args
+        ex = self._source()[index]
+        return caption_record(_lookup(ex, image_key), _first_text(_lookup(ex, text_key)), f"{name}/{split}/{index}")
+
+    def __getstate__(self):
+        return {"_args": self._args, "_ds": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"TfdsCaptionSource{self._args}"
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None, image_key: str = "image",
+                text_key: str = "caption") -> TfdsCaptionSource:
+    """Adapt any TFDS dataset with an image and a text feature into caption records."""
+    return TfdsCaptionSource(name, split, data_dir, image_key, text_key)
+
+
+def parse_tf_example(serialized: bytes) -> dict[str, Any]:
+    """A serialized `tf.train.Example` with flat features -> dict (no TensorFlow).
+
+    One-value features become scalars (bytes / int / float), others lists. This is how TFDS
+    writes Text, scalar and bytes (`Tensor(dtype=object)`) features to ArrayRecord; shaped
+    numeric tensors come back flat (use `tfds.data_source` for those).
+    """
+    from tensorflow_datasets.proto import tf_example_pb2  # noqa: PLC0415  (protobuf only)
+
+    example = tf_example_pb2.Example.FromString(bytes(serialized))
+    out: dict[str, Any] = {}
+    for key, feature in example.features.feature.items():
+        kind = feature.WhichOneof("kind")
+        values = list(getattr(feature, kind).value) if kind else []
+        out[key] = values[0] if len(values) == 1 else values
+    return out
+
+
+def _json_record(serialized: bytes) -> dict[str, Any]:
+    return json.loads(bytes(serialized).decode("utf-8"))
+
+
+_PARSERS: dict[str, Callable[[bytes], dict[str, Any]]] = {"tf_example": parse_tf_example, "json": _json_record}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Parse:
+    parse: Any
+
+    def __call__(self, serialized: bytes) -> dict[str, Any]:
+        fn = _PARSERS[self.parse] if isinstance(self.parse, str) else self.parse
+        record = fn(serialized)
+        for key in ("image", "qa_json", "boxes_json"):  # list-valued when empty in tf.Example
+            if isinstance(record.get(key), list) and not record[key]:
+                record[key] = b"" if key == "image" else "[]"
+        return record
+
+
+def array_record_source(paths: str | Sequence[str], parse: str | Callable[[bytes], dict] = "tf_example") -> grain.MapDataset:
+    """Records stored in ArrayRecord files -> a grain MapDataset of record dicts.
+
+    parse: "tf_example" (default; `tf.train.Example` with flat features, as TFDS writes
+    them), "json" (a UTF-8 JSON object per record; image bytes must then be base64 or
+    absent), or a picklable callable bytes -> dict.
+    """
+    if isinstance(parse, str) and parse not in _PARSERS:
+        raise ValueError(f"array_record_source: parse must be one of {sorted(_PARSERS)} or a callable")
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).map(_Parse(parse))
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def measure_throughput(iterator: Iterator[Mapping[str, np.ndarray]], n_batches: int) -> dict[str, float]:
+    """Pull `n_batches` batches and time them (includes any warm-up the iterator still does).
+
+    examples = packed documents (sum over rows of the max segment id), tokens = non-padding.
+    """
+    if n_batches <= 0:
+        raise ValueError("n_batches must be positive")
+    examples = tokens = images = batches = 0
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            break
+        seg = np.asarray(batch["segment_ids"])
+        examples += int(seg.max(axis=1).sum())
+        tokens += int((seg != 0).sum())
+        images += int(np.asarray(batch.get("image_valid", np.zeros(0, bool))).sum())
+        batches += 1
+    dt = max(time.perf_counter() - start, 1e-9)
+    return dict(seconds=dt, batches=batches, examples=examples, batches_per_s=batches / dt,
+                examples_per_s=examples / dt, tokens_per_s=tokens / dt, images_per_s=images / dt)

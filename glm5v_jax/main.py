@@ -1,0 +1,37 @@
+"""Entry point: `python -m glm5v_jax.main --config=configs/vlm_pretrain.py:tiny --workdir=DIR`.
+
+Config fields can be overridden on the command line (`--config.total_steps=50`,
+`--config.data.batch_size=8`). Running the same command again resumes from the
+newest good checkpoint in DIR.
+
+Multi-host (TPU pods, multi-node GPU): pass `--multihost` so that
+`jax.distributed.initialize()` runs before anything touches a device; every host
+runs the same command and reads its own shard of the data.
+"""
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vlm_pretrain.py:tiny.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, metrics).", required=True)
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+
+
+def main(argv) -> None:
+    del argv
+    import jax
+
+    if _MULTIHOST.value:
+        jax.distributed.initialize()
+    logging.getLogger("glm5v_jax").setLevel(logging.INFO)  # orbax and tfds stay at WARNING
+    from glm5v_jax.train.vlm_pretrain import train_and_evaluate
+
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,254 @@
+"""Stage 3 trainer: VLM pre-training with MMTP on packed image-text and text-only data.
+
+One readable loop, big_vision style:
+  data (shapes world built on first use, SentencePiece tokenizer, grain pipeline)
+  -> model from the config (vocab size and <|image|> id taken from the tokenizer)
+  -> AdamW with per-module schedules -> resume from the newest good checkpoint
+  -> steps: train, router-bias update, log (TensorBoard + metrics.jsonl + progress
+     line with steps/s, tokens/s, ETA, MFU), evaluate, checkpoint (async)
+  -> on SIGTERM: checkpoint the current step and exit cleanly
+  -> at the end: wait for the last checkpoint, plot the loss curves.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from clu import metrics as clu_metrics
+from flax import nnx
+
+from glm5v_jax.data import pipeline as pipeline_lib
+from glm5v_jax.data.tokenizer import Tokenizer, train_tokenizer
+from glm5v_jax.losses.lm import vlm_loss
+from glm5v_jax.models.build import vlm_spec_from_config
+from glm5v_jax.models.vlm import GLM5V
+from glm5v_jax.train import flops as flops_lib
+from glm5v_jax.train.checkpoint import Checkpointer
+from glm5v_jax.train.optimizer import make_tx
+from glm5v_jax.train.step import train_step
+from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves
+
+log = logging.getLogger(__name__)
+
+TRAIN_SPLITS = {"image": "train", "text": "text_train"}
+EVAL_SPLITS = {"image": "validation", "text": "text_validation"}
+
+
+# ----------------------------------------------------------------------------- data
+def prepare_data(cfg: ml_collections.ConfigDict, workdir: Path) -> tuple[Path, Tokenizer]:
+    """Build the shapes-world dataset and its tokenizer if missing; return (dir, tokenizer)."""
+    from glm5v_jax.data import shapes_world, shapes_world_tfds
+
+    if cfg.dataset != "shapes_world":
+        raise ValueError(f"config.data.dataset: unknown dataset {cfg.dataset!r}; expected 'shapes_world' "
+                         "(real corpora: see glm5v_jax.data.pipeline.tfds_source)")
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else workdir / "data"
+    sizes = dict(cfg.split_sizes)
+    t0 = time.time()
+    dataset_dir = Path(shapes_world_tfds.build_shapes_world(str(data_dir), seed=cfg.build_seed, split_sizes=sizes))
+    log.info("shapes world ready at %s (%.1f s)", dataset_dir, time.time() - t0)
+    if cfg.tokenizer:
+        tokenizer = Tokenizer(cfg.tokenizer)
+    else:
+        path = dataset_dir / f"tokenizer_{cfg.tokenizer_vocab_size}.model"
+        if path.exists():
+            tokenizer = Tokenizer(str(path))
+        else:
+            t0 = time.time()
+            tokenizer = train_tokenizer(shapes_world.iter_texts(cfg.build_seed, sizes), str(path),
+                                        vocab_size=cfg.tokenizer_vocab_size)
+            log.info("trained tokenizer %s (%d pieces) in %.1f s", path, tokenizer.vocab_size, time.time() - t0)
+    return dataset_dir, tokenizer
+
+
+def make_iterator(cfg, dataset_dir: Path, tokenizer: Tokenizer, spec, *, splits: dict, seed: int,
+                  train: bool):
+    from glm5v_jax.data import shapes_world_tfds
+
+    sources = {kind: shapes_world_tfds.load_split(str(dataset_dir), split) for kind, split in splits.items()}
+    weights = {"image": 1.0 - cfg.text_weight, "text": cfg.text_weight}
+    source = pipeline_lib.mix_sources(sources, weights, seed)
+    pcfg = pipeline_lib.PipelineConfig(
+        seq_len=cfg.seq_len, rows_per_batch=cfg.batch_size // jax.process_count(),
+        max_images_per_row=cfg.max_images_per_row, patch_size=spec.vision.patch_size,
+        max_patches=spec.vision.max_patches, merge=spec.vision.merge_size, seed=seed,
+        num_epochs=None if train else 1, shuffle=train, num_workers=cfg.num_workers if train else 0,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    return pipeline_lib.make_batch_iterator(source, tokenizer, pcfg)
+
+
+def resolve_model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ml_collections.ConfigDict:
+    """The vocabulary size and <|image|> id come from the tokenizer, whatever the preset said."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.backbone.vocab_size = tokenizer.padded_vocab_size
+    config.model.image_token_id = tokenizer.image_id
+    return config
+
+
+# ----------------------------------------------------------------------------- helpers
+class _Preemption:
+    """SIGTERM -> finish the current step, checkpoint it, exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        log.warning("SIGTERM received: checkpointing the current step and stopping")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _average(acc: dict, metrics: dict) -> dict:
+    for k, v in metrics.items():
+        m = clu_metrics.Average.from_model_output(jnp.asarray(v, jnp.float32))
+        acc[k] = m if k not in acc else acc[k].merge(m)
+    return acc
+
+
+def evaluate(eval_fn, state, make_eval_iter, num_batches: int) -> dict:
+    """Mean losses over the first `num_batches` validation batches (fixed order)."""
+    acc: dict = {}
+    for i, batch in enumerate(make_eval_iter()):
+        if i >= num_batches:
+            break
+        acc = _average(acc, eval_fn(state, _device_batch(batch)))
+    return {f"eval/{k}": float(v.compute()) for k, v in acc.items()}
+
+
+_BATCH_KEYS = ("tokens", "segment_ids", "loss_mask", "patches", "patch_yx", "patch_valid", "image_grid",
+               "image_valid")
+
+
+def _device_batch(batch: dict) -> dict:
+    return {k: jnp.asarray(batch[k]) for k in _BATCH_KEYS if k in batch}
+
+
+# ----------------------------------------------------------------------------- main loop
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train (resuming if possible) until `config.total_steps`; returns the last metrics."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    dataset_dir, tokenizer = prepare_data(config.data, workdir)
+    config = resolve_model_config(config, tokenizer)
+    spec = vlm_spec_from_config(config.model)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+
+    model = GLM5V(spec, rngs=nnx.Rngs(config.seed))
+    tx, schedules = make_tx(nnx.state(model, nnx.Param), total_steps=config.total_steps,
+                            groups={k: config.optim[k] for k in ("vision", "projector", "text")},
+                            clip_norm=config.optim.clip_norm, b1=config.optim.b1, b2=config.optim.b2,
+                            eps=config.optim.eps)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    train_iter = make_iterator(config.data, dataset_dir, tokenizer, spec, splits=TRAIN_SPLITS,
+                               seed=config.seed, train=True)
+
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+    graphdef, state = nnx.split((model, optimizer))
+    start_step = 0
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        start_step, state, data_state, _ = restored
+        train_iter.set_state(data_state)
+        log.info("resuming at step %d", start_step)
+
+    mtp_w, bal_w = float(config.model.mtp.loss_weight), float(config.model.backbone.balance_loss_weight)
+    bias_rate = float(config.optim.router_bias_update_rate)
+
+    def pure_train_step(state, batch):
+        m, o = nnx.merge(graphdef, state)
+        metrics = train_step(m, o, batch, mtp_loss_weight=mtp_w, balance_loss_weight=bal_w,
+                             router_bias_rate=bias_rate)
+        return nnx.state((m, o)), metrics
+
+    def pure_eval_step(state, batch):
+        m, _ = nnx.merge(graphdef, state)
+        _, metrics = vlm_loss(m(batch), batch, mtp_loss_weight=mtp_w, balance_loss_weight=bal_w)
+        return metrics
+
+    step_fn = jax.jit(pure_train_step, donate_argnums=0)
+    eval_fn = jax.jit(pure_eval_step)
+
+    def make_eval_iter():
+        return make_iterator(config.data, dataset_dir, tokenizer, spec, splits=EVAL_SPLITS, seed=0, train=False)
+
+    writer = MultiWriter([TensorBoardWriter(workdir / "tensorboard"), JsonlWriter(workdir / "metrics.jsonl")])
+    if start_step == 0:
+        writer.write_hparams({"preset": config.preset, "mmtp": config.model.mtp.mode,
+                              "params": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))})
+    peak, peak_source = flops_lib.device_peak_flops()
+    log.info("device peak %.3g FLOP/s (%s) x %d devices", peak, peak_source, jax.device_count())
+    preemption = _Preemption()
+
+    acc: dict = {}
+    last: dict = {}
+    tokens_seen, flops_done, window_start, window_steps = 0, 0.0, time.time(), 0
+    data_time = 0.0
+    step = start_step
+    try:
+        for step in range(start_step + 1, config.total_steps + 1):
+            t_data = time.time()
+            batch = next(train_iter)
+            data_time += time.time() - t_data
+            dev_batch = _device_batch(batch)
+            state, metrics = step_fn(state, dev_batch)
+            acc = _average(acc, metrics)
+            n_images = int(np.asarray(batch["image_valid"]).sum()) if "image_valid" in batch else 0
+            tokens_seen += int((np.asarray(batch["segment_ids"]) != 0).sum())
+            flops_done += flops_lib.train_flops_per_step(
+                spec, rows=batch["tokens"].shape[0], seq_len=batch["tokens"].shape[1],
+                images=n_images, patches_per_image=spec.vision.max_patches)
+            window_steps += 1
+
+            if step % config.log_every == 0 or step == config.total_steps or preemption.requested:
+                scalars = {f"train/{k}": float(v.compute()) for k, v in acc.items()}
+                scalars["loss"] = scalars.pop("train/loss/total")
+                elapsed = max(time.time() - window_start, 1e-9)
+                scalars.update({
+                    "perf/steps_per_s": window_steps / elapsed,
+                    "perf/tokens_per_s": tokens_seen / elapsed,
+                    "perf/mfu": flops_done / elapsed / (peak * jax.device_count()),
+                    "perf/data_fraction": data_time / elapsed,
+                })
+                scalars.update({f"lr/{k}": float(s(step - 1)) for k, s in schedules.items()})
+                scalars.update({f"data/{k}": float(v) for k, v in train_iter.stats.items()})
+                writer.write_scalars(step, scalars)
+                eta = (config.total_steps - step) / max(scalars["perf/steps_per_s"], 1e-9)
+                log.info("step %d/%d  loss %.4f  %.2f steps/s  %.0f tokens/s  MFU %.2f%%  ETA %.0fs",
+                         step, config.total_steps, scalars["loss"], scalars["perf/steps_per_s"],
+                         scalars["perf/tokens_per_s"], 100 * scalars["perf/mfu"], eta)
+                last = scalars
+                acc, tokens_seen, flops_done, window_start, window_steps, data_time = {}, 0, 0.0, time.time(), 0, 0.0
+
+            if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
+                ev = evaluate(eval_fn, state, make_eval_iter, config.data.eval_batches)
+                writer.write_scalars(step, ev)
+                log.info("step %d  eval loss %.4f", step, ev.get("eval/loss/total", float("nan")))
+                last.update(ev)
+                window_start = time.time()
+
+            if step % config.checkpoint_every == 0 or step == config.total_steps or preemption.requested:
+                ckpt.save(step, state, train_iter.get_state(), json.loads(config.to_json_best_effort()),
+                          force=True)
+            writer.flush()
+            if preemption.requested:
+                break
+    finally:
+        ckpt.close()
+        writer.close()
+        preemption.restore()
+    if not preemption.requested:
+        plot_curves(workdir / "metrics.jsonl", workdir / "loss_curves.png")
+    nnx.update((model, optimizer), state)
+    return dict(last, step=step)

@@ -1,0 +1,125 @@
+"""Metric writers that need no TensorFlow: TensorBoard (tensorboardX) and JSON lines.
+
+clu's `metric_writers` and `periodic_actions` import TensorFlow at import time
+(see ../shared/reference/ecosystem.md), which would make TensorFlow a hard
+dependency. These writers implement the same small interface as clu's
+`MetricWriter` (`write_scalars`, `write_hparams`, `flush`, `close`), so the trainer
+uses clu's API shape without TensorFlow; `clu.metrics` (TF-free) still does the
+metric averaging.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def _scalar(v: Any) -> float:
+    return float(np.asarray(v))
+
+
+class TensorBoardWriter:
+    """Scalars and hparams into TensorBoard event files under `logdir`."""
+
+    def __init__(self, logdir: str | Path):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(str(logdir), flush_secs=10)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, _scalar(value), global_step=int(step))
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        self._writer.add_text("hparams", json.dumps(flat, indent=1, sort_keys=True), 0)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class JsonlWriter:
+    """One JSON object per write: {"step": n, <scalar>: value, ...} appended to a file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        row = {"step": int(step)}
+        for name, value in scalars.items():
+            x = _scalar(value)
+            row[name] = x if math.isfinite(x) else str(x)
+        self._file.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        del hparams
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class MultiWriter:
+    """Fan a write out to several writers."""
+
+    def __init__(self, writers):
+        self.writers = list(writers)
+
+    def write_scalars(self, step, scalars):
+        for w in self.writers:
+            w.write_scalars(step, scalars)
+
+    def write_hparams(self, hparams):
+        for w in self.writers:
+            w.write_hparams(hparams)
+
+    def flush(self):
+        for w in self.writers:
+            w.flush()
+
+    def close(self):
+        for w in self.writers:
+            w.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a metrics.jsonl; for a step logged twice (after a resume) the last row wins."""
+    by_step: dict[int, dict] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_step.setdefault(row["step"], {}).update(row)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_curves(metrics_path: str | Path, out_png: str | Path) -> None:
+    """PNG of the training loss, per-depth MTP losses and validation loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(metrics_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = sorted({k for r in rows for k in r if k == "loss" or k.startswith(("train/loss/mtp_", "eval/loss"))})
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, label=key, marker="o" if key.startswith("eval") else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
