@@ -187,14 +187,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step == 0:
         writer.write_hparams({"preset": config.preset, "mmtp": config.model.mtp.mode,
                               "params": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))})
+    if start_step == 0 and config.get("measure_pipeline_batches", 0):
+        probe = make_iterator(config.data, dataset_dir, tokenizer, spec, splits=TRAIN_SPLITS,
+                              seed=config.seed + 1, train=True)
+        tput = pipeline_lib.measure_throughput(probe, config.measure_pipeline_batches)
+        writer.write_scalars(0, {"perf/pipeline_examples_per_s": tput["examples_per_s"],
+                                 "perf/pipeline_tokens_per_s": tput["tokens_per_s"]})
+        log.info("input pipeline alone: %.1f examples/s, %.0f tokens/s (%d batches)",
+                 tput["examples_per_s"], tput["tokens_per_s"], config.measure_pipeline_batches)
     peak, peak_source = flops_lib.device_peak_flops()
     log.info("device peak %.3g FLOP/s (%s) x %d devices", peak, peak_source, jax.device_count())
     preemption = _Preemption()
 
     acc: dict = {}
     last: dict = {}
+    examples_mark = train_iter.stats.get("examples", 0)
     tokens_seen, flops_done, window_start, window_steps = 0, 0.0, time.time(), 0
-    data_time = 0.0
+    data_time, eval_time = 0.0, 0.0  # eval time is excluded from the throughput window
     step = start_step
     try:
         for step in range(start_step + 1, config.total_steps + 1):
@@ -214,13 +223,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if step % config.log_every == 0 or step == config.total_steps or preemption.requested:
                 scalars = {f"train/{k}": float(v.compute()) for k, v in acc.items()}
                 scalars["loss"] = scalars.pop("train/loss/total")
-                elapsed = max(time.time() - window_start, 1e-9)
+                elapsed = max(time.time() - window_start - eval_time, 1e-9)
                 scalars.update({
                     "perf/steps_per_s": window_steps / elapsed,
                     "perf/tokens_per_s": tokens_seen / elapsed,
                     "perf/mfu": flops_done / elapsed / (peak * jax.device_count()),
                     "perf/data_fraction": data_time / elapsed,
+                    "perf/examples_per_s": (train_iter.stats.get("examples", 0) - examples_mark) / elapsed,
                 })
+                examples_mark = train_iter.stats.get("examples", 0)
                 scalars.update({f"lr/{k}": float(s(step - 1)) for k, s in schedules.items()})
                 scalars.update({f"data/{k}": float(v) for k, v in train_iter.stats.items()})
                 writer.write_scalars(step, scalars)
@@ -229,14 +240,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          step, config.total_steps, scalars["loss"], scalars["perf/steps_per_s"],
                          scalars["perf/tokens_per_s"], 100 * scalars["perf/mfu"], eta)
                 last = scalars
-                acc, tokens_seen, flops_done, window_start, window_steps, data_time = {}, 0, 0.0, time.time(), 0, 0.0
+                acc, tokens_seen, flops_done, window_steps = {}, 0, 0.0, 0
+                window_start, data_time, eval_time = time.time(), 0.0, 0.0
 
             if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
+                t_eval = time.time()
                 ev = evaluate(eval_fn, state, make_eval_iter, config.data.eval_batches)
                 writer.write_scalars(step, ev)
                 log.info("step %d  eval loss %.4f", step, ev.get("eval/loss/total", float("nan")))
                 last.update(ev)
-                window_start = time.time()
+                eval_time += time.time() - t_eval
 
             if step % config.checkpoint_every == 0 or step == config.total_steps or preemption.requested:
                 ckpt.save(step, state, train_iter.get_state(), json.loads(config.to_json_best_effort()),

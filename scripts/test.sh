@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with the test extras and run the whole test suite (CPU only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+[ -d "$VENV" ] || python3 -m venv "$VENV"
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
+python -m pip install -q -e '.[test]'
+python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)"
+python -m pytest -q -n 2 tests
