@@ -27,7 +27,10 @@ def main(argv) -> None:
 
     if _MULTIHOST.value:
         jax.distributed.initialize()
-    logging.getLogger("glm5v_jax").setLevel(logging.INFO)  # orbax and tfds stay at WARNING
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax, tfds and jax log through absl: quiet
+    logging.getLogger("glm5v_jax").setLevel(logging.INFO)  # progress lines, eval, checkpoints
     from glm5v_jax.train.vlm_pretrain import train_and_evaluate
 
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -488,3 +488,19 @@ def test_multiprocessing_matches_single_process():
     it2 = make_batch_iterator(recs, TOK, c2)
     it2.set_state(state)
     np.testing.assert_array_equal(next(it2)["tokens"], want[2]["tokens"])
+
+
+def test_caption_longer_than_a_row_is_truncated_and_counted():
+    """An image document whose caption does not fit is cut at the row end (image block
+    intact, answer truncated), counted as truncated/image; its image still matches its tokens."""
+    c = cfg(num_epochs=1, seq_len=96, task_weights={"caption": 1.0}, zh_caption_prob=0.0)
+    long_caption = "a very long caption about shapes " * 40
+    recs = [image_record(0, 32, 32, caption=long_caption, ocr="", qa=[], boxes=[])]
+    it = make_batch_iterator(recs, TOK, c)
+    batches = list(it)
+    assert it.stats["truncated/image"] == 1 and it.stats["examples/image"] == 1
+    b = batches[0]
+    check_batch(b, c)
+    row = int(np.flatnonzero(b["image_valid"])[0]) // c.max_images_per_row
+    assert (b["segment_ids"][row] != 0).sum() == c.seq_len
+    assert b["loss_mask"][row].sum() > 0

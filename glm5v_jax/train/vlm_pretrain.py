@@ -95,19 +95,22 @@ def resolve_model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer
 
 # ----------------------------------------------------------------------------- helpers
 class _Preemption:
-    """SIGTERM -> finish the current step, checkpoint it, exit cleanly."""
+    """SIGTERM or SIGINT (Ctrl-C) -> finish the current step, checkpoint it, exit cleanly."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        del signum, frame
-        log.warning("SIGTERM received: checkpointing the current step and stopping")
+        del frame
+        log.warning("%s received: checkpointing the current step and stopping", signal.Signals(signum).name)
         self.requested = True
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _average(acc: dict, metrics: dict) -> dict:
@@ -197,6 +200,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  tput["examples_per_s"], tput["tokens_per_s"], config.measure_pipeline_batches)
     peak, peak_source = flops_lib.device_peak_flops()
     log.info("device peak %.3g FLOP/s (%s) x %d devices", peak, peak_source, jax.device_count())
+    if start_step == 0 and config.eval_every:
+        ev = evaluate(eval_fn, state, make_eval_iter, config.data.eval_batches)
+        writer.write_scalars(0, ev)
+        log.info("step 0  eval loss %.4f (before training)", ev.get("eval/loss/total", float("nan")))
     preemption = _Preemption()
 
     acc: dict = {}

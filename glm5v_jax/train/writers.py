@@ -102,7 +102,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def plot_curves(metrics_path: str | Path, out_png: str | Path) -> None:
-    """PNG of the training loss, per-depth MTP losses and validation loss."""
+    """PNG of the training loss (total, main, per-depth MTP) and the validation losses."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,14 +110,16 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path) -> None:
 
     rows = read_jsonl(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4))
-    keys = sorted({k for r in rows for k in r if k == "loss" or k.startswith(("train/loss/mtp_", "eval/loss"))})
+    wanted = ("train/loss/main", "train/loss/mtp_", "eval/loss/total", "eval/loss/main", "eval/loss/mtp_")
+    keys = sorted({k for r in rows for k in r if k == "loss" or k.startswith(wanted)})
     for key in keys:
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, label=key, marker="o" if key.startswith("eval") else None, markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("loss (log scale)")
+    ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
