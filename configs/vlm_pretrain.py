@@ -114,7 +114,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Data: the embedded shapes-world set (built on first use) or a real corpus.
     config.data = ml_collections.ConfigDict(dict(
         data_dir="",  # where datasets are built / found; "" -> <workdir>/data
-        dataset="shapes_world",
+        dataset="shapes_world",  # shapes_world | tfds | array_record
+        tfds=ml_collections.ConfigDict(dict(name="", data_dir="", train_split="train",
+                                            eval_split="validation", image_key="image", text_key="caption")),
+        array_record=ml_collections.ConfigDict(dict(train_paths="", eval_paths="",  # comma-separated globs
+                                                    parse="tf_example")),
         build_seed=0,
         split_sizes=ml_collections.ConfigDict(dict(train=6000, validation=300, text_train=3000,
                                                    text_validation=150)),

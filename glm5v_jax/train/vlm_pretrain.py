@@ -11,6 +11,7 @@ One readable loop, big_vision style:
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import signal
@@ -38,18 +39,13 @@ from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter,
 
 log = logging.getLogger(__name__)
 
-TRAIN_SPLITS = {"image": "train", "text": "text_train"}
-EVAL_SPLITS = {"image": "validation", "text": "text_validation"}
-
-
 # ----------------------------------------------------------------------------- data
-def prepare_data(cfg: ml_collections.ConfigDict, workdir: Path) -> tuple[Path, Tokenizer]:
-    """Build the shapes-world dataset and its tokenizer if missing; return (dir, tokenizer)."""
+DATASETS = ("shapes_world", "tfds", "array_record")
+
+
+def _shapes_world(cfg, workdir: Path):
     from glm5v_jax.data import shapes_world, shapes_world_tfds
 
-    if cfg.dataset != "shapes_world":
-        raise ValueError(f"config.data.dataset: unknown dataset {cfg.dataset!r}; expected 'shapes_world' "
-                         "(real corpora: see glm5v_jax.data.pipeline.tfds_source)")
     data_dir = Path(cfg.data_dir) if cfg.data_dir else workdir / "data"
     sizes = dict(cfg.split_sizes)
     t0 = time.time()
@@ -66,16 +62,53 @@ def prepare_data(cfg: ml_collections.ConfigDict, workdir: Path) -> tuple[Path, T
             tokenizer = train_tokenizer(shapes_world.iter_texts(cfg.build_seed, sizes), str(path),
                                         vocab_size=cfg.tokenizer_vocab_size)
             log.info("trained tokenizer %s (%d pieces) in %.1f s", path, tokenizer.vocab_size, time.time() - t0)
-    return dataset_dir, tokenizer
-
-
-def make_iterator(cfg, dataset_dir: Path, tokenizer: Tokenizer, spec, *, splits: dict, seed: int,
-                  train: bool):
-    from glm5v_jax.data import shapes_world_tfds
-
-    sources = {kind: shapes_world_tfds.load_split(str(dataset_dir), split) for kind, split in splits.items()}
     weights = {"image": 1.0 - cfg.text_weight, "text": cfg.text_weight}
-    source = pipeline_lib.mix_sources(sources, weights, seed)
+    splits = {"train": {"image": "train", "text": "text_train"},
+              "eval": {"image": "validation", "text": "text_validation"}}
+    sources = {part: {kind: shapes_world_tfds.load_split(str(dataset_dir), split) for kind, split in names.items()}
+               for part, names in splits.items()}
+    return sources, weights, tokenizer
+
+
+def prepare_data(cfg: ml_collections.ConfigDict, workdir: Path):
+    """({"train": {name: source}, "eval": {...}}, mixture weights, tokenizer) from config.data.
+
+    `shapes_world` is built (with its tokenizer) on first use; `tfds` reads any TFDS
+    dataset with an image and a text feature (`config.data.tfds.*`); `array_record`
+    reads record files (`config.data.array_record.*`). Real corpora need
+    `config.data.tokenizer`.
+    """
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"config.data.dataset: unknown dataset {cfg.dataset!r}; expected one of {DATASETS}")
+    if cfg.dataset == "shapes_world":
+        return _shapes_world(cfg, workdir)
+    if not cfg.tokenizer:
+        raise ValueError("config.data.tokenizer: a real corpus needs the path of a SentencePiece model "
+                         "with the GLM special tokens (see glm5v_jax.data.tokenizer.train_tokenizer)")
+    tokenizer = Tokenizer(cfg.tokenizer)
+    if cfg.dataset == "tfds":
+        t = cfg.tfds
+        if not t.name:
+            raise ValueError("config.data.tfds.name: set the TFDS dataset name")
+        make = lambda split: pipeline_lib.tfds_source(t.name, split, t.data_dir or None,  # noqa: E731
+                                                      image_key=t.image_key, text_key=t.text_key)
+        sources = {"train": {"corpus": make(t.train_split)}, "eval": {"corpus": make(t.eval_split)}}
+    else:
+        a = cfg.array_record
+        paths = {part: sorted(p for pattern in getattr(a, f"{part}_paths").split(",") if pattern.strip()
+                              for p in glob.glob(pattern.strip()))
+                 for part in ("train", "eval")}
+        for part, found in paths.items():
+            if not found:
+                raise ValueError(f"config.data.array_record.{part}_paths: no files match "
+                                 f"{getattr(a, f'{part}_paths')!r}")
+        sources = {part: {"corpus": pipeline_lib.array_record_source(found, parse=a.parse)}
+                   for part, found in paths.items()}
+    return sources, {"corpus": 1.0}, tokenizer
+
+
+def make_iterator(cfg, sources: dict, weights: dict, tokenizer: Tokenizer, spec, *, seed: int, train: bool):
+    source = pipeline_lib.mix_sources(sources, {k: weights[k] for k in sources}, seed)
     pcfg = pipeline_lib.PipelineConfig(
         seq_len=cfg.seq_len, rows_per_batch=cfg.batch_size // jax.process_count(),
         max_images_per_row=cfg.max_images_per_row, patch_size=spec.vision.patch_size,
@@ -143,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train (resuming if possible) until `config.total_steps`; returns the last metrics."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    dataset_dir, tokenizer = prepare_data(config.data, workdir)
+    sources, weights, tokenizer = prepare_data(config.data, workdir)
     config = resolve_model_config(config, tokenizer)
     spec = vlm_spec_from_config(config.model)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
@@ -154,8 +187,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             clip_norm=config.optim.clip_norm, b1=config.optim.b1, b2=config.optim.b2,
                             eps=config.optim.eps)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    train_iter = make_iterator(config.data, dataset_dir, tokenizer, spec, splits=TRAIN_SPLITS,
-                               seed=config.seed, train=True)
+    train_iter = make_iterator(config.data, sources["train"], weights, tokenizer, spec, seed=config.seed,
+                               train=True)
 
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
     graphdef, state = nnx.split((model, optimizer))
@@ -184,15 +217,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_fn = jax.jit(pure_eval_step)
 
     def make_eval_iter():
-        return make_iterator(config.data, dataset_dir, tokenizer, spec, splits=EVAL_SPLITS, seed=0, train=False)
+        return make_iterator(config.data, sources["eval"], weights, tokenizer, spec, seed=0, train=False)
 
     writer = MultiWriter([TensorBoardWriter(workdir / "tensorboard"), JsonlWriter(workdir / "metrics.jsonl")])
     if start_step == 0:
         writer.write_hparams({"preset": config.preset, "mmtp": config.model.mtp.mode,
                               "params": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))})
     if start_step == 0 and config.get("measure_pipeline_batches", 0):
-        probe = make_iterator(config.data, dataset_dir, tokenizer, spec, splits=TRAIN_SPLITS,
-                              seed=config.seed + 1, train=True)
+        probe = make_iterator(config.data, sources["train"], weights, tokenizer, spec, seed=config.seed + 1,
+                              train=True)
         tput = pipeline_lib.measure_throughput(probe, config.measure_pipeline_batches)
         writer.write_scalars(0, {"perf/pipeline_examples_per_s": tput["examples_per_s"],
                                  "perf/pipeline_tokens_per_s": tput["tokens_per_s"]})
