@@ -1,5 +1,4 @@
 """The host-side batch check refuses inconsistent batches and names what is wrong."""
-import numpy as np
 import pytest
 
 from glm5v_jax.data.batch import BatchError, validate_vlm_batch

@@ -16,7 +16,7 @@ from glm5v_jax.models.mmtp import shift_left
 from glm5v_jax.models.vlm import GLM5V
 from glm5v_jax.train.step import jit_train_step, make_optimizer
 
-from helpers import IMAGE_ID, IMAGE_SIZES, small_batch, small_spec
+from helpers import IMAGE_ID, small_batch, small_spec
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
 import vlm_pretrain  # noqa: E402
