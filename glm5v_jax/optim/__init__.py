@@ -1,0 +1,1 @@
+"""Optimizers: Muon (as composable optax transforms) and its Newton-Schulz orthogonalisation."""
