@@ -34,6 +34,11 @@ SCALE_MODES = {
 Table = Mapping[tuple[str, ...], MatrixSpec | None]
 
 
+def matrices_only(params: Any) -> Any:
+    """Weight-decay mask: decay matrices, not norms, biases or other vectors."""
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
 class MomentumState(NamedTuple):
     mu: Any
 
@@ -127,7 +132,7 @@ def muon(
     adam_branch = optax.adamw(
         learning_rate if adam_learning_rate is None else adam_learning_rate, b1=adam_b1, b2=adam_b2,
         eps=adam_eps, weight_decay=weight_decay if adam_weight_decay is None else adam_weight_decay,
-        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+        mask=matrices_only)
 
     def labels(params):
         return jax.tree_util.tree_map_with_path(

@@ -14,6 +14,8 @@ import jax
 import optax
 from flax import nnx
 
+from glm5v_jax.optim.muon import matrices_only
+
 GROUPS = {"vision": "vision", "projector": "projector", "backbone": "text", "mtp": "text"}
 
 
@@ -59,6 +61,6 @@ def make_tx(params: nnx.State, *, total_steps: int, groups: Mapping[str, Mapping
                                    g.get("final_fraction", 0.1))
         transforms[name] = optax.adamw(schedules[name], b1=b1, b2=b2, eps=eps,
                                        weight_decay=g.get("weight_decay", 0.1),
-                                       mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+                                       mask=matrices_only)
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.multi_transform(transforms, param_groups))
     return tx, schedules
