@@ -30,6 +30,7 @@ OPTIONS = dict(
     attention_impl="xla",
     moe_impl="ragged_dot",
     remat=False,
+    optimizer="muon",  # muon | adamw
     seed=0,
 )
 
@@ -132,14 +133,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         eval_batches=8 if tiny else 50,
     ))
 
-    # Optimizer: AdamW with per-module peak LR, warmup and cosine decay.
-    def group(lr):
-        return ml_collections.ConfigDict(dict(lr=lr, warmup_steps=30 if tiny else 1000, decay="cosine",
+    # Optimizer: Muon for matrices, AdamW for embeddings/head/norms/biases (glm5v_jax.optim),
+    # with per-module groups (path prefixes; a config may add groups, longest prefix wins).
+    # With rms scaling (update RMS 0.2) Muon reuses AdamW's LR and weight decay (Moonlight).
+    def group(prefixes, lr):
+        return ml_collections.ConfigDict(dict(prefixes=prefixes, lr=lr, muon_lr=lr,
+                                              warmup_steps=30 if tiny else 1000, decay="cosine",
                                               final_fraction=0.1, weight_decay=0.1))
     base_lr = 3e-3 if tiny else 3e-4
     config.optim = ml_collections.ConfigDict(dict(
-        vision=group(base_lr * 0.5), projector=group(base_lr), text=group(base_lr),
-        clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8,
+        name=opts.optimizer,  # muon | adamw
+        groups=ml_collections.ConfigDict(dict(
+            vision=group("vision", base_lr * 0.5), projector=group("projector", base_lr),
+            text=group("backbone,mtp", base_lr))),
+        clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8,  # AdamW (and Muon's AdamW branch)
+        muon=ml_collections.ConfigDict(dict(
+            beta=0.95, nesterov=True, ns_preset="polar_express", ns_steps=5, ns_dtype="bfloat16",
+            scale_mode="rms",  # rms | spectral | none
+            layout="stack",  # Newton-Schulz placement on a mesh: stack | replicate | auto
+        )),
         router_bias_update_rate=1e-3,  # aux-loss-free balancing step size
     ))
     return config

@@ -34,7 +34,7 @@ def measure(config_arg: str, rows: int = 4, seq_len: int = 128, steps: int = 3) 
     cfg = vlm_pretrain.get_config(config_arg)
     spec = vlm_spec_from_config(cfg.model)
     model = GLM5V(spec, rngs=nnx.Rngs(cfg.seed))
-    opt = make_optimizer(model, cfg.optim.text.lr)
+    opt = make_optimizer(model, cfg.optim.groups.text.lr)
     batch = jax.tree.map(jnp.asarray, packed_vlm_batch(
         rows=rows, seq_len=seq_len, vocab_size=spec.backbone.vocab_size, image_token_id=spec.image_token_id,
         image_sizes=IMAGE_SIZES[:rows], max_patches=spec.vision.max_patches))

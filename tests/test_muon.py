@@ -3,7 +3,6 @@ and a training step through nnx.Optimizer."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 

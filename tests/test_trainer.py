@@ -27,8 +27,8 @@ def _command(workdir: Path, data_dir: Path, steps: int = STEPS) -> list[str]:
             "--config.data.batch_size=2", "--config.data.seq_len=128", "--config.data.split_sizes.train=48",
             "--config.data.split_sizes.validation=8", "--config.data.split_sizes.text_train=24",
             "--config.data.split_sizes.text_validation=4", "--config.data.tokenizer_vocab_size=1024",
-            "--config.optim.text.warmup_steps=2", "--config.optim.vision.warmup_steps=2",
-            "--config.optim.projector.warmup_steps=2"]
+            "--config.optim.groups.text.warmup_steps=2", "--config.optim.groups.vision.warmup_steps=2",
+            "--config.optim.groups.projector.warmup_steps=2"]
 
 
 def _env():
@@ -90,7 +90,9 @@ def test_uninterrupted_run_logs_and_learns(reference_run):
     assert rows[0]["step"] == 0 and rows[0]["perf/pipeline_examples_per_s"] > 0  # pipeline timed alone
     rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    for key in ("loss", "train/loss/main", "train/loss/mtp_1", "train/grad_norm", "lr/vision", "lr/text",
+    for key in ("loss", "train/loss/main", "train/loss/mtp_1", "train/grad_norm", "lr/vision/muon",
+                "lr/text/adamw", "train/optim/update_rms/text/muon", "train/optim/update_rms/vision/adamw",
+                "train/optim/ortho_error",
                 "perf/tokens_per_s", "perf/mfu", "train/moe/load_max_over_mean", "train/moe/bias_abs_mean",
                 "data/skipped/undecodable_image", "data/examples"):
         assert key in rows[-1], key

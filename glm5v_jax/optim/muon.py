@@ -1,10 +1,11 @@
 """Muon as an optax gradient transformation, built from small transforms.
 
-    muon = multi_transform({
-        muon:  momentum (Nesterov, lerp, f32) -> orthogonalise (Newton-Schulz per matrix)
-               -> shape scale -> decoupled weight decay -> -learning_rate -> cast to param dtype,
-        adamw: AdamW with its own LR, betas, eps and weight decay (no Nesterov),
-    })
+    muon = chain(
+        {muon:  momentum (Nesterov, lerp, f32) -> orthogonalise (Newton-Schulz per matrix,
+                sharded layout from optim.sharded_ns) -> shape scale,
+         adamw: Adam moments (own betas and eps, no Nesterov)},
+        {(group, muon|adamw): decoupled weight decay -> -learning_rate},
+        cast to param dtype)
 
 Which leaves take which branch, and how each is viewed as matrices, comes from a
 routing table (`glm5v_jax.optim.routing.route(model)`), keyed by parameter path.
@@ -14,6 +15,7 @@ fan_in)), `none` = 1.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -21,8 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from glm5v_jax.optim.newton_schulz import newton_schulz
+from glm5v_jax.optim.sharded_ns import LAYOUTS, orthogonalize_matrices
 from glm5v_jax.optim.routing import MatrixSpec, path_key, tree_of_specs
 
 SCALE_MODES = {
@@ -72,25 +76,68 @@ def _as_matrices(x: jax.Array, spec: MatrixSpec):
     return mats, back
 
 
+class OrthogonalizeState(NamedTuple):
+    count: jax.Array  # steps taken, picks the sampled matrix
+    ortho_error: jax.Array  # |O O^T - I|_F / sqrt(m) of one sampled orthogonalised matrix (m <= n)
+
+
+def orthogonality_error(o: jax.Array) -> jax.Array:
+    """RMS distance of the singular values of `o [m, n]` from 1, via the smaller Gram matrix."""
+    o = o.astype(jnp.float32)
+    if o.shape[0] > o.shape[1]:
+        o = o.T
+    gram = o @ o.T
+    return jnp.sqrt(jnp.sum(jnp.square(gram - jnp.eye(gram.shape[0])))) / math.sqrt(gram.shape[0])
+
+
 def orthogonalize(table: Table, ns_fn: Callable[[jax.Array], jax.Array] = newton_schulz,
-                  scale_mode: str = "rms") -> optax.GradientTransformation:
-    """Replace each routed update by its (Newton-Schulz) orthogonalisation, times the shape scale."""
+                  scale_mode: str = "rms", *, layout: str = "stack", mesh: Mesh | None = None,
+                  shardings: Mapping[tuple[str, ...], Any] | None = None) -> optax.GradientTransformation:
+    """Replace each routed update by its (Newton-Schulz) orthogonalisation, times the shape scale.
+
+    `layout` decides where the matrices live during Newton-Schulz (see
+    `glm5v_jax.optim.sharded_ns`): `stack` groups same-shape matrices of all leaves and gives
+    each device whole matrices, `replicate` runs every matrix on every device, `auto` leaves
+    it to the compiler. `shardings` (optional, {parameter path: NamedSharding}, e.g. from
+    `param_shardings`) is where each update is resharded back to.
+    """
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"unknown scale_mode {scale_mode!r}; expected one of {sorted(SCALE_MODES)}")
     scale_fn = SCALE_MODES[scale_mode]
 
-    def one(update, spec):
-        if spec is None:
-            raise ValueError("a leaf routed to AdamW reached the Muon branch")
-        mats, back = _as_matrices(update, spec)
-        return back(ns_fn(mats)) * scale_fn(*spec.fans(update.shape))
+    def init_fn(params):
+        del params
+        return OrthogonalizeState(jnp.zeros([], jnp.int32), jnp.zeros([], jnp.float32))
 
     def update_fn(updates, state, params=None):
         del params
         specs = tree_of_specs(updates, table)
-        return jax.tree.map(one, updates, specs, is_leaf=lambda x: x is None), state
+        leaves, treedef = jax.tree.flatten(updates)
+        spec_leaves = treedef.flatten_up_to(specs)
+        if any(spec is None for spec in spec_leaves):
+            raise ValueError("a leaf routed to AdamW reached the Muon branch")
+        if not leaves:
+            return updates, state
+        as_mats = [_as_matrices(u, spec) for u, spec in zip(leaves, spec_leaves)]
+        ortho = orthogonalize_matrices([m for m, _ in as_mats], ns_fn, layout=layout, mesh=mesh)
+        sample = _sample_error(ortho, state.count)
+        out = [back(o) * scale_fn(*spec.fans(u.shape))
+               for (_, back), o, u, spec in zip(as_mats, ortho, leaves, spec_leaves)]
+        out = jax.tree.unflatten(treedef, out)
+        if shardings is not None:  # back to each parameter's own layout
+            out = jax.tree_util.tree_map_with_path(
+                lambda path, u: jax.lax.with_sharding_constraint(u, shardings[path_key(path)])
+                if path_key(path) in shardings else u, out)
+        return out, OrthogonalizeState(state.count + 1, sample)
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _sample_error(ortho: list[jax.Array], count: jax.Array) -> jax.Array:
+    """Orthogonality error of one matrix of the largest leaf, a different one each step."""
+    biggest = max(ortho, key=lambda m: m.size)
+    index = count % biggest.shape[0]
+    return orthogonality_error(jax.lax.dynamic_index_in_dim(biggest, index, keepdims=False))
 
 
 def cast_to_param_dtype() -> optax.GradientTransformation:
@@ -101,9 +148,20 @@ def cast_to_param_dtype() -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def muon(
-    learning_rate: optax.ScalarOrSchedule,
+@dataclasses.dataclass(frozen=True)
+class GroupHyperparams:
+    """One parameter group's step sizes: Muon and AdamW LRs (schedules allowed), decays."""
+
+    muon_learning_rate: optax.ScalarOrSchedule
+    adam_learning_rate: optax.ScalarOrSchedule
+    weight_decay: float = 0.1
+    adam_weight_decay: float = 0.1
+
+
+def grouped_muon(
     table: Table,
+    groups: Mapping[str, GroupHyperparams],
+    group_of: Callable[[tuple[str, ...]], str],
     *,
     beta: float = 0.95,
     nesterov: bool = True,
@@ -111,31 +169,71 @@ def muon(
     ns_steps: int = 5,
     ns_dtype=jnp.bfloat16,
     scale_mode: str = "rms",
-    weight_decay: float = 0.1,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    layout: str = "stack",
+    mesh: Mesh | None = None,
+    shardings: Mapping[tuple[str, ...], Any] | None = None,
     adam_b1: float = 0.9,
     adam_b2: float = 0.95,
     adam_eps: float = 1e-8,
-    adam_weight_decay: float | None = None,
 ) -> optax.GradientTransformation:
-    """Muon for routed matrices, AdamW for the rest (LR and decay default to Muon's)."""
+    """Muon for routed matrices, AdamW for the rest, with per-group LRs and decays.
+
+    direction: {muon: momentum -> orthogonalise (all groups' matrices together, so the
+    sharded layout can stack them), adamw: Adam moments}; then per (group, optimizer):
+    decoupled weight decay -> -learning_rate (decay is tied to the schedule); then a
+    cast to the parameter dtype. `group_of(path)` names each parameter's group.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown Newton-Schulz layout {layout!r}; expected one of {LAYOUTS}")
+
     def ns_fn(x):
         return newton_schulz(x, ns_preset, ns_steps, dtype=ns_dtype)
 
-    muon_branch = optax.chain(
-        muon_momentum(beta, nesterov),
-        orthogonalize(table, ns_fn, scale_mode),
-        optax.add_decayed_weights(weight_decay),
-        optax.scale_by_learning_rate(learning_rate),
-        cast_to_param_dtype(),
-    )
-    adam_branch = optax.adamw(
-        learning_rate if adam_learning_rate is None else adam_learning_rate, b1=adam_b1, b2=adam_b2,
-        eps=adam_eps, weight_decay=weight_decay if adam_weight_decay is None else adam_weight_decay,
-        mask=matrices_only)
+    def kind(path) -> str:
+        key = path_key(path)
+        if key not in table:
+            raise KeyError(f"parameter {'/'.join(key)} is missing from the Muon routing table")
+        return "muon" if table[key] is not None else "adamw"
 
-    def labels(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: "muon" if table[path_key(path)] is not None else "adam", params)
+    def group(path) -> str:
+        name = group_of(path_key(path))
+        if name not in groups:
+            raise ValueError(f"parameter {'/'.join(path_key(path))} is in group {name!r}, which has no "
+                             f"hyper-parameters; known groups: {sorted(groups)}")
+        return name
 
-    return optax.multi_transform({"muon": muon_branch, "adam": adam_branch}, labels)
+    direction = optax.multi_transform(
+        {"muon": optax.chain(muon_momentum(beta, nesterov),
+                             orthogonalize(table, ns_fn, scale_mode, layout=layout, mesh=mesh,
+                                           shardings=shardings)),
+         "adamw": optax.scale_by_adam(b1=adam_b1, b2=adam_b2, eps=adam_eps)},
+        lambda params: jax.tree_util.tree_map_with_path(lambda p, _: kind(p), params))
+    steps = {}
+    for name, h in groups.items():
+        steps[f"{name}/muon"] = optax.chain(optax.add_decayed_weights(h.weight_decay),
+                                            optax.scale_by_learning_rate(h.muon_learning_rate))
+        steps[f"{name}/adamw"] = optax.chain(optax.add_decayed_weights(h.adam_weight_decay, mask=matrices_only),
+                                             optax.scale_by_learning_rate(h.adam_learning_rate))
+    step = optax.multi_transform(
+        steps, lambda params: jax.tree_util.tree_map_with_path(lambda p, _: f"{group(p)}/{kind(p)}", params))
+    return optax.chain(direction, step, cast_to_param_dtype())
+
+
+def muon(
+    learning_rate: optax.ScalarOrSchedule,
+    table: Table,
+    *,
+    weight_decay: float = 0.1,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_weight_decay: float | None = None,
+    **kwargs,
+) -> optax.GradientTransformation:
+    """Muon for routed matrices, AdamW for the rest (its LR and decay default to Muon's).
+
+    One group; `kwargs` are those of `grouped_muon` (beta, nesterov, ns_preset, ns_steps,
+    ns_dtype, scale_mode, layout, mesh, shardings, adam_b1, adam_b2, adam_eps).
+    """
+    hyper = GroupHyperparams(
+        learning_rate, learning_rate if adam_learning_rate is None else adam_learning_rate,
+        weight_decay, weight_decay if adam_weight_decay is None else adam_weight_decay)
+    return grouped_muon(table, {"all": hyper}, lambda path: "all", **kwargs)

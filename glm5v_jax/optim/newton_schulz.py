@@ -80,11 +80,18 @@ def newton_schulz(x: jax.Array, preset: str | NSPreset = "polar_express", steps:
     x32 = x.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(x32 * x32, axis=(-2, -1), keepdims=True))
     y = (x32 / (table.norm_scale * norm + table.eps)).astype(dtype)
-    for i in range(steps):
-        a, b, c = table.row(i)
+    # One row per step, as a constant of the compiled program (not optimizer state). The
+    # loop is a lax.scan so the iterations appear once in the HLO (a while loop): sharded
+    # callers can check that no collective runs inside it.
+    coefficients = jnp.asarray([table.row(i) for i in range(steps)], jnp.float32)
+
+    def step(y, abc):
+        a, b, c = abc.astype(dtype)
         gram = y @ jnp.swapaxes(y, -1, -2)  # [..., m, m], m <= n
         poly = b * gram + c * (gram @ gram)
-        y = a * y + poly @ y
+        return a * y + poly @ y, None
+
+    y, _ = jax.lax.scan(step, y, coefficients)
     if tall:
         y = jnp.swapaxes(y, -1, -2)
     return y.astype(out_dtype)

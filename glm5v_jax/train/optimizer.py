@@ -1,22 +1,42 @@
-"""AdamW with per-module learning rates and schedules (vision, projector, text).
+"""The trainers' optimizer: Muon (default) or AdamW, with per-module groups and schedules.
 
-Parameters are grouped by their top-level module: `vision` (CogViT), `projector`,
-and `text` (backbone and MTP). Each group has its own peak learning rate, warmup
-and decay; weight decay applies to matrices only (not norms, biases or vectors).
-Gradients are clipped by global norm first. The Muon optimizer replaces this in
-its own issue, keeping the same groups.
+Parameters are grouped by path prefix; the default groups are `vision` (CogViT),
+`projector`, and `text` (backbone and MTP), and a config may add any other named group
+(e.g. `mtp` with prefix `mtp`): the longest matching prefix wins. Each group has its own
+Muon peak LR, AdamW peak LR, warmup, decay and weight decay. Weight decay applies to
+matrices only (not norms, biases or vectors) and is tied to the schedule. Gradients are
+clipped by global norm first.
+
+With `name='muon'`, matrices routed by `glm5v_jax.optim.routing` take Muon and the rest
+(embeddings, LM head, patch embedding, norms, biases, router) AdamW; with `name='adamw'`
+everything takes AdamW at the group's `lr`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import jax
 import optax
 from flax import nnx
 
-from glm5v_jax.optim.muon import matrices_only
+from glm5v_jax.optim.muon import GroupHyperparams, grouped_muon, matrices_only
+from glm5v_jax.optim.routing import MatrixSpec, path_key
 
-GROUPS = {"vision": "vision", "projector": "projector", "backbone": "text", "mtp": "text"}
+OPTIMIZERS = ("muon", "adamw")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSettings:
+    """One optimizer group: which parameters (path prefixes) and its schedule."""
+
+    prefixes: tuple[str, ...]
+    lr: float  # AdamW peak LR (and the only LR with name='adamw')
+    muon_lr: float  # Muon peak LR; with rms scaling the AdamW LR carries over (Moonlight)
+    warmup_steps: int = 0
+    decay: str = "cosine"
+    final_fraction: float = 0.1
+    weight_decay: float = 0.1
 
 
 def schedule(peak: float, total_steps: int, warmup_steps: int, decay: str = "cosine",
@@ -34,33 +54,68 @@ def schedule(peak: float, total_steps: int, warmup_steps: int, decay: str = "cos
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), main], [warmup_steps])
 
 
-def param_groups(params: nnx.State) -> Any:
-    """A pytree like `params` with each leaf's group name."""
-    def label(path, _):
-        top = str(path[0].key if hasattr(path[0], "key") else path[0])
-        if top not in GROUPS:
-            raise ValueError(f"parameter {jax.tree_util.keystr(path)} belongs to no optimizer group; "
-                             f"known top-level modules: {sorted(GROUPS)}")
-        return GROUPS[top]
-    return jax.tree_util.tree_map_with_path(label, params)
+def groups_from_config(cfg: Mapping[str, Mapping[str, Any]]) -> dict[str, GroupSettings]:
+    """`config.optim.groups` -> {name: GroupSettings}; `prefixes` is a comma-separated string."""
+    out = {}
+    for name, g in cfg.items():
+        fields = dict(g)
+        prefixes = tuple(p.strip().strip("/") for p in str(fields.pop("prefixes", "")).split(",") if p.strip())
+        if not prefixes:
+            raise ValueError(f"config.optim.groups.{name}.prefixes: give the parameter path prefixes of the "
+                             "group, comma-separated (e.g. 'backbone,mtp')")
+        known = {f.name for f in dataclasses.fields(GroupSettings)} - {"prefixes"}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"config.optim.groups.{name}: unknown field(s) {unknown}; expected {sorted(known)}")
+        out[name] = GroupSettings(prefixes=prefixes, **fields)
+    return out
 
 
-def make_tx(params: nnx.State, *, total_steps: int, groups: Mapping[str, Mapping[str, Any]],
-            clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8):
-    """(optax transform, {group: schedule}) for AdamW with per-group schedules.
+def group_assigner(groups: Mapping[str, GroupSettings]):
+    """path -> group name by the longest matching prefix; a path no group claims is an error."""
+    prefixes = sorted(((tuple(p.split("/")), name) for name, g in groups.items() for p in g.prefixes),
+                      key=lambda item: -len(item[0]))
 
-    groups: {name: {lr, warmup_steps, decay, final_fraction, weight_decay}} for
-    `vision`, `projector` and `text`.
+    def group_of(path: tuple[str, ...]) -> str:
+        for prefix, name in prefixes:
+            if path[: len(prefix)] == prefix:
+                return name
+        raise ValueError(f"parameter {'/'.join(path)} belongs to no optimizer group; prefixes: "
+                         f"{ {name: g.prefixes for name, g in groups.items()} }")
+    return group_of
+
+
+def make_tx(params: nnx.State, *, total_steps: int, groups: Mapping[str, GroupSettings], name: str = "muon",
+            table: Mapping[tuple[str, ...], MatrixSpec | None] | None = None, clip_norm: float = 1.0,
+            b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
+            muon_kwargs: Mapping[str, Any] | None = None):
+    """(optax transform, {"<group>/<muon|adamw>": schedule}).
+
+    `table` (from `glm5v_jax.optim.routing.route`) is required for Muon. `muon_kwargs`
+    go to `grouped_muon` (beta, nesterov, ns_preset, ns_steps, ns_dtype, scale_mode, layout,
+    mesh, shardings).
     """
-    schedules, transforms = {}, {}
-    for name in ("vision", "projector", "text"):
-        if name not in groups:
-            raise ValueError(f"optimizer group {name!r} has no settings (config.optim.{name})")
-        g = groups[name]
-        schedules[name] = schedule(g["lr"], total_steps, g.get("warmup_steps", 0), g.get("decay", "cosine"),
-                                   g.get("final_fraction", 0.1))
-        transforms[name] = optax.adamw(schedules[name], b1=b1, b2=b2, eps=eps,
-                                       weight_decay=g.get("weight_decay", 0.1),
-                                       mask=matrices_only)
-    tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.multi_transform(transforms, param_groups))
-    return tx, schedules
+    if name not in OPTIMIZERS:
+        raise ValueError(f"config.optim.name: unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+    group_of = group_assigner(groups)
+    jax.tree_util.tree_map_with_path(lambda path, _: group_of(path_key(path)), params)  # every leaf has a group
+    schedules = {}
+    for g_name, g in groups.items():
+        for kind, peak in (("adamw", g.lr), ("muon", g.muon_lr)):
+            if name == "adamw" and kind == "muon":
+                continue
+            schedules[f"{g_name}/{kind}"] = schedule(peak, total_steps, g.warmup_steps, g.decay, g.final_fraction)
+    if name == "muon":
+        if table is None:
+            raise ValueError("Muon needs the routing table (glm5v_jax.optim.routing.route(model))")
+        hyper = {g_name: GroupHyperparams(schedules[f"{g_name}/muon"], schedules[f"{g_name}/adamw"],
+                                          g.weight_decay, g.weight_decay)
+                 for g_name, g in groups.items()}
+        inner = grouped_muon(table, hyper, group_of, adam_b1=b1, adam_b2=b2, adam_eps=eps, **(muon_kwargs or {}))
+    else:
+        inner = optax.multi_transform(
+            {g_name: optax.adamw(schedules[f"{g_name}/adamw"], b1=b1, b2=b2, eps=eps,
+                                 weight_decay=g.weight_decay, mask=matrices_only)
+             for g_name, g in groups.items()},
+            lambda p: jax.tree_util.tree_map_with_path(lambda path, _: group_of(path_key(path)), p))
+    return optax.chain(optax.clip_by_global_norm(clip_norm), inner), schedules

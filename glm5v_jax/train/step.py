@@ -5,6 +5,8 @@ tools compile exactly the step that training runs.
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -13,6 +15,8 @@ from flax import nnx
 from glm5v_jax.layers.moe import update_router_bias
 from glm5v_jax.losses.lm import vlm_loss
 from glm5v_jax.models.vlm import GLM5V
+from glm5v_jax.optim.muon import OrthogonalizeState
+from glm5v_jax.optim.routing import path_key
 
 
 def make_optimizer(model: GLM5V, learning_rate: float, weight_decay: float = 0.1) -> nnx.Optimizer:
@@ -38,12 +42,46 @@ def loss_and_outputs(model: GLM5V, batch, mtp_loss_weight: float, balance_loss_w
     return loss, (metrics, outputs)
 
 
+def update_statistics(before, after, labels: Mapping[tuple[str, ...], str]) -> dict:
+    """`optim/update_rms/<label>`: RMS of the parameter change per label (e.g. "text/muon")."""
+    sums: dict[str, jax.Array] = {}
+    counts: dict[str, int] = {}
+
+    def visit(path, b, a):
+        label = labels[path_key(path)]
+        d = (a - b).astype(jnp.float32)
+        sums[label] = sums.get(label, 0.0) + jnp.sum(d * d)
+        counts[label] = counts.get(label, 0) + d.size
+
+    jax.tree_util.tree_map_with_path(visit, before, after)
+    return {f"optim/update_rms/{k}": jnp.sqrt(sums[k] / counts[k]) for k in sorted(sums)}
+
+
+def optimizer_statistics(opt_state) -> dict:
+    """`optim/ortho_error`: the sampled Newton-Schulz orthogonality error, when Muon runs."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, OrthogonalizeState))
+             if isinstance(s, OrthogonalizeState)]
+    if not found:
+        return {}
+    err = found[0].ortho_error
+    return {"optim/ortho_error": err[...] if isinstance(err, nnx.Variable) else err}
+
+
 def train_step(model: GLM5V, optimizer: nnx.Optimizer, batch, *, mtp_loss_weight: float = 0.3,
-               balance_loss_weight: float = 0.0, router_bias_rate: float = 1e-3):
-    """One optimisation step in place on (model, optimizer); returns metrics."""
+               balance_loss_weight: float = 0.0, router_bias_rate: float = 1e-3,
+               update_labels: Mapping[tuple[str, ...], str] | None = None):
+    """One optimisation step in place on (model, optimizer); returns metrics.
+
+    `update_labels` ({parameter path: label}) adds the update RMS per label.
+    """
     grad_fn = nnx.value_and_grad(loss_and_outputs, has_aux=True)
     (loss, (metrics, outputs)), grads = grad_fn(model, batch, mtp_loss_weight, balance_loss_weight)
+    # Values (new Variable objects), not the live variables the update writes into.
+    before = jax.tree.map(lambda v: v, nnx.state(model, nnx.Param)) if update_labels is not None else None
     optimizer.update(model, grads)
+    if update_labels is not None:
+        metrics.update(update_statistics(before, nnx.state(model, nnx.Param), update_labels))
+    metrics.update(optimizer_statistics(optimizer.opt_state))
     outputs = jax.lax.stop_gradient(outputs)
     update_router_biases(model, outputs, router_bias_rate)
     metrics["grad_norm"] = optax.tree.norm(grads)

@@ -3,7 +3,7 @@
 One readable loop, big_vision style:
   data (shapes world built on first use, SentencePiece tokenizer, grain pipeline)
   -> model from the config (vocab size and <|image|> id taken from the tokenizer)
-  -> AdamW with per-module schedules -> resume from the newest good checkpoint
+  -> Muon (or AdamW) with per-module groups and schedules -> resume from the newest good checkpoint
   -> steps: train, router-bias update, log (TensorBoard + metrics.jsonl + progress
      line with steps/s, tokens/s, ETA, MFU), evaluate, checkpoint (async)
   -> on SIGTERM: checkpoint the current step and exit cleanly
@@ -30,9 +30,11 @@ from glm5v_jax.data.tokenizer import Tokenizer, train_tokenizer
 from glm5v_jax.losses.lm import vlm_loss
 from glm5v_jax.models.build import vlm_spec_from_config
 from glm5v_jax.models.vlm import GLM5V
+from glm5v_jax.optim.muon import SCALE_MODES
+from glm5v_jax.optim.routing import format_table, route
 from glm5v_jax.train import flops as flops_lib
 from glm5v_jax.train.checkpoint import Checkpointer
-from glm5v_jax.train.optimizer import make_tx
+from glm5v_jax.train.optimizer import group_assigner, groups_from_config, make_tx
 from glm5v_jax.train.step import train_step
 from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves
 
@@ -125,6 +127,30 @@ def resolve_model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer
     return config
 
 
+# ----------------------------------------------------------------------------- optimizer
+def build_optimizer(model: GLM5V, cfg: ml_collections.ConfigDict, total_steps: int, workdir: Path | None = None):
+    """(nnx.Optimizer, {"<group>/<kind>": schedule}, {param path: "<group>/<kind>"}) from
+    config.optim; logs the Muon routing table (and writes it to <workdir>/routing.txt)."""
+    params = nnx.state(model, nnx.Param)
+    groups = groups_from_config(cfg.groups)
+    group_of = group_assigner(groups)
+    table = route(model)
+    muon_kwargs = dict(cfg.muon)
+    muon_kwargs["ns_dtype"] = jnp.dtype(muon_kwargs["ns_dtype"])
+    tx, schedules = make_tx(params, total_steps=total_steps, groups=groups, name=cfg.name, table=table,
+                            clip_norm=cfg.clip_norm, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, muon_kwargs=muon_kwargs)
+    muon_on = cfg.name == "muon"
+    labels = {path: f"{group_of(path)}/{'muon' if muon_on and spec is not None else 'adamw'}"
+              for path, spec in table.items()}
+    if muon_on:
+        text = format_table(model, table, scale_fn=SCALE_MODES[cfg.muon.scale_mode])
+        log.info("Muon routing (%d Muon, %d AdamW leaves):\n%s", sum(s is not None for s in table.values()),
+                 sum(s is None for s in table.values()), text)
+        if workdir is not None:
+            (workdir / "routing.txt").write_text(text + "\n")
+    return nnx.Optimizer(model, tx, wrt=nnx.Param), schedules, labels
+
+
 # ----------------------------------------------------------------------------- helpers
 class _Preemption:
     """SIGTERM or SIGINT (Ctrl-C) -> finish the current step, checkpoint it, exit cleanly."""
@@ -181,11 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
     model = GLM5V(spec, rngs=nnx.Rngs(config.seed))
-    tx, schedules = make_tx(nnx.state(model, nnx.Param), total_steps=config.total_steps,
-                            groups={k: config.optim[k] for k in ("vision", "projector", "text")},
-                            clip_norm=config.optim.clip_norm, b1=config.optim.b1, b2=config.optim.b2,
-                            eps=config.optim.eps)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer, schedules, update_labels = build_optimizer(model, config.optim, config.total_steps, workdir)
     train_iter = make_iterator(config.data, sources["train"], weights, tokenizer, spec, seed=config.seed,
                                train=True)
 
@@ -204,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def pure_train_step(state, batch):
         m, o = nnx.merge(graphdef, state)
         metrics = train_step(m, o, batch, mtp_loss_weight=mtp_w, balance_loss_weight=bal_w,
-                             router_bias_rate=bias_rate)
+                             router_bias_rate=bias_rate, update_labels=update_labels)
         return nnx.state((m, o)), metrics
 
     def pure_eval_step(state, batch):
