@@ -3,8 +3,8 @@
     python experiments/bench_step.py --configs "tiny,mmtp=image_token" "tiny,mmtp=visual_embed"
 
 Each variant: trace+lower time, XLA compile time, best-of-N step time of the full
-step (forward, backward, AdamW, router-bias update) on the same synthetic packed
-batch. Report ratios against the first variant; absolute CPU seconds say little.
+step (forward, backward, the config's optimizer: Muon by default, `optimizer=adamw`
+for AdamW; router-bias update) on the same synthetic packed batch. Report ratios against the first variant; absolute CPU seconds say little.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import vlm_pretrain  # noqa: E402
 from glm5v_jax.data.synthetic import packed_vlm_batch  # noqa: E402
 from glm5v_jax.models.build import vlm_spec_from_config  # noqa: E402
 from glm5v_jax.models.vlm import GLM5V  # noqa: E402
-from glm5v_jax.train.step import make_optimizer, train_step  # noqa: E402
+from glm5v_jax.train.step import train_step  # noqa: E402
+from glm5v_jax.train.vlm_pretrain import build_optimizer  # noqa: E402
 
 IMAGE_SIZES = [(64, 128), (128, 64), (96, 96), (48, 160), (160, 48), (80, 120), (120, 80), (64, 64)]
 
@@ -34,7 +35,7 @@ def measure(config_arg: str, rows: int = 4, seq_len: int = 128, steps: int = 3) 
     cfg = vlm_pretrain.get_config(config_arg)
     spec = vlm_spec_from_config(cfg.model)
     model = GLM5V(spec, rngs=nnx.Rngs(cfg.seed))
-    opt = make_optimizer(model, cfg.optim.groups.text.lr)
+    opt, _, _ = build_optimizer(model, cfg.optim, cfg.total_steps)
     batch = jax.tree.map(jnp.asarray, packed_vlm_batch(
         rows=rows, seq_len=seq_len, vocab_size=spec.backbone.vocab_size, image_token_id=spec.image_token_id,
         image_sizes=IMAGE_SIZES[:rows], max_patches=spec.vision.max_patches))

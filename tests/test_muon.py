@@ -8,7 +8,7 @@ from flax import nnx
 
 from glm5v_jax.layers.params import normal, param
 from glm5v_jax.models.vlm import GLM5V
-from glm5v_jax.optim.muon import SCALE_MODES, muon, muon_momentum, orthogonalize
+from glm5v_jax.optim.muon import SCALE_MODES, muon, muon_momentum, orthogonality_error, orthogonalize
 from glm5v_jax.optim.newton_schulz import newton_schulz
 from glm5v_jax.optim.routing import MatrixSpec, format_table, route
 from glm5v_jax.losses.lm import vlm_loss
@@ -103,3 +103,17 @@ def test_train_step_with_muon(model):
     q0 = np.asarray(before["backbone"]["dense_layers"]["attn"]["q"][...])
     q1 = np.asarray(after["backbone"]["dense_layers"]["attn"]["q"][...])
     assert not np.allclose(q0, q1)
+
+
+def test_orthogonality_error_measures_distance_to_the_polar_factor():
+    x = jax.random.normal(jax.random.key(0), (64, 192))
+    u, _, vt = jnp.linalg.svd(x, full_matrices=False)
+    assert float(orthogonality_error(x, u @ vt)) < 1e-5
+    errors = {p: float(orthogonality_error(x, newton_schulz(x, p, dtype=jnp.float32)))
+              for p in ("jordan", "you", "polar_express")}
+    assert errors["you"] < errors["polar_express"] < errors["jordan"] < 0.25, errors
+    # A rank-4 input: only its 4 signal directions count (f32 Newton-Schulz leaves the rest near 0) ...
+    low = jax.random.normal(jax.random.key(1), (64, 4)) @ jax.random.normal(jax.random.key(2), (4, 192))
+    assert float(orthogonality_error(low, newton_schulz(low, dtype=jnp.float32))) < 0.25
+    # ... while bf16 rounding noise, amplified by the iteration, shows up as a large error.
+    assert float(orthogonality_error(low, newton_schulz(low, dtype=jnp.bfloat16))) > 0.5

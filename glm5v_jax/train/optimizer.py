@@ -2,7 +2,8 @@
 
 Parameters are grouped by path prefix; the default groups are `vision` (CogViT),
 `projector`, and `text` (backbone and MTP), and a config may add any other named group
-(e.g. `mtp` with prefix `mtp`): the longest matching prefix wins. Each group has its own
+(e.g. `experts` with prefix `backbone/moe_layers/mlp`): the longest matching prefix
+wins; one prefix in two groups is an error. Each group has its own
 Muon peak LR, AdamW peak LR, warmup, decay and weight decay. Weight decay applies to
 matrices only (not norms, biases or vectors) and is tied to the schedule. Gradients are
 clipped by global norm first.
@@ -73,8 +74,14 @@ def groups_from_config(cfg: Mapping[str, Mapping[str, Any]]) -> dict[str, GroupS
 
 def group_assigner(groups: Mapping[str, GroupSettings]):
     """path -> group name by the longest matching prefix; a path no group claims is an error."""
-    prefixes = sorted(((tuple(p.split("/")), name) for name, g in groups.items() for p in g.prefixes),
-                      key=lambda item: -len(item[0]))
+    owner: dict[str, str] = {}
+    for name, g in groups.items():
+        for p in g.prefixes:
+            if p in owner and owner[p] != name:
+                raise ValueError(f"config.optim.groups: prefix {p!r} is claimed by both {owner[p]!r} and "
+                                 f"{name!r}; remove it from one (a longer prefix may refine a group)")
+            owner[p] = name
+    prefixes = sorted(((tuple(p.split("/")), name) for p, name in owner.items()), key=lambda item: -len(item[0]))
 
     def group_of(path: tuple[str, ...]) -> str:
         for prefix, name in prefixes:
