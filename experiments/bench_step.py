@@ -4,7 +4,8 @@
 
 Each variant: trace+lower time, XLA compile time, best-of-N step time of the full
 step (forward, backward, the config's optimizer: Muon by default, `optimizer=adamw`
-for AdamW; router-bias update) on the same synthetic packed batch. Report ratios against the first variant; absolute CPU seconds say little.
+for AdamW; router-bias update) on the same synthetic packed batch. Report ratios
+against the first variant; absolute CPU seconds say little.
 """
 from __future__ import annotations
 
