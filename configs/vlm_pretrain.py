@@ -151,6 +151,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             beta=0.95, nesterov=True, ns_preset="polar_express", ns_steps=5, ns_dtype="bfloat16",
             scale_mode="rms",  # rms | spectral | none
             layout="stack",  # Newton-Schulz placement on a mesh: stack | replicate | auto
+            split_heads=False,  # orthogonalise q/k/v/o head by head instead of whole
         )),
         router_bias_update_rate=1e-3,  # aux-loss-free balancing step size
     ))

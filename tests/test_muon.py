@@ -117,3 +117,20 @@ def test_orthogonality_error_measures_distance_to_the_polar_factor():
     assert float(orthogonality_error(low, newton_schulz(low, dtype=jnp.float32))) < 0.25
     # ... while bf16 rounding noise, amplified by the iteration, shows up as a large error.
     assert float(orthogonality_error(low, newton_schulz(low, dtype=jnp.bfloat16))) > 0.5
+
+
+def test_split_heads_orthogonalises_each_head(model):
+    table = route(model, split_heads=True)
+    by = {"/".join(k): v for k, v in table.items()}
+    assert by["backbone/dense_layers/attn/q"] == MatrixSpec((0, 2), (1,), (3,))  # [L, embed, heads, kv]
+    assert by["backbone/dense_layers/attn/o"] == MatrixSpec((0, 1), (2,), (3,))  # [L, heads, kv, embed]
+    assert by["backbone/dense_layers/mlp/gate"] == route(model)[("backbone", "dense_layers", "mlp", "gate")]
+    assert by["backbone/dense_layers/attn/q_bias"] is None
+    g = jax.random.normal(jax.random.key(3), (2, 32, 4, 16))  # [L, embed, heads, kv]
+    tx = orthogonalize({("q",): MatrixSpec((0, 2), (1,), (3,))}, lambda x: newton_schulz(x, dtype=jnp.float32),
+                       "spectral")
+    out, _ = tx.update({"q": g}, tx.init({"q": g}))
+    for layer in range(2):
+        for head in range(4):
+            np.testing.assert_allclose(out["q"][layer, :, head], newton_schulz(g[layer, :, head], dtype=jnp.float32),
+                                       atol=1e-5)

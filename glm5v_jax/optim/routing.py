@@ -13,6 +13,8 @@ is exact for every layer type without guessing from shapes:
   input-first (`x @ W`): if the last axis is `embed` it is the output (o-proj, down
   projections) and the other axes are the reduction; otherwise the first axis is the
   reduction and the rest the output (q/k/v, up/gate).
+* `split_heads=True`: `heads`/`kv_heads` become batch axes too, so q/k/v/o are
+  orthogonalised head by head (each block `[embed, head_dim]` scaled by its own shape).
 * A leaf with two or more matrix axes that has no logical names, or no `embed` axis, is
   an error naming the path: never a silent fallback.
 """
@@ -28,6 +30,7 @@ from flax import nnx
 BATCH_AXES = ("layers", "exp")
 ADAM_AXES = ("vocab", "patch", "exp_router")
 PER_HEAD_VECTOR_AXES = ("heads", "kv_heads", "kv")  # q/k/v biases [heads, head_dim]
+HEAD_AXES = ("heads", "kv_heads")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +56,13 @@ def path_key(path: tuple) -> tuple[str, ...]:
     return tuple(out)
 
 
-def classify(path: tuple[str, ...], shape: tuple[int, ...], axes: tuple[str | None, ...] | None) -> MatrixSpec | None:
-    """MatrixSpec for Muon, or None for AdamW. Raises for an unclassifiable matrix."""
+def classify(path: tuple[str, ...], shape: tuple[int, ...], axes: tuple[str | None, ...] | None, *,
+             split_heads: bool = False) -> MatrixSpec | None:
+    """MatrixSpec for Muon, or None for AdamW. Raises for an unclassifiable matrix.
+
+    `split_heads`: attention projections are orthogonalised head by head (`heads` and
+    `kv_heads` become batch axes), each block with its own shape scale.
+    """
     if axes is None or len(axes) != len(shape):
         if len(shape) >= 2:
             raise ValueError(f"parameter {'/'.join(path)} {shape} has no logical axis names; Muon routing "
@@ -68,6 +76,9 @@ def classify(path: tuple[str, ...], shape: tuple[int, ...], axes: tuple[str | No
         return None
     if all(axes[i] in PER_HEAD_VECTOR_AXES for i in matrix):
         return None  # a per-head bias: a vector stored as [heads, head_dim]
+    if split_heads and "embed" in axes:
+        heads = tuple(i for i in matrix if axes[i] in HEAD_AXES)
+        batch, matrix = tuple(sorted(batch + heads)), tuple(i for i in matrix if i not in heads)
     if "embed" not in (axes[i] for i in matrix):
         raise ValueError(f"parameter {'/'.join(path)} {shape} with axes {axes} matches no Muon routing rule "
                          "(a Muon matrix has an 'embed' axis); extend glm5v_jax.optim.routing.classify")
@@ -76,13 +87,14 @@ def classify(path: tuple[str, ...], shape: tuple[int, ...], axes: tuple[str | No
     return MatrixSpec(batch, matrix[:1], matrix[1:])
 
 
-def route(model: nnx.Module) -> dict[tuple[str, ...], MatrixSpec | None]:
+def route(model: nnx.Module, *, split_heads: bool = False) -> dict[tuple[str, ...], MatrixSpec | None]:
     """{parameter path: MatrixSpec or None (AdamW)} for every `nnx.Param` of `model`."""
     table = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = var.get_metadata().get("out_sharding")
         key = tuple(str(p) for p in path)
-        table[key] = classify(key, tuple(var.shape), tuple(axes) if axes is not None else None)
+        table[key] = classify(key, tuple(var.shape), tuple(axes) if axes is not None else None,
+                              split_heads=split_heads)
     return table
 
 

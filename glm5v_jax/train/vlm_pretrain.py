@@ -134,8 +134,8 @@ def build_optimizer(model: GLM5V, cfg: ml_collections.ConfigDict, total_steps: i
     params = nnx.state(model, nnx.Param)
     groups = groups_from_config(cfg.groups)
     group_of = group_assigner(groups)
-    table = route(model)
     muon_kwargs = dict(cfg.muon)
+    table = route(model, split_heads=bool(muon_kwargs.pop("split_heads", False)))
     muon_kwargs["ns_dtype"] = jnp.dtype(muon_kwargs["ns_dtype"])
     tx, schedules = make_tx(params, total_steps=total_steps, groups=groups, name=cfg.name, table=table,
                             clip_norm=cfg.clip_norm, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, muon_kwargs=muon_kwargs)
