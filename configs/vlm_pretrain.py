@@ -48,7 +48,7 @@ def _backbone(**kw):
         head_dim=64, mlp_dim=768, num_experts=8, experts_per_token=2, num_shared_experts=1,
         moe_mlp_dim=128, routed_scaling=1.0, qkv_bias=True, qk_norm=True, rotary_fraction=0.5,
         rope_theta=10000.0, mrope_sections=(4, 6, 6), norm_eps=1e-5, balance_loss_weight=0.0,
-        init_std=0.02)
+        init_std=0.02, track_max_logits=False)
     base.update(kw)
     return ml_collections.ConfigDict(base)
 
@@ -153,6 +153,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             layout="stack",  # Newton-Schulz placement on a mesh: stack | replicate | auto
             split_heads=False,  # orthogonalise q/k/v/o head by head instead of whole
         )),
+        qk_clip_tau=0.0,  # > 0: QK-Clip (Kimi K2 used 100); needs model.backbone.track_max_logits, no QK-Norm
         router_bias_update_rate=1e-3,  # aux-loss-free balancing step size
     ))
     return config

@@ -5,6 +5,10 @@ imported into other projects as `glm5v_jax.kernels`. The references here are the
 ground truth that the Pallas kernels are tested against.
 """
 
-from glm5v_jax.kernels.reference import attention_reference, gmm_reference
+from glm5v_jax.kernels.reference import (
+    attention_max_logits,
+    attention_reference,
+    gmm_reference,
+)
 
-__all__ = ["attention_reference", "gmm_reference"]
+__all__ = ["attention_max_logits", "attention_reference", "gmm_reference"]

@@ -10,6 +10,7 @@ the model. Conventions shared with the kernels:
   with no visible key, produce zeros.
 * causal masking compares the index within the row (packed rows restart their
   documents through segment ids, so index order is enough).
+* the per-head maximum logit (for QK-Clip) is taken over visible pairs only.
 """
 from __future__ import annotations
 
@@ -41,6 +42,53 @@ def attention_mask(
     return mask
 
 
+def _masked_logits(q, k, *, causal, q_segment_ids, kv_segment_ids, scale):
+    """Scaled float32 logits `[B, KV, G, S, T]` and the mask `[B or 1, 1, 1, S, T]` (or None).
+
+    Query head h is (kv head h // G, member h % G) with G = H // KV.
+    """
+    b, s, h, d = q.shape
+    _, t, kv, _ = k.shape
+    if h % kv:
+        raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({kv})")
+    scale = d**-0.5 if scale is None else scale
+    qg = q.reshape(b, s, kv, h // kv, d).astype(jnp.float32)
+    logits = jnp.einsum("bskgd,btkd->bkgst", qg, k.astype(jnp.float32)) * scale
+    mask = attention_mask(
+        s, t, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids
+    )
+    return logits, (None if mask is None else mask[:, None, None])
+
+
+def _head_max(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Per-head max `[H]` of logits `[B, KV, G, S, T]` over visible pairs; -inf if none."""
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    m = jnp.max(logits, axis=(0, 3, 4))  # [KV, G]
+    return jax.lax.stop_gradient(m.reshape(-1))
+
+
+def attention_max_logits(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    causal: bool = False,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """Per-head maximum of `scale * q.k` over visible (query, key) pairs: float32 `[H]`.
+
+    The statistic QK-Clip (Kimi K2) reads. Masking as in `attention_reference`
+    (causal, segments, padding); a head with no visible pair gets -inf. No gradient
+    flows through it. Standalone it materialises the `[B, H, S, T]` logits once, so it
+    is the fallback for attention cores that cannot report the maximum themselves.
+    """
+    logits, mask = _masked_logits(q, k, causal=causal, q_segment_ids=q_segment_ids,
+                                  kv_segment_ids=kv_segment_ids, scale=scale)
+    return _head_max(logits, mask)
+
+
 def attention_reference(
     q: jax.Array,
     k: jax.Array,
@@ -51,25 +99,20 @@ def attention_reference(
     kv_segment_ids: jax.Array | None = None,
     scale: float | None = None,
     return_probs: bool = False,
+    return_max_logits: bool = False,
 ):
     """Softmax attention in float32; returns `[B, S, H, D]` in q's dtype.
 
     With `return_probs=True` also returns the probabilities `[B, H, S, T]` (used by
-    tests that check which keys a query can see).
+    tests that check which keys a query can see); with `return_max_logits=True` also
+    the per-head maximum logit `[H]` (see `attention_max_logits`), taken from the same
+    logits. Extra results follow `out` in that order.
     """
     b, s, h, d = q.shape
-    _, t, kv, _ = k.shape
-    if h % kv:
-        raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({kv})")
-    groups = h // kv
-    scale = d**-0.5 if scale is None else scale
-    qg = q.reshape(b, s, kv, groups, d).astype(jnp.float32)
-    logits = jnp.einsum("bskgd,btkd->bkgst", qg, k.astype(jnp.float32)) * scale
-    mask = attention_mask(
-        s, t, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids
-    )
+    logits, mask = _masked_logits(q, k, causal=causal, q_segment_ids=q_segment_ids,
+                                  kv_segment_ids=kv_segment_ids, scale=scale)
+    max_logits = _head_max(logits, mask) if return_max_logits else None
     if mask is not None:
-        mask = mask[:, None, None]  # [B, 1, 1, S, T]
         logits = jnp.where(mask, logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1)
     if mask is not None:
@@ -77,9 +120,12 @@ def attention_reference(
         probs = jnp.where(mask, probs, 0.0)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(jnp.float32))
     out = out.reshape(b, s, h, d).astype(q.dtype)
+    extras = []
     if return_probs:
-        return out, probs.reshape(b, h, s, t)
-    return out
+        extras.append(probs.reshape(b, h, s, probs.shape[-1]))
+    if return_max_logits:
+        extras.append(max_logits)
+    return (out, *extras) if extras else out
 
 
 def gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:

@@ -3,27 +3,44 @@
 The attention core is picked by name from `ATTENTION_IMPLS` (`xla` is the pure-jnp
 reference in `glm5v_jax.kernels`); the kernels issue registers `pallas` and
 `cudnn` there, so layers never branch on the implementation.
+
+On request (`return_max_logits=True`) the layer also reports each head's maximum
+pre-softmax logit over the visible pairs, the statistic QK-Clip reads
+(`glm5v_jax.optim.qk_clip`). Cores registered with `returns_max_logits=True`
+produce it alongside the output; for the others it is computed separately from q
+and k by `attention_max_logits`. Either way it carries no gradient and leaves the
+output unchanged; without the request nothing extra is computed.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glm5v_jax.kernels.reference import attention_reference
+from glm5v_jax.kernels.reference import attention_max_logits, attention_reference
 from glm5v_jax.layers.norms import rms_normalize
 from glm5v_jax.layers.params import normal, ones, param, zeros
 from glm5v_jax.layers.rope import apply_rotary
 
 # name -> fn(q, k, v, *, causal, q_segment_ids, kv_segment_ids, scale) -> out
 ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {"xla": attention_reference}
+# Cores that also accept `return_max_logits=True` and then return (out, max_logits [H]).
+MAX_LOGIT_IMPLS: set[str] = {"xla"}
 
 
-def register_attention_impl(name: str, fn: Callable[..., jax.Array]) -> None:
-    """Make an attention core selectable as `attention_impl=name`."""
+def register_attention_impl(name: str, fn: Callable[..., jax.Array], *, returns_max_logits: bool = False) -> None:
+    """Make an attention core selectable as `attention_impl=name`.
+
+    `returns_max_logits`: the core accepts `return_max_logits=True` and then returns
+    `(out, max_logits [H])` (per-head max of scale * q.k over visible pairs).
+    """
     ATTENTION_IMPLS[name] = fn
+    if returns_max_logits:
+        MAX_LOGIT_IMPLS.add(name)
+    else:
+        MAX_LOGIT_IMPLS.discard(name)
 
 
 def get_attention_impl(name: str) -> Callable[..., jax.Array]:
@@ -88,6 +105,18 @@ class Attention(nnx.Module):
             return x
         return (rms_normalize(x, self.norm_eps) * scale[...].astype(jnp.float32)).astype(x.dtype)
 
+    def queries_keys(
+        self, x: jax.Array, rotary: tuple[jax.Array, jax.Array] | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """q `[B, S, H, Dh]` and k `[B, S, KV, Dh]` as the attention core sees them."""
+        x = x.astype(self.dtype)
+        q = self._qk_norm(self._project(x, self.q, self.q_bias), self.q_norm)
+        k = self._qk_norm(self._project(x, self.k, self.k_bias), self.k_norm)
+        if rotary is not None:
+            q = apply_rotary(q, *rotary)
+            k = apply_rotary(k, *rotary)
+        return q, k
+
     def __call__(
         self,
         x: jax.Array,
@@ -95,17 +124,29 @@ class Attention(nnx.Module):
         rotary: tuple[jax.Array, jax.Array] | None = None,
         segment_ids: jax.Array | None = None,
         causal: bool = False,
-    ) -> jax.Array:
-        """x `[B, S, E]`; rotary = (cos, sin) `[B, S, R/2]`; segment_ids `[B, S]` (0 = pad)."""
-        x = x.astype(self.dtype)
-        q = self._qk_norm(self._project(x, self.q, self.q_bias), self.q_norm)
-        k = self._qk_norm(self._project(x, self.k, self.k_bias), self.k_norm)
-        v = self._project(x, self.v, self.v_bias)
-        if rotary is not None:
-            q = apply_rotary(q, *rotary)
-            k = apply_rotary(k, *rotary)
-        out = get_attention_impl(self.impl)(
-            q, k, v, causal=causal, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-            scale=self.head_dim**-0.5,
-        )
-        return jnp.einsum("bshd,hde->bse", out.astype(self.dtype), self.o[...].astype(self.dtype))
+        return_max_logits: bool = False,
+    ):
+        """x `[B, S, E]`; rotary = (cos, sin) `[B, S, R/2]`; segment_ids `[B, S]` (0 = pad).
+
+        Returns `[B, S, E]`, or `(out, max_logits)` with `return_max_logits=True`:
+        float32 `[H]`, each head's max of `q.k / sqrt(Dh)` over the visible pairs
+        of the batch (causal, same non-zero segment), -inf if a head sees none;
+        gradient-free.
+        """
+        q, k = self.queries_keys(x, rotary)
+        v = self._project(x.astype(self.dtype), self.v, self.v_bias)
+        masking = {"causal": causal, "q_segment_ids": segment_ids, "kv_segment_ids": segment_ids,
+                   "scale": self.head_dim**-0.5}
+        core = get_attention_impl(self.impl)
+        max_logits = None
+        if not return_max_logits:
+            out = core(q, k, v, **masking)
+        elif self.impl in MAX_LOGIT_IMPLS:
+            out, max_logits = core(q, k, v, return_max_logits=True, **masking)
+        else:  # generic fallback: one extra pass over the (masked) logits
+            out = core(q, k, v, **masking)
+            max_logits = attention_max_logits(q, k, **masking)
+        out = jnp.einsum("bshd,hde->bse", out.astype(self.dtype), self.o[...].astype(self.dtype))
+        if return_max_logits:
+            return out, jax.lax.stop_gradient(max_logits.astype(jnp.float32))
+        return out

@@ -4,6 +4,11 @@ Pre-norm blocks (RMSNorm), GQA attention with q/k/v bias and optional QK-Norm,
 partial RoPE or M-RoPE over (t, h, w) positions, SwiGLU MLP in the first
 `first_k_dense` layers and GLM MoE in the rest. Each stack is one scan, so
 compile time stays flat as depth grows. Embedding and head are untied.
+
+With `spec.track_max_logits` every attention layer also reports its per-head
+maximum logit (for QK-Clip); the aux output then holds
+`attn_max_logits = {"dense_layers": [L_dense, H], "moe_layers": [L_moe, H]}`
+and `attention_max_logits(aux)` keys them by attention-module path.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ class DecoderBlock(nnx.Module):
     def __init__(self, spec: BackboneSpec, *, moe: bool, rngs: nnx.Rngs):
         h, dt, pdt, std = spec.embed_dim, spec.dtype, spec.param_dtype, spec.init_std
         self.is_moe = moe
+        self.track_max_logits = spec.track_max_logits
         self.attn_norm = RMSNorm(h, eps=spec.norm_eps, param_dtype=pdt, rngs=rngs)
         self.attn = Attention(h, spec.num_heads, spec.num_kv_heads, spec.head_dim, qkv_bias=spec.qkv_bias,
                               qk_norm=spec.qk_norm, norm_eps=spec.norm_eps, impl=spec.attention_impl,
@@ -40,13 +46,19 @@ class DecoderBlock(nnx.Module):
             self.mlp = SwiGLU(h, spec.mlp_dim, dtype=dt, param_dtype=pdt, init_std=std, rngs=rngs)
 
     def __call__(self, x, rotary, segment_ids):
-        """Returns (x, aux); aux holds the MoE load statistics (empty for dense)."""
-        x = x + self.attn(self.attn_norm(x), rotary=rotary, segment_ids=segment_ids, causal=True)
+        """Returns (x, aux); aux holds the MoE load statistics (none for dense) and, when
+        tracked, `attn_max_logits [H]`."""
+        attn = self.attn(self.attn_norm(x), rotary=rotary, segment_ids=segment_ids, causal=True,
+                         return_max_logits=self.track_max_logits)
+        attn_aux = {}
+        if self.track_max_logits:
+            attn, attn_aux = attn[0], {"attn_max_logits": attn[1]}
+        x = x + attn
         if self.is_moe:
             y, aux = self.mlp(self.mlp_norm(x), token_mask=segment_ids != 0)
         else:
             y, aux = self.mlp(self.mlp_norm(x)), {}
-        return x + y.astype(x.dtype), aux
+        return x + y.astype(x.dtype), {**aux, **attn_aux}
 
 
 class GLMBackbone(nnx.Module):
@@ -78,7 +90,8 @@ class GLMBackbone(nnx.Module):
     def run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array):
         """The decoder stack on embeddings x `[B, S, H]`; returns (h before the final norm, aux).
 
-        aux: `expert_load [L_moe, E]` and `balance_loss` (mean over MoE layers).
+        aux: `expert_load [L_moe, E]` and `balance_loss` (mean over MoE layers); with
+        `spec.track_max_logits` also `attn_max_logits` {stack name: `[L, H]`}.
         """
         rotary = self.rotary_tables(positions)
         remat = self.spec.remat
@@ -86,13 +99,31 @@ class GLMBackbone(nnx.Module):
         def body(block, h):
             return block(h, rotary, segment_ids)
 
-        aux = {}
+        aux, max_logits = {}, {}
         if self.dense_layers is not None:
-            x, _ = scan_layers(self.dense_layers, x, body, remat=remat)
+            x, dense_aux = scan_layers(self.dense_layers, x, body, remat=remat)
+            if "attn_max_logits" in dense_aux:
+                max_logits["dense_layers"] = dense_aux["attn_max_logits"]
         if self.moe_layers is not None:
             x, moe_aux = scan_layers(self.moe_layers, x, body, remat=remat)
             aux = {"expert_load": moe_aux["expert_load"], "balance_loss": jnp.mean(moe_aux["balance_loss"])}
+            if "attn_max_logits" in moe_aux:
+                max_logits["moe_layers"] = moe_aux["attn_max_logits"]
+        if self.spec.track_max_logits:
+            aux["attn_max_logits"] = max_logits
         return x, aux
+
+    def attention_max_logits(self, aux, prefix: str = "") -> dict[str, jax.Array]:
+        """{attention-module path: max logits `[L, H]`} from `run_layers`' aux.
+
+        Paths are those of `glm5v_jax.optim.qk_clip.qk_clip_targets` ("dense_layers/attn",
+        with `prefix` + "/" in front), so the dict is the `max_logits` QK-Clip takes.
+        """
+        if "attn_max_logits" not in aux:
+            raise ValueError("no attn_max_logits in the aux output: build the backbone with "
+                             "BackboneSpec.track_max_logits=True (config.model.backbone.track_max_logits)")
+        head = f"{prefix}/" if prefix else ""
+        return {f"{head}{stack}/attn": v for stack, v in aux["attn_max_logits"].items()}
 
     def head_logits(self, x: jax.Array) -> jax.Array:
         """The output head alone on normalised states: `[B, S, H]` -> float32 `[B, S, V]`."""

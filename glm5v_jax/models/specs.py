@@ -137,6 +137,9 @@ class BackboneSpec:
     attention_impl: str = "xla"
     moe_impl: str = "ragged_dot"
     remat: bool = False
+    # Report each attention head's max pre-softmax logit in the aux outputs
+    # (`attn_max_logits`), the statistic QK-Clip needs (`glm5v_jax.optim.qk_clip`).
+    track_max_logits: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

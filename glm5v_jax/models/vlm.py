@@ -125,3 +125,17 @@ class GLM5V(nnx.Module):
                 self.backbone, h_mtp, tokens, embeds, positions, segment_ids, is_visual)
             out.update(mtp_logits=logits, mtp_segments=segments, mtp_inputs=inputs, mtp_aux=mtp_aux)
         return out
+
+    def attention_max_logits(self, outputs) -> dict[str, jax.Array]:
+        """{attention-module path: per-head max logits} of the backbone and MTP blocks.
+
+        Needs `spec.backbone.track_max_logits`. Keys are module paths from the model
+        root ("backbone/dense_layers/attn" -> `[L_dense, H]`, "mtp/depths/0/block/attn"
+        -> `[H]`), matching `glm5v_jax.optim.qk_clip.qk_clip_targets(model,
+        prefixes=("backbone", "mtp"))`: pass the dict as QK-Clip's `max_logits`.
+        CogViT is not tracked (it uses QK-Norm, where QK-Clip does not apply).
+        """
+        found = self.backbone.attention_max_logits(outputs["aux"], prefix="backbone")
+        for i, aux in enumerate(outputs.get("mtp_aux", ())):
+            found[f"mtp/depths/{i}/block/attn"] = aux["attn_max_logits"]
+        return found

@@ -16,6 +16,7 @@ from glm5v_jax.layers.moe import update_router_bias
 from glm5v_jax.losses.lm import vlm_loss
 from glm5v_jax.models.vlm import GLM5V
 from glm5v_jax.optim.muon import OrthogonalizeState
+from glm5v_jax.optim.qk_clip import qk_clip_metrics
 from glm5v_jax.optim.routing import path_key
 
 
@@ -69,16 +70,26 @@ def optimizer_statistics(opt_state) -> dict:
 
 def train_step(model: GLM5V, optimizer: nnx.Optimizer, batch, *, mtp_loss_weight: float = 0.3,
                balance_loss_weight: float = 0.0, router_bias_rate: float = 1e-3,
-               update_labels: Mapping[tuple[str, ...], str] | None = None):
+               update_labels: Mapping[tuple[str, ...], str] | None = None, qk_clip_tau: float = 0.0):
     """One optimisation step in place on (model, optimizer); returns metrics.
 
     `update_labels` ({parameter path: label}) adds the update RMS per label.
+    `qk_clip_tau` > 0: the optimizer ends with `glm5v_jax.optim.qk_clip.qk_clip` and gets
+    this step's per-head max logits (the model must track them).
     """
     grad_fn = nnx.value_and_grad(loss_and_outputs, has_aux=True)
     (loss, (metrics, outputs)), grads = grad_fn(model, batch, mtp_loss_weight, balance_loss_weight)
     # Values (new Variable objects), not the live variables the update writes into.
     before = jax.tree.map(lambda v: v, nnx.state(model, nnx.Param)) if update_labels is not None else None
-    optimizer.update(model, grads)
+    extra = {}
+    if "attn_max_logits" in outputs["aux"]:
+        max_logits = jax.lax.stop_gradient(model.attention_max_logits(outputs))
+        metrics.update(qk_clip_metrics(max_logits, qk_clip_tau or float("inf")))
+        if qk_clip_tau > 0:
+            extra["max_logits"] = max_logits
+    elif qk_clip_tau > 0:
+        raise ValueError("QK-Clip needs the per-head max logits: set config.model.backbone.track_max_logits")
+    optimizer.update(model, grads, **extra)
     if update_labels is not None:
         metrics.update(update_statistics(before, nnx.state(model, nnx.Param), update_labels))
     metrics.update(optimizer_statistics(optimizer.opt_state))

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from clu import metrics as clu_metrics
 from flax import nnx
 
@@ -31,6 +32,7 @@ from glm5v_jax.losses.lm import vlm_loss
 from glm5v_jax.models.build import vlm_spec_from_config
 from glm5v_jax.models.vlm import GLM5V
 from glm5v_jax.optim.muon import SCALE_MODES
+from glm5v_jax.optim.qk_clip import qk_clip, qk_clip_targets
 from glm5v_jax.optim.routing import format_table, route
 from glm5v_jax.train import flops as flops_lib
 from glm5v_jax.train.checkpoint import Checkpointer
@@ -139,6 +141,13 @@ def build_optimizer(model: GLM5V, cfg: ml_collections.ConfigDict, total_steps: i
     muon_kwargs["ns_dtype"] = jnp.dtype(muon_kwargs["ns_dtype"])
     tx, schedules = make_tx(params, total_steps=total_steps, groups=groups, name=cfg.name, table=table,
                             clip_norm=cfg.clip_norm, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, muon_kwargs=muon_kwargs)
+    if cfg.qk_clip_tau > 0:  # MuonClip: cap per-head logits after each update
+        if not model.spec.backbone.track_max_logits:
+            raise ValueError("config.optim.qk_clip_tau > 0 needs config.model.backbone.track_max_logits=True")
+        if model.spec.backbone.qk_norm:
+            raise ValueError("config.optim.qk_clip_tau > 0 needs config.model.backbone.qk_norm=False "
+                             "(with QK-Norm the projection scale does not reach the logits)")
+        tx = optax.chain(tx, qk_clip(cfg.qk_clip_tau, targets=qk_clip_targets(model, prefixes=("backbone", "mtp"))))
     muon_on = cfg.name == "muon"
     labels = {path: f"{group_of(path)}/{'muon' if muon_on and spec is not None else 'adamw'}"
               for path, spec in table.items()}
@@ -226,7 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def pure_train_step(state, batch):
         m, o = nnx.merge(graphdef, state)
         metrics = train_step(m, o, batch, mtp_loss_weight=mtp_w, balance_loss_weight=bal_w,
-                             router_bias_rate=bias_rate, update_labels=update_labels)
+                             router_bias_rate=bias_rate, update_labels=update_labels,
+                             qk_clip_tau=float(config.optim.qk_clip_tau))
         return nnx.state((m, o)), metrics
 
     def pure_eval_step(state, batch):
