@@ -26,8 +26,8 @@ import optax
 from jax.sharding import Mesh
 
 from glm5v_jax.optim.newton_schulz import newton_schulz
-from glm5v_jax.optim.sharded_ns import LAYOUTS, orthogonalize_matrices
 from glm5v_jax.optim.routing import MatrixSpec, path_key, tree_of_specs
+from glm5v_jax.optim.sharded_ns import LAYOUTS, orthogonalize_matrices
 
 SCALE_MODES = {
     "rms": lambda fan_in, fan_out: 0.2 * math.sqrt(max(fan_in, fan_out)),
