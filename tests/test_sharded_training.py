@@ -1,0 +1,69 @@
+"""The tiny VLM trains on 8 fake CPU devices under several (data, fsdp, tensor, expert)
+meshes with the same losses as on one device, its state created sharded per the rules."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from glm5v_jax.models.vlm import GLM5V
+from glm5v_jax.optim.muon import muon
+from glm5v_jax.optim.routing import route
+from glm5v_jax.sharding.mesh import MeshSpec, make_mesh
+from glm5v_jax.sharding.partition import create_sharded
+from glm5v_jax.sharding.rules import DEFAULT_RULES, check_rules, parameter_shardings
+from glm5v_jax.train.step import train_step
+
+from helpers import small_batch, small_spec
+
+STEPS = 3
+
+
+def _losses(shape, devices):
+    mesh = make_mesh(MeshSpec(shape=shape), devices)
+    rules = check_rules(DEFAULT_RULES, mesh.axis_names)
+    spec = small_spec(trunk="isolate_vision")
+    abstract = nnx.eval_shape(lambda: GLM5V(spec, rngs=nnx.Rngs(0)))
+    shardings = parameter_shardings(abstract, mesh, rules)
+    table = route(abstract)
+
+    def make():
+        model = GLM5V(spec, rngs=nnx.Rngs(0))
+        tx = muon(0.02, table, ns_dtype=jnp.float32, mesh=mesh, shardings=shardings, adam_learning_rate=3e-3)
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    graphdef, state, state_sh = create_sharded(make, mesh, shardings)
+    batch_axes = rules["activation_batch"]
+    batch = small_batch(rows=8)
+    rows = batch["tokens"].shape[0]  # per-row arrays are split over the batch axes; image arrays replicated
+    batch_sh = jax.tree.map(lambda x: NamedSharding(mesh, P(batch_axes) if x.shape[0] == rows else P()), batch)
+    batch = jax.device_put(batch, batch_sh)
+
+    def step(state, batch):
+        model, opt = nnx.merge(graphdef, state)
+        metrics = train_step(model, opt, batch)
+        return nnx.state((model, opt)), metrics["loss/total"]
+
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    losses = []
+    for _ in range(STEPS):
+        state, loss = jitted(state, batch)
+        losses.append(float(loss))
+    return losses, state, shardings
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _losses((1, 1, 1, 1), jax.devices()[:1])[0]
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 2, 1), (1, 2, 1, 4), (1, 1, 2, 4)])
+def test_same_losses_as_one_device(shape, reference):
+    losses, state, shardings = _losses(shape, jax.devices()[:8])
+    np.testing.assert_allclose(losses, reference, rtol=1e-5, atol=1e-5)
+    assert losses[-1] < losses[0]
+    params = {tuple(str(p) for p in path): v for path, v in nnx.to_flat_state(state[0])}
+    for path, sharding in shardings.items():
+        leaf = params[path][...]
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (path, leaf.sharding, sharding)
