@@ -11,7 +11,7 @@ from glm5v_jax.models.vlm import GLM5V
 from glm5v_jax.optim.muon import muon
 from glm5v_jax.optim.routing import route
 from glm5v_jax.sharding.mesh import MeshSpec, make_mesh
-from glm5v_jax.sharding.partition import create_sharded
+from glm5v_jax.sharding.partition import bytes_per_device, create_sharded
 from glm5v_jax.sharding.rules import DEFAULT_RULES, check_rules, parameter_shardings
 from glm5v_jax.train.step import train_step
 
@@ -67,3 +67,25 @@ def test_same_losses_as_one_device(shape, reference):
     for path, sharding in shardings.items():
         leaf = params[path][...]
         assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), (path, leaf.sharding, sharding)
+
+
+def test_fsdp_bytes_per_device_fall_as_one_over_n():
+    spec = small_spec()
+    per_n = {}
+    for n in (1, 2, 4, 8):
+        mesh = make_mesh(MeshSpec(shape=(1, n, 1, 1)), jax.devices()[:n])
+        rules = check_rules(DEFAULT_RULES, mesh.axis_names)
+        abstract = nnx.eval_shape(lambda: GLM5V(spec, rngs=nnx.Rngs(0)))
+        shardings = parameter_shardings(abstract, mesh, rules)
+        table = route(abstract)
+
+        def make():
+            model = GLM5V(spec, rngs=nnx.Rngs(0))
+            return model, nnx.Optimizer(model, muon(0.02, table), wrt=nnx.Param)
+
+        _, state, _ = create_sharded(make, mesh, shardings)
+        per_device = bytes_per_device(state)
+        assert len(per_device) == n
+        per_n[n] = max(per_device.values())
+    for n in (2, 4, 8):  # replicated norms, biases and counters keep it slightly above 1/N
+        assert 1 / n <= per_n[n] / per_n[1] < 1.15 / n, per_n

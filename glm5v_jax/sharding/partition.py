@@ -73,3 +73,12 @@ def create_sharded(make: Callable[[], Any], mesh: Mesh,
 
     state = jax.jit(init, out_shardings=shardings)()
     return graphdef, state, shardings
+
+
+def bytes_per_device(state: Any) -> dict[Any, int]:
+    """{device: bytes of `state` (a tree of jax.Arrays) that device holds}, from the shards."""
+    out: dict[Any, int] = {}
+    for leaf in jax.tree.leaves(state):
+        for shard in getattr(leaf, "addressable_shards", ()):
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
