@@ -13,6 +13,7 @@ from glm5v_jax.optim.routing import route
 from glm5v_jax.sharding.mesh import MeshSpec, make_mesh
 from glm5v_jax.sharding.partition import bytes_per_device, create_sharded
 from glm5v_jax.sharding.rules import DEFAULT_RULES, check_rules, parameter_shardings
+from glm5v_jax.train.checkpoint import Checkpointer
 from glm5v_jax.train.step import train_step
 
 from helpers import small_batch, small_spec
@@ -20,7 +21,8 @@ from helpers import small_batch, small_spec
 STEPS = 3
 
 
-def _losses(shape, devices):
+def _setup(shape, devices):
+    """(state, state shardings, jitted train step, batch, parameter shardings) on a mesh."""
     mesh = make_mesh(MeshSpec(shape=shape), devices)
     rules = check_rules(DEFAULT_RULES, mesh.axis_names)
     spec = small_spec(trunk="isolate_vision")
@@ -46,6 +48,11 @@ def _losses(shape, devices):
         return nnx.state((model, opt)), metrics["loss/total"]
 
     jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    return state, state_sh, jitted, batch, shardings
+
+
+def _losses(shape, devices):
+    state, _, jitted, batch, shardings = _setup(shape, devices)
     losses = []
     for _ in range(STEPS):
         state, loss = jitted(state, batch)
@@ -89,3 +96,25 @@ def test_fsdp_bytes_per_device_fall_as_one_over_n():
         per_n[n] = max(per_device.values())
     for n in (2, 4, 8):  # replicated norms, biases and counters keep it slightly above 1/N
         assert 1 / n <= per_n[n] / per_n[1] < 1.15 / n, per_n
+
+
+def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path):
+    state, _, step_a, batch_a, _ = _setup((2, 4, 1, 1), jax.devices()[:8])
+    for _ in range(2):
+        state, _ = step_a(state, batch_a)
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(2, state, {}, {"note": "mesh (2,4,1,1)"}, force=True)
+    ckpt.close()
+    _, loss_a = step_a(state, batch_a)
+
+    fresh, state_sh_b, step_b, batch_b, shardings_b = _setup((1, 2, 2, 2), jax.devices()[:8])
+    reader = Checkpointer(tmp_path / "ckpt", async_save=False)
+    step, restored, _, config = reader.restore_latest(fresh)  # fresh: the target structure and shardings
+    reader.close()
+    assert step == 2 and config["note"] == "mesh (2,4,1,1)"
+    params = {tuple(str(p) for p in path): v for path, v in nnx.to_flat_state(restored[0])}
+    for path, sharding in shardings_b.items():
+        leaf = params[path][...]
+        assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), path
+    _, loss_b = step_b(restored, batch_b)
+    np.testing.assert_allclose(float(loss_b), float(loss_a), rtol=1e-5)
