@@ -112,3 +112,24 @@ def test_replication_check_lists_offenders_and_can_warn(model):
         check_replication(model, mesh, no_fsdp, action="warn")
     data_only = _mesh((8, 1, 1, 1))  # pure data parallelism replicates by design
     assert check_replication(model, data_only, _rules(data_only)) == 0.0
+
+
+def test_mesh_and_rules_from_config():
+    import ml_collections
+
+    from glm5v_jax.sharding.mesh import mesh_spec_from_config
+    from glm5v_jax.sharding.rules import rules_from_config
+
+    cfg = ml_collections.ConfigDict({"shape": (2, -1, 1, 1), "rules": {"mlp": ["tensor", "fsdp"], "vocab": None}})
+    spec = mesh_spec_from_config(cfg)
+    assert spec.shape == (2, -1, 1, 1) and spec.dcn_shape is None
+    mesh = make_mesh(spec, jax.devices()[:8])
+    rules = rules_from_config(cfg, mesh.axis_names)
+    assert rules["mlp"] == ("tensor", "fsdp") and rules["vocab"] == () and rules["embed"] == ("fsdp",)
+    with pytest.raises(ConfigError) as e:
+        mesh_spec_from_config(ml_collections.ConfigDict({"shape": (2, 4)}))
+    assert e.value.field == "config.mesh.shape"
+    with pytest.raises(ConfigError) as e:
+        rules_from_config(ml_collections.ConfigDict({"shape": (8, 1, 1, 1), "rules": {"heads": "model"}}),
+                          mesh.axis_names)
+    assert e.value.field == "config.mesh.rules.heads"
