@@ -89,7 +89,7 @@ def _computations(hlo: str) -> dict[str, str]:
 def collectives_in_loops(hlo: str) -> int:
     """Collective ops inside while-loop bodies (and whatever those bodies call)."""
     comps = _computations(hlo)
-    todo = [m for body in re.findall(r"body=%?([\w.\-]+)", hlo) for m in [body]]
+    todo = re.findall(r"body=%?([\w.\-]+)", hlo)
     seen: set[str] = set()
     while todo:
         c = todo.pop()

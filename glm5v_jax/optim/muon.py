@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -122,11 +122,10 @@ def orthogonalize(table: Table, ns_fn: Callable[[jax.Array], jax.Array] = newton
             raise ValueError("a leaf routed to AdamW reached the Muon branch")
         if not leaves:
             return updates, state
-        as_mats = [_as_matrices(u, spec) for u, spec in zip(leaves, spec_leaves)]
-        ortho = orthogonalize_matrices([m for m, _ in as_mats], ns_fn, layout=layout, mesh=mesh)
-        sample = _sample_error([m for m, _ in as_mats], ortho, state, error_every)
-        out = [back(o) * scale_fn(*spec.fans(u.shape))
-               for (_, back), o, u, spec in zip(as_mats, ortho, leaves, spec_leaves)]
+        mats, backs = zip(*(_as_matrices(u, spec) for u, spec in zip(leaves, spec_leaves)))
+        ortho = orthogonalize_matrices(mats, ns_fn, layout=layout, mesh=mesh)
+        sample = _sample_error(mats, ortho, state, error_every)
+        out = [back(o) * scale_fn(*spec.fans(u.shape)) for back, o, u, spec in zip(backs, ortho, leaves, spec_leaves)]
         out = jax.tree.unflatten(treedef, out)
         if shardings is not None:  # back to each parameter's own layout
             out = jax.tree_util.tree_map_with_path(
@@ -137,7 +136,7 @@ def orthogonalize(table: Table, ns_fn: Callable[[jax.Array], jax.Array] = newton
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _sample_error(mats: list[jax.Array], ortho: list[jax.Array], state: OrthogonalizeState,
+def _sample_error(mats: Sequence[jax.Array], ortho: Sequence[jax.Array], state: OrthogonalizeState,
                   every: int) -> jax.Array:
     """Orthogonality error of one matrix of the largest leaf, a different one each time."""
     i = max(range(len(ortho)), key=lambda j: ortho[j].size)

@@ -16,14 +16,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-
-def _key(path) -> tuple[str, ...]:
-    out = []
-    for k in path:
-        out.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-    if out and out[-1] == "value":
-        out.pop()
-    return tuple(out)
+from glm5v_jax.optim.routing import path_key
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh,
@@ -35,7 +28,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh,
     replicated = NamedSharding(mesh, P())
 
     def pick(path, leaf):
-        key = _key(path)
+        key = path_key(path)
         for n, table in by_len.items():
             if len(key) >= n and key[-n:] in table:
                 return table[key[-n:]]
