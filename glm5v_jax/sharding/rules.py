@@ -38,6 +38,12 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "activation_batch": ("data", "fsdp", "expert"),
     "activation_length": None,
     "activation_embed": "tensor",
+    "activation_heads": "tensor",
+    "activation_kv_heads": "tensor",
+    "activation_kv": None,
+    "activation_mlp": "tensor",
+    "activation_vocab": "tensor",
+    "activation_exp": "expert",
 }
 
 
