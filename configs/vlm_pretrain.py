@@ -17,6 +17,7 @@ from __future__ import annotations
 import ml_collections
 
 from glm5v_jax.config_args import parse_arg
+from glm5v_jax.sharding.rules import DEFAULT_RULES
 
 PRESETS = ("tiny", "0p5b", "0p5b_moe", "glm45_air")
 
@@ -155,5 +156,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )),
         qk_clip_tau=0.0,  # > 0: QK-Clip (Kimi K2 used 100); needs model.backbone.track_max_logits, no QK-Norm
         router_bias_update_rate=1e-3,  # aux-loss-free balancing step size
+    ))
+
+    # Mesh: sizes of (data, fsdp, tensor, expert) within a slice; one -1 takes the rest of the
+    # devices. dcn_shape: the same axes across slices (multi-slice), () for one slice.
+    # rules: logical axis -> mesh axis / tuple of axes / None (see glm5v_jax.sharding.rules).
+    config.mesh = ml_collections.ConfigDict(dict(
+        shape=(1, -1, 1, 1),
+        dcn_shape=(),
+        rules=ml_collections.ConfigDict(dict(DEFAULT_RULES)),
+        replication_tolerance=0.02,  # fraction of parameter bytes allowed unsharded over a non-data axis
+        replication_action="error",  # error | warn
     ))
     return config

@@ -10,7 +10,9 @@ The correction bias is a `RouterBias` variable (not an `nnx.Param`): the trainer
 moves it with `update_router_bias` from the step's expert load, outside the
 optimizer. The expert dispatch is picked by name from `MOE_IMPLS` (`dense`
 computes every expert on every token, the exact reference; `ragged_dot` sorts
-token slots by expert and runs grouped matmuls); the kernels issue adds `pallas`.
+token slots by expert and runs grouped matmuls; `expert_parallel`, in
+`moe_expert_parallel.py`, moves token slots to the devices holding their experts with
+all_to_all under the active mesh); the kernels issue adds `pallas`.
 """
 from __future__ import annotations
 
@@ -150,3 +152,7 @@ class MoE(nnx.Module):
         p = jnp.einsum("bse,bs->be", probs, mask) / n_tok[:, None]
         balance = jnp.mean(jnp.sum(f * p, axis=-1))
         return y.astype(self.dtype), {"expert_load": expert_load, "balance_loss": balance}
+
+
+# Registers "expert_parallel" (imported last: it uses `ragged_dot_dispatch` and `register_moe_impl`).
+from glm5v_jax.layers import moe_expert_parallel  # noqa: E402, F401

@@ -42,7 +42,8 @@ def train_flops_per_step(spec: VLMSpec, *, rows: int, seq_len: int, images: int,
     head = bb.embed_dim * bb.vocab_size
     mtp_moe = spec.mtp.moe_block if spec.mtp.moe_block is not None else bb.num_moe_layers > 0
     mtp = spec.mtp.num_depths * (_decoder_layer_matmul_params(bb, mtp_moe) + 2 * bb.embed_dim**2 + head)
-    attn_dec = (bb.num_layers + spec.mtp.num_depths) * 2 * seq_len * bb.num_heads * bb.head_dim  # causal: / 2 * 2 products
+    # causal: half the scores, times 2 products (QK^T and PV)
+    attn_dec = (bb.num_layers + spec.mtp.num_depths) * 2 * seq_len * bb.num_heads * bb.head_dim
     flops = 6 * tokens * (dec + head + mtp) + 3 * tokens * attn_dec
     n_vis = images * patches_per_image
     mlp_mult = 3 if v.mlp_type == "swiglu" else 2

@@ -18,11 +18,13 @@ import dataclasses
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from glm5v_jax.optim.muon import GroupHyperparams, grouped_muon, matrices_only
-from glm5v_jax.optim.routing import MatrixSpec, path_key
+from glm5v_jax.optim.muon import SCALE_MODES, GroupHyperparams, grouped_muon, matrices_only
+from glm5v_jax.optim.qk_clip import qk_clip, qk_clip_targets
+from glm5v_jax.optim.routing import MatrixSpec, format_table, path_key, route
 
 OPTIMIZERS = ("muon", "adamw")
 
@@ -126,3 +128,39 @@ def make_tx(params: nnx.State, *, total_steps: int, groups: Mapping[str, GroupSe
              for g_name, g in groups.items()},
             lambda p: jax.tree_util.tree_map_with_path(lambda path, _: group_of(path_key(path)), p))
     return optax.chain(optax.clip_by_global_norm(clip_norm), inner), schedules
+
+
+def transform_from_config(model: nnx.Module, cfg: Any, total_steps: int, *, mesh=None, shardings=None):
+    """(optax transform, {"<group>/<kind>": schedule}, {param path: "<group>/<kind>"},
+    Muon routing table as text or None) from `config.optim`.
+
+    `model` may be abstract (`nnx.eval_shape`): only paths, shapes and axis names are read.
+    `mesh` and `shardings` ({param path: NamedSharding}) place Muon's Newton-Schulz work
+    (`config.optim.muon.layout`) and reshard its updates.
+    """
+    params = nnx.state(model, nnx.Param)
+    groups = groups_from_config(cfg.groups)
+    group_of = group_assigner(groups)
+    muon_kwargs = dict(cfg.muon)
+    table = route(model, split_heads=bool(muon_kwargs.pop("split_heads", False)))
+    muon_kwargs["ns_dtype"] = jnp.dtype(muon_kwargs["ns_dtype"])
+    if mesh is not None:
+        muon_kwargs.update(mesh=mesh, shardings=shardings)
+    tx, schedules = make_tx(params, total_steps=total_steps, groups=groups, name=cfg.name, table=table,
+                            clip_norm=cfg.clip_norm, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, muon_kwargs=muon_kwargs)
+    if cfg.qk_clip_tau > 0:  # MuonClip: cap per-head logits after each update
+        if not model.spec.backbone.track_max_logits:
+            raise ValueError("config.optim.qk_clip_tau > 0 needs config.model.backbone.track_max_logits=True")
+        if model.spec.backbone.qk_norm:
+            raise ValueError("config.optim.qk_clip_tau > 0 needs config.model.backbone.qk_norm=False "
+                             "(with QK-Norm the projection scale does not reach the logits)")
+        tx = optax.chain(tx, qk_clip(cfg.qk_clip_tau, targets=qk_clip_targets(model, prefixes=("backbone", "mtp"))))
+    muon_on = cfg.name == "muon"
+    labels = {path: f"{group_of(path)}/{'muon' if muon_on and spec is not None else 'adamw'}"
+              for path, spec in table.items()}
+    routing = None
+    if muon_on:
+        n_muon = sum(s is not None for s in table.values())
+        routing = (f"{n_muon} Muon, {len(table) - n_muon} AdamW leaves\n"
+                   + format_table(model, table, scale_fn=SCALE_MODES[cfg.muon.scale_mode]))
+    return tx, schedules, labels, routing

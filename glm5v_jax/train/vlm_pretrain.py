@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from clu import metrics as clu_metrics
 from flax import nnx
 
@@ -31,12 +30,13 @@ from glm5v_jax.data.tokenizer import Tokenizer, train_tokenizer
 from glm5v_jax.losses.lm import vlm_loss
 from glm5v_jax.models.build import vlm_spec_from_config
 from glm5v_jax.models.vlm import GLM5V
-from glm5v_jax.optim.muon import SCALE_MODES
-from glm5v_jax.optim.qk_clip import qk_clip, qk_clip_targets
-from glm5v_jax.optim.routing import format_table, route
 from glm5v_jax.train import flops as flops_lib
 from glm5v_jax.train.checkpoint import Checkpointer
-from glm5v_jax.train.optimizer import group_assigner, groups_from_config, make_tx
+from glm5v_jax.sharding.partition import create_sharded
+from glm5v_jax.sharding.rules import parameter_shardings
+from glm5v_jax.train.optimizer import transform_from_config
+from glm5v_jax.train.parallel import (batch_shardings, global_batch, jit_eval, jit_step, plan_from_config,
+                                       preflight)
 from glm5v_jax.train.step import train_step
 from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves
 
@@ -130,34 +130,22 @@ def resolve_model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer
 
 
 # ----------------------------------------------------------------------------- optimizer
-def build_optimizer(model: GLM5V, cfg: ml_collections.ConfigDict, total_steps: int, workdir: Path | None = None):
+def build_optimizer(model: GLM5V, cfg: ml_collections.ConfigDict, total_steps: int, workdir: Path | None = None,
+                    **kwargs):
     """(nnx.Optimizer, {"<group>/<kind>": schedule}, {param path: "<group>/<kind>"}) from
-    config.optim; logs the Muon routing table (and writes it to <workdir>/routing.txt)."""
-    params = nnx.state(model, nnx.Param)
-    groups = groups_from_config(cfg.groups)
-    group_of = group_assigner(groups)
-    muon_kwargs = dict(cfg.muon)
-    table = route(model, split_heads=bool(muon_kwargs.pop("split_heads", False)))
-    muon_kwargs["ns_dtype"] = jnp.dtype(muon_kwargs["ns_dtype"])
-    tx, schedules = make_tx(params, total_steps=total_steps, groups=groups, name=cfg.name, table=table,
-                            clip_norm=cfg.clip_norm, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, muon_kwargs=muon_kwargs)
-    if cfg.qk_clip_tau > 0:  # MuonClip: cap per-head logits after each update
-        if not model.spec.backbone.track_max_logits:
-            raise ValueError("config.optim.qk_clip_tau > 0 needs config.model.backbone.track_max_logits=True")
-        if model.spec.backbone.qk_norm:
-            raise ValueError("config.optim.qk_clip_tau > 0 needs config.model.backbone.qk_norm=False "
-                             "(with QK-Norm the projection scale does not reach the logits)")
-        tx = optax.chain(tx, qk_clip(cfg.qk_clip_tau, targets=qk_clip_targets(model, prefixes=("backbone", "mtp"))))
-    muon_on = cfg.name == "muon"
-    labels = {path: f"{group_of(path)}/{'muon' if muon_on and spec is not None else 'adamw'}"
-              for path, spec in table.items()}
-    if muon_on:
-        text = format_table(model, table, scale_fn=SCALE_MODES[cfg.muon.scale_mode])
-        log.info("Muon routing (%d Muon, %d AdamW leaves):\n%s", sum(s is not None for s in table.values()),
-                 sum(s is None for s in table.values()), text)
-        if workdir is not None:
-            (workdir / "routing.txt").write_text(text + "\n")
+    config.optim; logs the Muon routing table (and writes it to <workdir>/routing.txt).
+    `kwargs` (mesh, shardings) go to `transform_from_config`."""
+    tx, schedules, labels, routing = transform_from_config(model, cfg, total_steps, **kwargs)
+    _log_routing(routing, workdir)
     return nnx.Optimizer(model, tx, wrt=nnx.Param), schedules, labels
+
+
+def _log_routing(routing: str | None, workdir: Path | None) -> None:
+    if routing is None:
+        return
+    log.info("Muon routing:\n%s", routing)
+    if workdir is not None:
+        (workdir / "routing.txt").write_text(routing + "\n")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -187,13 +175,13 @@ def _average(acc: dict, metrics: dict) -> dict:
     return acc
 
 
-def evaluate(eval_fn, state, make_eval_iter, num_batches: int) -> dict:
+def evaluate(eval_fn, state, make_eval_iter, num_batches: int, shardings) -> dict:
     """Mean losses over the first `num_batches` validation batches (fixed order)."""
     acc: dict = {}
     for i, batch in enumerate(make_eval_iter()):
         if i >= num_batches:
             break
-        acc = _average(acc, eval_fn(state, _device_batch(batch)))
+        acc = _average(acc, eval_fn(state, global_batch(_batch_arrays(batch), shardings)))
     return {f"eval/{k}": float(v.compute()) for k, v in acc.items()}
 
 
@@ -201,8 +189,19 @@ _BATCH_KEYS = ("tokens", "segment_ids", "loss_mask", "patches", "patch_yx", "pat
                "image_valid")
 
 
-def _device_batch(batch: dict) -> dict:
-    return {k: jnp.asarray(batch[k]) for k in _BATCH_KEYS if k in batch}
+def _batch_arrays(batch: dict) -> dict:
+    return {k: batch[k] for k in _BATCH_KEYS if k in batch}
+
+
+def batch_contract(spec, data_cfg) -> dict[str, jax.ShapeDtypeStruct]:
+    """Global shapes and dtypes of a training batch (see glm5v_jax.data.batch)."""
+    b, s, m = data_cfg.batch_size, data_cfg.seq_len, data_cfg.max_images_per_row
+    n, p = spec.vision.max_patches, spec.vision.patch_size
+    sds = jax.ShapeDtypeStruct
+    return dict(tokens=sds((b, s), jnp.int32), segment_ids=sds((b, s), jnp.int32), loss_mask=sds((b, s), bool),
+                patches=sds((b * m, n, p * p * 3), jnp.float32), patch_yx=sds((b * m, n, 2), jnp.int32),
+                patch_valid=sds((b * m, n), bool), image_grid=sds((b * m, 2), jnp.int32),
+                image_valid=sds((b * m,), bool))
 
 
 # ----------------------------------------------------------------------------- main loop
@@ -215,15 +214,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     spec = vlm_spec_from_config(config.model)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
-    model = GLM5V(spec, rngs=nnx.Rngs(config.seed))
-    optimizer, schedules, update_labels = build_optimizer(model, config.optim, config.total_steps, workdir)
+    # The mesh, and every check that can fail, before anything is built or compiled.
+    plan = plan_from_config(config.mesh)
+    abstract_model = nnx.eval_shape(lambda: GLM5V(spec, rngs=nnx.Rngs(config.seed)))
+    replicated = preflight(abstract_model, plan, global_batch=config.data.batch_size, mesh_cfg=config.mesh)
+    log.info("%s; %.2f%% of parameter bytes replicated over a non-data axis", plan.describe(), 100 * replicated)
+    param_sh = parameter_shardings(abstract_model, plan.mesh, plan.rules)
+    tx, schedules, update_labels, routing = transform_from_config(
+        abstract_model, config.optim, config.total_steps, mesh=plan.mesh, shardings=param_sh)
+    _log_routing(routing, workdir)
+
+    def make():
+        model = GLM5V(spec, rngs=nnx.Rngs(config.seed))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    # Model and optimizer state are created already sharded: no device holds a full replica.
+    graphdef, state, state_sh = create_sharded(make, plan.mesh, param_sh)
     train_iter = make_iterator(config.data, sources["train"], weights, tokenizer, spec, seed=config.seed,
                                train=True)
 
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    graphdef, state = nnx.split((model, optimizer))
     start_step = 0
-    restored = ckpt.restore_latest(state)
+    restored = ckpt.restore_latest(state)  # resharded onto this run's mesh, whatever it was saved on
     if restored is not None:
         start_step, state, data_state, _ = restored
         train_iter.set_state(data_state)
@@ -244,8 +256,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _, metrics = vlm_loss(m(batch), batch, mtp_loss_weight=mtp_w, balance_loss_weight=bal_w)
         return metrics
 
-    step_fn = jax.jit(pure_train_step, donate_argnums=0)
-    eval_fn = jax.jit(pure_eval_step)
+    batch_sh = batch_shardings(batch_contract(spec, config.data), plan)
+    step_fn = jit_step(pure_train_step, plan, state_sh, batch_sh)
+    eval_fn = jit_eval(pure_eval_step, plan, state_sh, batch_sh)
 
     def make_eval_iter():
         return make_iterator(config.data, sources["eval"], weights, tokenizer, spec, seed=0, train=False)
@@ -253,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = MultiWriter([TensorBoardWriter(workdir / "tensorboard"), JsonlWriter(workdir / "metrics.jsonl")])
     if start_step == 0:
         writer.write_hparams({"preset": config.preset, "mmtp": config.model.mtp.mode,
-                              "params": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))})
+                              "params": sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model, nnx.Param)))})
     if start_step == 0 and config.get("measure_pipeline_batches", 0):
         probe = make_iterator(config.data, sources["train"], weights, tokenizer, spec, seed=config.seed + 1,
                               train=True)
@@ -265,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     peak, peak_source = flops_lib.device_peak_flops()
     log.info("device peak %.3g FLOP/s (%s) x %d devices", peak, peak_source, jax.device_count())
     if start_step == 0 and config.eval_every:
-        ev = evaluate(eval_fn, state, make_eval_iter, config.data.eval_batches)
+        ev = evaluate(eval_fn, state, make_eval_iter, config.data.eval_batches, batch_sh)
         writer.write_scalars(0, ev)
         log.info("step 0  eval loss %.4f (before training)", ev.get("eval/loss/total", float("nan")))
     preemption = _Preemption()
@@ -281,13 +294,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             t_data = time.time()
             batch = next(train_iter)
             data_time += time.time() - t_data
-            dev_batch = _device_batch(batch)
-            state, metrics = step_fn(state, dev_batch)
+            state, metrics = step_fn(state, global_batch(_batch_arrays(batch), batch_sh))
             acc = _average(acc, metrics)
             n_images = int(np.asarray(batch["image_valid"]).sum()) if "image_valid" in batch else 0
             tokens_seen += int((np.asarray(batch["segment_ids"]) != 0).sum())
             flops_done += flops_lib.train_flops_per_step(
-                spec, rows=batch["tokens"].shape[0], seq_len=batch["tokens"].shape[1],
+                spec, rows=batch["tokens"].shape[0] * jax.process_count(), seq_len=batch["tokens"].shape[1],
                 images=n_images, patches_per_image=spec.vision.max_patches)
             window_steps += 1
 
@@ -316,7 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
             if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
                 t_eval = time.time()
-                ev = evaluate(eval_fn, state, make_eval_iter, config.data.eval_batches)
+                ev = evaluate(eval_fn, state, make_eval_iter, config.data.eval_batches, batch_sh)
                 writer.write_scalars(step, ev)
                 log.info("step %d  eval loss %.4f", step, ev.get("eval/loss/total", float("nan")))
                 last.update(ev)
@@ -334,5 +346,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         preemption.restore()
     if not preemption.requested:
         plot_curves(workdir / "metrics.jsonl", workdir / "loss_curves.png")
-    nnx.update((model, optimizer), state)
     return dict(last, step=step)

@@ -1,0 +1,139 @@
+"""Putting a training run on a mesh, shared by the trainer, the benchmarks and the AOT tool.
+
+    plan = plan_from_config(config.mesh, devices)                  # mesh + rules, refused early
+    preflight(abstract_model, plan, global_batch=..., mesh_cfg=...)  # checks before compiling
+    graphdef, state, state_sh = create_sharded(make, plan.mesh, parameter_shardings(...))
+    batch_sh = batch_shardings(batch_shapes, plan)
+    step = jit_step(fn, plan, state_sh, batch_sh)                    # explicit in/out shardings
+    batch = global_batch(host_batch, batch_sh)                       # per-host shards -> global arrays
+
+Every batch array's leading dimension is rows (tokens, segment_ids, loss_mask) or image
+slots (rows x max_images_per_row: patches, patch_yx, ...), and a host's slots belong to
+its own rows, so every array is split along its leading dimension over the mesh axes of
+`activation_batch`. Each host passes its own rows to `global_batch`, which assembles the
+global arrays with `jax.make_array_from_process_local_data`; on one host that is a
+plain sharded `device_put`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from glm5v_jax.errors import ConfigError
+from glm5v_jax.sharding.checks import check_batch, check_divisibility, check_replication
+from glm5v_jax.sharding.context import MeshRules, use_mesh_rules
+from glm5v_jax.sharding.mesh import make_mesh, mesh_spec_from_config
+from glm5v_jax.sharding.rules import rules_from_config
+
+REPLICATION_ACTIONS = ("error", "warn")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshPlan(MeshRules):
+    """The run's mesh and normalised logical rules."""
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        return self.mesh_axes("activation_batch")
+
+    def describe(self) -> str:
+        shape = ", ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
+        return f"mesh ({shape}) over {self.mesh.devices.size} devices; batch split over {self.batch_axes}"
+
+
+def plan_from_config(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> MeshPlan:
+    """Mesh (`config.mesh.shape`, `dcn_shape`) and rules (`config.mesh.rules`) for `devices`."""
+    mesh = make_mesh(mesh_spec_from_config(mesh_cfg), devices)
+    return MeshPlan(mesh, rules_from_config(mesh_cfg, mesh.axis_names))
+
+
+def preflight(abstract_model: nnx.Module, plan: MeshPlan, *, global_batch: int, mesh_cfg: Any = None,
+              batch_field: str = "config.data.batch_size") -> float:
+    """Every check that can fail before compiling; returns the replicated parameter fraction.
+
+    Divisibility of every sharded parameter dimension (heads, KV heads, experts,
+    vocabulary, widths), of the global batch over the batch axes, and the replicated
+    fraction (`config.mesh.replication_tolerance`, `replication_action`: error | warn).
+    """
+    get = (lambda k, d: mesh_cfg.get(k, d)) if mesh_cfg is not None else (lambda k, d: d)
+    action = get("replication_action", "error")
+    if action not in REPLICATION_ACTIONS:
+        raise ConfigError("config.mesh.replication_action", f"expected one of {REPLICATION_ACTIONS}, got {action!r}")
+    check_divisibility(abstract_model, plan.mesh, plan.rules)
+    check_batch(global_batch, plan.mesh, plan.rules, field=batch_field)
+    if global_batch % jax.process_count():
+        raise ConfigError(batch_field, f"{global_batch} rows do not split over {jax.process_count()} hosts")
+    return check_replication(abstract_model, plan.mesh, plan.rules,
+                             tolerance=float(get("replication_tolerance", 0.02)), action=action)
+
+
+def batch_sharding(shape: Sequence[int], plan: MeshPlan) -> NamedSharding:
+    """Leading dimension over the batch axes (those that divide it, in order); rest replicated."""
+    axes: list[str] = []
+    for a in plan.batch_axes:
+        if shape and shape[0] % (math.prod(plan.mesh.shape[k] for k in axes) * plan.mesh.shape[a]) == 0:
+            axes.append(a)
+    if not shape or not axes:
+        return NamedSharding(plan.mesh, P())
+    return NamedSharding(plan.mesh, P(tuple(axes)))
+
+
+def batch_shardings(batch: Mapping[str, Any], plan: MeshPlan) -> dict[str, NamedSharding]:
+    """{key: NamedSharding} for a (global-shape) batch of arrays or ShapeDtypeStructs."""
+    return {k: batch_sharding(tuple(np.shape(v)), plan) for k, v in batch.items()}
+
+
+def global_batch(host_batch: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
+    """Global arrays from this host's rows (every host calls this with its own shard)."""
+    out = {}
+    n = jax.process_count()
+    for k, v in host_batch.items():
+        if k not in shardings:
+            continue
+        v = np.asarray(v)
+        global_shape = (v.shape[0] * n,) + v.shape[1:] if v.ndim else v.shape
+        out[k] = jax.make_array_from_process_local_data(shardings[k], v, global_shape)
+    return out
+
+
+def host_to_global_shapes(host_batch: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Global shapes of a batch whose leading dimensions are per-host."""
+    n = jax.process_count()
+    return {k: ((np.shape(v)[0] * n,) + tuple(np.shape(v)[1:])) for k, v in host_batch.items()}
+
+
+def abstract_state(graphdef_state: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying `shardings`, for lowering without allocating anything."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), graphdef_state, shardings)
+
+
+def jit_step(fn: Callable, plan: MeshPlan, state_shardings: Any, batch_shardings_: Mapping[str, NamedSharding], *,
+             donate: bool = True) -> Callable:
+    """`fn(state, batch) -> (state, metrics)` jitted with explicit shardings and traced under
+    `use_mesh_rules(plan)` (activation constraints, expert parallelism). The state is
+    donated and comes back with the shardings it went in with; metrics are replicated."""
+
+    def traced(state, batch):
+        with use_mesh_rules(plan.mesh, plan.rules):
+            return fn(state, batch)
+
+    return jax.jit(traced, in_shardings=(state_shardings, dict(batch_shardings_)),
+                   out_shardings=(state_shardings, NamedSharding(plan.mesh, P())),
+                   donate_argnums=(0,) if donate else ())
+
+
+def jit_eval(fn: Callable, plan: MeshPlan, state_shardings: Any, batch_shardings_: Mapping[str, NamedSharding]):
+    """`fn(state, batch) -> metrics` jitted like `jit_step`, nothing donated."""
+
+    def traced(state, batch):
+        with use_mesh_rules(plan.mesh, plan.rules):
+            return fn(state, batch)
+
+    return jax.jit(traced, in_shardings=(state_shardings, dict(batch_shardings_)),
+                   out_shardings=NamedSharding(plan.mesh, P()))
