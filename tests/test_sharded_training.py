@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm5v_jax.models.vlm import GLM5V
 from glm5v_jax.optim.muon import muon
@@ -14,6 +13,7 @@ from glm5v_jax.sharding.mesh import MeshSpec, make_mesh
 from glm5v_jax.sharding.partition import bytes_per_device, create_sharded
 from glm5v_jax.sharding.rules import DEFAULT_RULES, check_rules, parameter_shardings
 from glm5v_jax.train.checkpoint import Checkpointer
+from glm5v_jax.train.parallel import MeshPlan, batch_shardings, global_batch, jit_step
 from glm5v_jax.train.step import train_step
 
 from helpers import small_batch, small_spec
@@ -36,18 +36,18 @@ def _setup(shape, devices):
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     graphdef, state, state_sh = create_sharded(make, mesh, shardings)
-    batch_axes = rules["activation_batch"]
-    batch = small_batch(rows=8)
-    rows = batch["tokens"].shape[0]  # per-row arrays are split over the batch axes; image arrays replicated
-    batch_sh = jax.tree.map(lambda x: NamedSharding(mesh, P(batch_axes) if x.shape[0] == rows else P()), batch)
-    batch = jax.device_put(batch, batch_sh)
+    plan = MeshPlan(mesh, rules)
+    host_batch = jax.tree.map(np.asarray, small_batch(rows=8))
+    batch_sh = batch_shardings(host_batch, plan)  # leading dims (rows, image slots) over the batch axes
+    batch = global_batch(host_batch, batch_sh)
 
     def step(state, batch):
         model, opt = nnx.merge(graphdef, state)
         metrics = train_step(model, opt, batch)
         return nnx.state((model, opt)), metrics["loss/total"]
 
-    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
+    # Traced under the mesh rules: activations carry their logical shardings.
+    jitted = jit_step(step, plan, state_sh, batch_sh)
     return state, state_sh, jitted, batch, shardings
 
 

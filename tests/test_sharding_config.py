@@ -1,11 +1,15 @@
 """Mesh from config, logical rules, and the checks run before compiling (each bad case
 refused with the config field named). Abstract models only: nothing is compiled."""
 import dataclasses
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.models.vlm import GLM5V
@@ -62,9 +66,11 @@ def test_logical_to_spec_uses_each_mesh_axis_once():
 def test_parameter_specs_follow_the_rules(model):
     mesh = _mesh((1, 2, 2, 2))
     specs = parameter_specs(model, _rules(mesh))
-    assert specs[("backbone", "dense_layers", "attn", "q")] == P(None, "fsdp", "tensor", None)
+    assert specs[("backbone", "dense_layers", "attn", "q")] == P(None, ("fsdp", "expert"), "tensor", None)
+    # the expert axis goes to the experts; embed keeps what is left of its axes
     assert specs[("backbone", "moe_layers", "mlp", "gate")] == P(None, "expert", "fsdp", "tensor")
-    assert specs[("backbone", "embed")] == P("tensor", "fsdp")
+    assert specs[("backbone", "embed")] == P("tensor", ("fsdp", "expert"))
+    assert specs[("mtp", "depths", "0", "eh_proj")] == P("tensor", ("fsdp", "expert"))
 
 
 @pytest.mark.parametrize("field, shape, change, rules", [
@@ -125,7 +131,7 @@ def test_mesh_and_rules_from_config():
     assert spec.shape == (2, -1, 1, 1) and spec.dcn_shape is None
     mesh = make_mesh(spec, jax.devices()[:8])
     rules = rules_from_config(cfg, mesh.axis_names)
-    assert rules["mlp"] == ("tensor", "fsdp") and rules["vocab"] == () and rules["embed"] == ("fsdp",)
+    assert rules["mlp"] == ("tensor", "fsdp") and rules["vocab"] == () and rules["embed"] == ("fsdp", "expert")
     with pytest.raises(ConfigError) as e:
         mesh_spec_from_config(ml_collections.ConfigDict({"shape": (2, 4)}))
     assert e.value.field == "config.mesh.shape"
@@ -133,3 +139,61 @@ def test_mesh_and_rules_from_config():
         rules_from_config(ml_collections.ConfigDict({"shape": (8, 1, 1, 1), "rules": {"heads": "model"}}),
                           mesh.axis_names)
     assert e.value.field == "config.mesh.rules.heads"
+
+
+def test_activation_constraints_follow_the_rules_and_are_identity_outside():
+    from glm5v_jax.sharding.context import RESIDUAL, active, constrain, logical_sharding, use_mesh_rules
+
+    mesh = _mesh((2, 2, 2, 1))
+    rules = _rules(mesh)
+    x = jnp.ones((8, 6, 4))
+    assert active() is None and constrain(x, RESIDUAL) is x
+    with use_mesh_rules(mesh, rules):
+        y = jax.jit(lambda v: constrain(v * 2, RESIDUAL))(x)
+        # batch over (data, fsdp), embed over tensor; 6 is not split (activation_length: None)
+        assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), None, "tensor")), 3)
+        # a mesh axis that does not divide the size is dropped (2 rows over data x fsdp = 4)
+        assert logical_sharding((2, 6, 3), RESIDUAL).spec == P("data", None, None)
+        with pytest.raises(ConfigError, match="logical axis 'nope'"):
+            constrain(x, ("nope", None, None))
+    assert active() is None
+    np.testing.assert_array_equal(np.asarray(y), 2 * np.ones((8, 6, 4)))
+
+
+def test_trainer_config_refusals_name_the_field():
+    """The real config path: plan_from_config + preflight refuse before anything compiles."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+    import vlm_pretrain
+
+    from glm5v_jax.train.parallel import plan_from_config, preflight
+
+    config = vlm_pretrain.get_config("tiny")
+    model = nnx.eval_shape(lambda: GLM5V(small_spec(), rngs=nnx.Rngs(0)))
+    cases = [
+        (dict(shape=(3, -1, 1, 1)), 8, "config.mesh.shape"),  # 3 does not divide 8 devices
+        (dict(shape=(2, 2, 1, 1)), 8, "config.mesh.shape"),  # 4 devices in the mesh, 8 available
+        (dict(shape=(1, 1, 1, 8)), 8, "config.model.backbone.num_experts"),  # 4 experts over 8
+        (dict(shape=(1, 1, 8, 1)), 8, ("config.model.backbone.num_kv_heads", "config.model.backbone.num_heads",
+                                        "config.model.vision.num_heads")),  # 4 / 2 heads over 8
+        (dict(shape=(2, 4, 1, 1)), 6, "config.data.batch_size"),  # 6 rows over 8 batch shards
+        (dict(rules={"heads": "model"}), 8, "config.mesh.rules.heads"),  # unknown mesh axis
+        (dict(replication_action="ignore"), 8, "config.mesh.replication_action"),
+        (dict(rules={"embed": None, "mtp_concat": None, "patch": None}), 8, "config.mesh.replication_tolerance"),
+    ]
+    for change, batch, field in cases:
+        cfg = ml_collections.ConfigDict(config.mesh.to_dict())
+        for k, v in change.items():
+            if k == "rules":
+                cfg.rules.update(v)
+            else:
+                cfg[k] = v
+        with pytest.raises(ConfigError) as e:
+            preflight(model, plan_from_config(cfg, jax.devices()[:8]), global_batch=batch, mesh_cfg=cfg)
+        assert e.value.field in ((field,) if isinstance(field, str) else field), (change, str(e.value))
+    cfg = ml_collections.ConfigDict(config.mesh.to_dict())
+    cfg.rules.update({"embed": None, "mtp_concat": None, "patch": None})
+    cfg.replication_action = "warn"
+    with pytest.warns(UserWarning, match="replicated"):
+        preflight(model, plan_from_config(cfg, jax.devices()[:8]), global_batch=8, mesh_cfg=cfg)

@@ -23,6 +23,7 @@ from glm5v_jax.kernels.reference import attention_max_logits, attention_referenc
 from glm5v_jax.layers.norms import rms_normalize
 from glm5v_jax.layers.params import normal, ones, param, zeros
 from glm5v_jax.layers.rope import apply_rotary
+from glm5v_jax.sharding.context import RESIDUAL, constrain
 
 # name -> fn(q, k, v, *, causal, q_segment_ids, kv_segment_ids, scale) -> out
 ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {"xla": attention_reference}
@@ -135,6 +136,9 @@ class Attention(nnx.Module):
         """
         q, k = self.queries_keys(x, rotary)
         v = self._project(x.astype(self.dtype), self.v, self.v_bias)
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+        k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv"))
+        v = constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv"))
         masking = {"causal": causal, "q_segment_ids": segment_ids, "kv_segment_ids": segment_ids,
                    "scale": self.head_dim**-0.5}
         core = get_attention_impl(self.impl)
@@ -147,6 +151,7 @@ class Attention(nnx.Module):
             out = core(q, k, v, **masking)
             max_logits = attention_max_logits(q, k, **masking)
         out = jnp.einsum("bshd,hde->bse", out.astype(self.dtype), self.o[...].astype(self.dtype))
+        out = constrain(out, RESIDUAL)
         if return_max_logits:
             return out, jax.lax.stop_gradient(max_logits.astype(jnp.float32))
         return out

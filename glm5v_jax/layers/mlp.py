@@ -6,6 +6,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm5v_jax.layers.params import normal, param, zeros
+from glm5v_jax.sharding.context import constrain
+
+_HIDDEN = ("activation_batch", "activation_length", "activation_mlp")
+
+
+def _hidden(h: jax.Array) -> jax.Array:
+    """The MLP hidden activation `[B, S, F]` split by the rules (other ranks left alone)."""
+    return constrain(h, _HIDDEN) if h.ndim == 3 else h
 
 
 class SwiGLU(nnx.Module):
@@ -21,7 +29,7 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        h = jax.nn.silu(x @ self.gate[...].astype(self.dtype)) * (x @ self.up[...].astype(self.dtype))
+        h = _hidden(jax.nn.silu(x @ self.gate[...].astype(self.dtype)) * (x @ self.up[...].astype(self.dtype)))
         return h @ self.down[...].astype(self.dtype)
 
 
@@ -39,7 +47,7 @@ class GeluMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        h = jax.nn.gelu(x @ self.fc1[...].astype(self.dtype) + self.fc1_bias[...].astype(self.dtype))
+        h = _hidden(jax.nn.gelu(x @ self.fc1[...].astype(self.dtype) + self.fc1_bias[...].astype(self.dtype)))
         return h @ self.fc2[...].astype(self.dtype) + self.fc2_bias[...].astype(self.dtype)
 
 

@@ -24,6 +24,7 @@ from glm5v_jax.layers.params import normal, param
 from glm5v_jax.layers.rope import Rotary
 from glm5v_jax.layers.stack import scan_layers, stacked
 from glm5v_jax.models.specs import BackboneSpec
+from glm5v_jax.sharding.context import RESIDUAL, constrain
 
 
 class DecoderBlock(nnx.Module):
@@ -58,7 +59,7 @@ class DecoderBlock(nnx.Module):
             y, aux = self.mlp(self.mlp_norm(x), token_mask=segment_ids != 0)
         else:
             y, aux = self.mlp(self.mlp_norm(x)), {}
-        return x + y.astype(x.dtype), {**aux, **attn_aux}
+        return constrain(x + y.astype(x.dtype), RESIDUAL), {**aux, **attn_aux}
 
 
 class GLMBackbone(nnx.Module):
@@ -79,7 +80,7 @@ class GLMBackbone(nnx.Module):
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """`[B, S]` int -> `[B, S, H]` in the compute dtype."""
-        return jnp.take(self.embed[...], tokens, axis=0).astype(self.spec.dtype)
+        return constrain(jnp.take(self.embed[...], tokens, axis=0).astype(self.spec.dtype), RESIDUAL)
 
     def rotary_tables(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """positions `[B, S, 3]` (t, h, w) or `[B, S]` -> (cos, sin) `[B, S, R/2]`."""
@@ -128,8 +129,9 @@ class GLMBackbone(nnx.Module):
     def head_logits(self, x: jax.Array) -> jax.Array:
         """The output head alone on normalised states: `[B, S, H]` -> float32 `[B, S, V]`."""
         dt = self.spec.dtype
-        return jnp.einsum("bsh,hv->bsv", x.astype(dt), self.head[...].astype(dt),
-                          preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bsh,hv->bsv", x.astype(dt), self.head[...].astype(dt),
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
     def logits(self, h: jax.Array) -> jax.Array:
         """Final norm + head: `[B, S, H]` -> float32 logits `[B, S, V]`."""

@@ -20,6 +20,7 @@ from glm5v_jax.layers.params import normal, param, zeros
 from glm5v_jax.layers.rope import Rotary
 from glm5v_jax.layers.stack import scan_layers, stacked
 from glm5v_jax.models.specs import VisionSpec
+from glm5v_jax.sharding.context import RESIDUAL, constrain
 
 
 class VisionBlock(nnx.Module):
@@ -36,7 +37,7 @@ class VisionBlock(nnx.Module):
 
     def __call__(self, x, rotary, segment_ids):
         x = x + self.attn(self.attn_norm(x), rotary=rotary, segment_ids=segment_ids, causal=False)
-        return x + self.mlp(self.mlp_norm(x))
+        return constrain(x + self.mlp(self.mlp_norm(x)), RESIDUAL)
 
 
 class CogViT(nnx.Module):
@@ -63,7 +64,7 @@ class CogViT(nnx.Module):
         if mim_mask is not None:
             x = jnp.where(mim_mask[..., None], self.mask_token[...].astype(dt), x)
         valid = valid.astype(bool)
-        x = jnp.where(valid[..., None], x, 0)
+        x = constrain(jnp.where(valid[..., None], x, 0), RESIDUAL)
         segment_ids = valid.astype(jnp.int32)
         rotary = self.rotary.cos_sin(patch_yx)
 

@@ -23,6 +23,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from glm5v_jax.sharding.rules import logical_to_spec
 
 
+# Logical names of the residual stream `[B, S, E]` (text tokens or image patches).
+RESIDUAL = ("activation_batch", "activation_length", "activation_embed")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshRules:
     """A mesh and the normalised logical rules ({name: tuple of mesh axes})."""

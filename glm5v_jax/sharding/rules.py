@@ -3,7 +3,9 @@
 Every parameter carries logical axis names (`glm5v_jax.layers.params.param`); a rule
 table maps each name to a mesh axis, a tuple of mesh axes, or None (replicated).
 `DEFAULT_RULES` is FSDP over `fsdp` (and `data` for activations), tensor parallelism
-over `tensor` (heads, MLP width, vocabulary) and expert parallelism over `expert`.
+over `tensor` (heads, MLP width, vocabulary) and expert parallelism over `expert`; the
+expert axis also shards the non-expert weights FSDP-style (as MaxText's defaults do),
+so a mesh with experts spread over it does not replicate the rest of the model.
 A config may replace any rule (`config.mesh.rules`). Within one parameter a mesh axis
 is used at most once: a later dimension that asks for an axis already taken stays
 unsharded along it.
@@ -22,7 +24,7 @@ Rules = Mapping[str, MeshAxes]
 
 DEFAULT_RULES: dict[str, MeshAxes] = {
     # parameters
-    "embed": "fsdp",
+    "embed": ("fsdp", "expert"),  # the expert axis doubles as FSDP for non-expert weights
     "mlp": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -32,8 +34,8 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "exp_router": None,
     "layers": None,
     "norm": None,
-    "patch": None,
-    "mtp_concat": "fsdp",
+    "patch": "tensor",
+    "mtp_concat": "tensor",
     # activations
     "activation_batch": ("data", "fsdp", "expert"),
     "activation_length": None,
