@@ -6,6 +6,6 @@ VENV="${VENV:-.venv}"
 [ -d "$VENV" ] || python3 -m venv "$VENV"
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
-python -m pip install -q -e '.[test]'
+python -m pip install -q -e '.[test,tpu]'
 python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)"
 python -m pytest -q -n 2 tests

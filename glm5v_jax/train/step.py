@@ -55,7 +55,8 @@ def update_statistics(before, after, labels: Mapping[tuple[str, ...], str]) -> d
         counts[label] = counts.get(label, 0) + d.size
 
     jax.tree_util.tree_map_with_path(visit, before, after)
-    return {f"optim/update_rms/{k}": jnp.sqrt(sums[k] / counts[k]) for k in sorted(sums)}
+    # float(count): a group of a 100B model has more elements than int32 holds
+    return {f"optim/update_rms/{k}": jnp.sqrt(sums[k] / float(counts[k])) for k in sorted(sums)}
 
 
 def optimizer_statistics(opt_state) -> dict:

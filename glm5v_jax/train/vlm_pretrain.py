@@ -11,12 +11,14 @@ One readable loop, big_vision style:
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +37,8 @@ from glm5v_jax.train.checkpoint import Checkpointer
 from glm5v_jax.sharding.partition import create_sharded
 from glm5v_jax.sharding.rules import parameter_shardings
 from glm5v_jax.train.optimizer import transform_from_config
-from glm5v_jax.train.parallel import (batch_shardings, global_batch, jit_eval, jit_step, plan_from_config,
-                                       preflight)
+from glm5v_jax.train.parallel import (MeshPlan, batch_shardings, global_batch, jit_eval, jit_step,
+                                       plan_from_config, preflight)
 from glm5v_jax.train.step import train_step
 from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves
 
@@ -148,6 +150,51 @@ def _log_routing(routing: str | None, workdir: Path | None) -> None:
         (workdir / "routing.txt").write_text(routing + "\n")
 
 
+# ----------------------------------------------------------------------------- the run on a mesh
+@dataclasses.dataclass(frozen=True)
+class ShardedSetup:
+    """What the trainer (and the AOT tool) build before any array exists."""
+
+    abstract_model: GLM5V
+    replicated: float  # fraction of parameter bytes replicated over a non-data mesh axis
+    param_shardings: dict
+    make: Callable[[], tuple]  # () -> (model, nnx.Optimizer), to run under create_sharded / eval_shape
+    schedules: dict
+    update_labels: dict
+    routing: str | None
+
+
+def sharded_setup(config: ml_collections.ConfigDict, spec, plan: MeshPlan) -> ShardedSetup:
+    """Preflight checks (ConfigError naming the field), parameter shardings and the
+    optimizer of `config.optim` placed on `plan`'s mesh, all from an abstract model."""
+    abstract_model = nnx.eval_shape(lambda: GLM5V(spec, rngs=nnx.Rngs(config.seed)))
+    replicated = preflight(abstract_model, plan, global_batch=config.data.batch_size, mesh_cfg=config.mesh)
+    param_sh = parameter_shardings(abstract_model, plan.mesh, plan.rules)
+    tx, schedules, labels, routing = transform_from_config(abstract_model, config.optim, config.total_steps,
+                                                           mesh=plan.mesh, shardings=param_sh)
+
+    def make():
+        model = GLM5V(spec, rngs=nnx.Rngs(config.seed))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    return ShardedSetup(abstract_model, replicated, param_sh, make, schedules, labels, routing)
+
+
+def train_step_fn(graphdef, config: ml_collections.ConfigDict, update_labels: dict | None):
+    """`(state, batch) -> (state, metrics)`: the trainer's step on split (model, optimizer)
+    state. `update_labels=None` leaves out the per-group update-RMS metrics."""
+    mtp_w, bal_w = float(config.model.mtp.loss_weight), float(config.model.backbone.balance_loss_weight)
+    bias_rate, tau = float(config.optim.router_bias_update_rate), float(config.optim.qk_clip_tau)
+
+    def pure_train_step(state, batch):
+        m, o = nnx.merge(graphdef, state)
+        metrics = train_step(m, o, batch, mtp_loss_weight=mtp_w, balance_loss_weight=bal_w,
+                             router_bias_rate=bias_rate, update_labels=update_labels, qk_clip_tau=tau)
+        return nnx.state((m, o)), metrics
+
+    return pure_train_step
+
+
 # ----------------------------------------------------------------------------- helpers
 class _Preemption:
     """SIGTERM or SIGINT (Ctrl-C) -> finish the current step, checkpoint it, exit cleanly."""
@@ -216,20 +263,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # The mesh, and every check that can fail, before anything is built or compiled.
     plan = plan_from_config(config.mesh)
-    abstract_model = nnx.eval_shape(lambda: GLM5V(spec, rngs=nnx.Rngs(config.seed)))
-    replicated = preflight(abstract_model, plan, global_batch=config.data.batch_size, mesh_cfg=config.mesh)
-    log.info("%s; %.2f%% of parameter bytes replicated over a non-data axis", plan.describe(), 100 * replicated)
-    param_sh = parameter_shardings(abstract_model, plan.mesh, plan.rules)
-    tx, schedules, update_labels, routing = transform_from_config(
-        abstract_model, config.optim, config.total_steps, mesh=plan.mesh, shardings=param_sh)
-    _log_routing(routing, workdir)
-
-    def make():
-        model = GLM5V(spec, rngs=nnx.Rngs(config.seed))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+    setup = sharded_setup(config, spec, plan)
+    log.info("%s; %.2f%% of parameter bytes replicated over a non-data axis", plan.describe(),
+             100 * setup.replicated)
+    _log_routing(setup.routing, workdir)
+    schedules, abstract_model = setup.schedules, setup.abstract_model
 
     # Model and optimizer state are created already sharded: no device holds a full replica.
-    graphdef, state, state_sh = create_sharded(make, plan.mesh, param_sh)
+    graphdef, state, state_sh = create_sharded(setup.make, plan.mesh, setup.param_shardings)
     train_iter = make_iterator(config.data, sources["train"], weights, tokenizer, spec, seed=config.seed,
                                train=True)
 
@@ -242,14 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log.info("resuming at step %d", start_step)
 
     mtp_w, bal_w = float(config.model.mtp.loss_weight), float(config.model.backbone.balance_loss_weight)
-    bias_rate = float(config.optim.router_bias_update_rate)
-
-    def pure_train_step(state, batch):
-        m, o = nnx.merge(graphdef, state)
-        metrics = train_step(m, o, batch, mtp_loss_weight=mtp_w, balance_loss_weight=bal_w,
-                             router_bias_rate=bias_rate, update_labels=update_labels,
-                             qk_clip_tau=float(config.optim.qk_clip_tau))
-        return nnx.state((m, o)), metrics
+    pure_train_step = train_step_fn(graphdef, config, setup.update_labels)
 
     def pure_eval_step(state, batch):
         m, _ = nnx.merge(graphdef, state)

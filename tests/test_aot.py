@@ -1,0 +1,124 @@
+"""The AOT tool: the trainer's step compiled for TPU topologies on this (CPU) host.
+
+Each case runs `python -m glm5v_jax.tools.aot` in a subprocess (libtpu describes the
+topology; the local backend stays CPU). The TPU compiler is single-threaded and takes
+about a minute or two per 0p5b step here, so all cases start together in one module
+fixture and each test waits for its own. The 0p5b cases use AdamW: Muon's sharded
+Newton-Schulz makes the compile 3-5x slower (same model sizes either way); the tiny
+preset covers the Muon step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from glm5v_jax.tools.aot import count_collectives, libtpu_available
+
+ROOT = Path(__file__).resolve().parents[1]
+
+needs_libtpu = pytest.mark.skipif(
+    not libtpu_available(), reason="libtpu is not installed (pip install -e '.[tpu]'): TPU topologies are unavailable")
+
+SMALL = ["--config.data.batch_size=4", "--config.data.seq_len=128", "--config.data.max_images_per_row=1"]
+CASES = {
+    "v5p": ["--config=configs/vlm_pretrain.py:0p5b,optimizer=adamw", "--topology=v5p:2x2x1", *SMALL],
+    "v5e": ["--config=configs/vlm_pretrain.py:0p5b,optimizer=adamw", "--topology=v5e:2x2", *SMALL],
+    # tiny (Muon, the trainer's default): state ~0.02 GiB, compiled peak ~0.2 GiB per device
+    "no_fit_compiled": ["--config=configs/vlm_pretrain.py:tiny", "--topology=v5p:2x2x1", "--hbm_gib=0.05"],
+    "no_fit_state": ["--config=configs/vlm_pretrain.py:tiny", "--topology=v5p:2x2x1", "--hbm_gib=0.01"],
+    "bad_mesh": ["--config=configs/vlm_pretrain.py:0p5b", "--topology=v5p:2x2x1",
+                 "--config.mesh.shape=(3,-1,1,1)"],
+    "bad_topology": ["--config=configs/vlm_pretrain.py:tiny", "--topology=v3:2x2"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{case: (returncode, stdout + stderr, json report or None)}, all cases run concurrently."""
+    out = tmp_path_factory.mktemp("aot")
+    # conftest's JAX_PLATFORMS=cpu is what the tool wants too (topologies work under it);
+    # the test process's XLA_FLAGS are for CPU compiles only.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    procs = {name: subprocess.Popen([sys.executable, "-m", "glm5v_jax.tools.aot", *args, f"--json={out / name}.json"],
+                                    cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, args in CASES.items()}
+    results = {}
+    for name, p in procs.items():
+        text, _ = p.communicate(timeout=900)
+        path = out / f"{name}.json"
+        results[name] = (p.returncode, text, json.loads(path.read_text()) if path.exists() else None)
+    return results
+
+
+@needs_libtpu
+@pytest.mark.parametrize("case,kind,hbm_gib", [("v5p", "TPU v5", 95), ("v5e", "TPU v5 lite", 16)])
+def test_0p5b_step_compiles_and_fits(runs, case, kind, hbm_gib):
+    rc, text, r = runs[case]
+    assert rc == 0, text
+    assert "FITS" in text and "DOES NOT FIT" not in text
+    assert r["compiled"] and r["fits"] and r["device_kind"] == kind and r["chips"] == 4
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
+    assert r["hbm"] == hbm_gib * 1024**3
+    assert 0 < r["peak"] <= r["hbm"] and r["peak"] == r["argument"] + r["output"] - r["alias"] + r["temp"]
+    # 0.53B parameters and two AdamW moments in f32, split 4 ways: about 1.5 GiB per device
+    assert 1.3 * 1024**3 < r["argument"] < 1.8 * 1024**3
+    assert r["alias"] > 0.9 * r["output"]  # the state is donated
+    assert r["collectives"]["all-gather"] > 0 and r["collectives"]["all-reduce"] > 0  # FSDP gathers weights
+    assert r["flops_per_device"] > 0 and r["compile_seconds"] > 0
+    assert f"vocab_size      {32768} (the preset's" in text
+
+
+@needs_libtpu
+def test_step_that_does_not_fit_exits_1(runs):
+    rc, text, r = runs["no_fit_compiled"]
+    assert rc == 1, text
+    assert "DOES NOT FIT" in text and r["compiled"] and not r["fits"]
+    assert r["argument"] <= r["hbm"] < r["peak"]
+
+
+@needs_libtpu
+def test_state_larger_than_hbm_is_not_compiled(runs):
+    rc, text, r = runs["no_fit_state"]
+    assert rc == 1, text
+    assert "DOES NOT FIT" in text and "alone exceed HBM" in text
+    assert not r["compiled"] and not r["fits"] and r["argument_lower_bound"] > r["hbm"]
+
+
+@needs_libtpu
+def test_bad_mesh_is_refused_before_compiling(runs):
+    rc, text, r = runs["bad_mesh"]
+    assert rc == 2, text
+    assert "config.mesh.shape" in text and r is None
+
+
+@needs_libtpu
+def test_unknown_generation_names_the_flag(runs):
+    rc, text, _ = runs["bad_topology"]
+    assert rc == 2, text
+    assert "--topology" in text and "v5p" in text
+
+
+def test_count_collectives():
+    hlo = """
+  %all-gather-start = (f32[4]{0}, f32[16]{0}) all-gather-start(f32[4]{0} %p), dimensions={0}
+  %all-gather-done = f32[16]{0} all-gather-done((f32[4]{0}, f32[16]{0}) %all-gather-start)
+  %all-reduce.1 = f32[8]{0} all-reduce(f32[8]{0} %x), to_apply=%add
+  %a2a = f32[8]{0} all-to-all(f32[8]{0} %all-reduce.1), dimensions={0}
+  %cp = f32[8]{0} collective-permute-start(f32[8]{0} %a2a), source_target_pairs={{0,1}}
+  %rs = f32[2]{0} reduce-scatter(f32[8]{0} %cp), dimensions={0}
+}
+
+%all-reduce-scatter.6.clone.1 (input.46: bf16[1024,2]) -> bf16[256,2] {
+  %all-reduce.354 = bf16[1024,2]{1,0} all-reduce(%input.46), channel_id=102, replica_groups={{0,1,2,3}}
+  ROOT %dynamic-slice.1508 = bf16[256,2]{1,0} dynamic-slice(%all-reduce.354, %m, %c), dynamic_slice_sizes={256,2}
+}
+"""
+    # the TPU compiler's reduce-scatter: an all-reduce + slice fusion named all-reduce-scatter
+    assert count_collectives(hlo) == {"all-reduce": 1, "all-gather": 1, "reduce-scatter": 2, "all-to-all": 1,
+                                      "collective-permute": 1}
