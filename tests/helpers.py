@@ -29,3 +29,38 @@ def small_batch(seed=0, rows=2, seq_len=64, image_sizes=IMAGE_SIZES, max_patches
     b = packed_vlm_batch(rows=rows, seq_len=seq_len, vocab_size=vocab_size, image_token_id=IMAGE_ID,
                          image_sizes=image_sizes, max_patches=max_patches, seed=seed)
     return jax.tree.map(jnp.asarray, b)
+
+
+def sharded_muon_vlm(spec, mesh, rules):
+    """(make, parameter shardings) for the sharded-training tests: `make()` builds the VLM of
+    `spec` and a Muon optimizer (f32 Newton-Schulz placed on `mesh`), for `create_sharded`."""
+    from flax import nnx
+
+    from glm5v_jax.models.vlm import GLM5V
+    from glm5v_jax.optim.muon import muon
+    from glm5v_jax.optim.routing import route
+    from glm5v_jax.sharding.rules import parameter_shardings
+
+    abstract = nnx.eval_shape(lambda: GLM5V(spec, rngs=nnx.Rngs(0)))
+    shardings = parameter_shardings(abstract, mesh, rules)
+    table = route(abstract)
+
+    def make():
+        model = GLM5V(spec, rngs=nnx.Rngs(0))
+        tx = muon(0.02, table, ns_dtype=jnp.float32, mesh=mesh, shardings=shardings, adam_learning_rate=3e-3)
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    return make, shardings
+
+
+def loss_step(graphdef):
+    """`(state, batch) -> (state, total loss)`: the trainer's step on split (model, optimizer)."""
+    from flax import nnx
+
+    from glm5v_jax.train.step import train_step
+
+    def step(state, batch):
+        model, opt = nnx.merge(graphdef, state)
+        return nnx.state((model, opt)), train_step(model, opt, batch)["loss/total"]
+
+    return step

@@ -23,43 +23,24 @@ def batch():
 def losses(mesh_shape, devices=None) -> list[float]:
     """Losses of STEPS train steps on `mesh_shape`; each process passes its own rows."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    from glm5v_jax.models.vlm import GLM5V
-    from glm5v_jax.optim.muon import muon
-    from glm5v_jax.optim.routing import route
     from glm5v_jax.sharding.mesh import MeshSpec, make_mesh
     from glm5v_jax.sharding.partition import create_sharded
-    from glm5v_jax.sharding.rules import DEFAULT_RULES, check_rules, parameter_shardings
+    from glm5v_jax.sharding.rules import DEFAULT_RULES, check_rules
     from glm5v_jax.train.parallel import MeshPlan, batch_shardings, global_batch, jit_step
-    from glm5v_jax.train.step import train_step
 
-    from helpers import small_spec
+    from helpers import loss_step, sharded_muon_vlm, small_spec
 
     mesh = make_mesh(MeshSpec(shape=mesh_shape), devices)
     plan = MeshPlan(mesh, check_rules(DEFAULT_RULES, mesh.axis_names))
-    spec = small_spec(trunk="isolate_vision")
-    abstract = nnx.eval_shape(lambda: GLM5V(spec, rngs=nnx.Rngs(0)))
-    shardings = parameter_shardings(abstract, mesh, plan.rules)
-    table = route(abstract)
-
-    def make():
-        model = GLM5V(spec, rngs=nnx.Rngs(0))
-        tx = muon(0.02, table, ns_dtype=jnp.float32, mesh=mesh, shardings=shardings, adam_learning_rate=3e-3)
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
+    make, shardings = sharded_muon_vlm(small_spec(trunk="isolate_vision"), mesh, plan.rules)
     graphdef, state, state_sh = create_sharded(make, mesh, shardings)
     full = batch()
     batch_sh = batch_shardings(full, plan)
     n, p = jax.process_count(), jax.process_index()
     mine = {k: v[p * (len(v) // n):(p + 1) * (len(v) // n)] for k, v in full.items()}  # this host's rows
 
-    def step(state, b):
-        model, opt = nnx.merge(graphdef, state)
-        return nnx.state((model, opt)), train_step(model, opt, b)["loss/total"]
-
-    jitted = jit_step(step, plan, state_sh, batch_sh)
+    jitted = jit_step(loss_step(graphdef), plan, state_sh, batch_sh)
     out = []
     for _ in range(STEPS):
         state, loss = jitted(state, global_batch(mine, batch_sh))

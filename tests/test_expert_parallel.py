@@ -6,20 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm5v_jax.layers.moe import get_moe_impl
 from glm5v_jax.layers.moe_expert_parallel import expert_parallel_dispatch_with_stats
-from glm5v_jax.models.vlm import GLM5V
-from glm5v_jax.optim.muon import muon
-from glm5v_jax.optim.routing import route
 from glm5v_jax.sharding.context import use_mesh_rules
 from glm5v_jax.sharding.mesh import MeshSpec, make_mesh
 from glm5v_jax.sharding.partition import create_sharded, state_shardings
-from glm5v_jax.sharding.rules import DEFAULT_RULES, check_rules, parameter_shardings
-from glm5v_jax.train.step import train_step
+from glm5v_jax.sharding.rules import DEFAULT_RULES, check_rules
+from glm5v_jax.train.parallel import MeshPlan, batch_shardings, global_batch, jit_step
 
-from helpers import small_batch, small_spec
+from helpers import loss_step, sharded_muon_vlm, small_batch, small_spec
 
 T, H, E, MLP, K = 32, 8, 8, 8, 2  # tokens, hidden, experts, expert width (I), experts per token
 
@@ -133,16 +129,7 @@ def _vlm_losses(shape, moe_impl, init_state=None):
     n = int(np.prod(shape))
     mesh = make_mesh(MeshSpec(shape=shape), jax.devices()[:n])
     rules = check_rules(DEFAULT_RULES, mesh.axis_names)
-    spec = small_spec(trunk="isolate_vision", moe_impl=moe_impl)
-    abstract = nnx.eval_shape(lambda: GLM5V(spec, rngs=nnx.Rngs(0)))
-    shardings = parameter_shardings(abstract, mesh, rules)
-    table = route(abstract)
-
-    def make():
-        model = GLM5V(spec, rngs=nnx.Rngs(0))
-        tx = muon(0.02, table, ns_dtype=jnp.float32, mesh=mesh, shardings=shardings, adam_learning_rate=3e-3)
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
+    make, shardings = sharded_muon_vlm(small_spec(trunk="isolate_vision", moe_impl=moe_impl), mesh, rules)
     if init_state is None:
         graphdef, state, state_sh = create_sharded(make, mesh, shardings)
     else:
@@ -150,24 +137,17 @@ def _vlm_losses(shape, moe_impl, init_state=None):
         assert jax.tree.structure(abstract_state) == jax.tree.structure(init_state)
         state_sh = state_shardings(abstract_state, mesh, shardings)
         state = jax.device_put(init_state, state_sh)
-    batch = small_batch(rows=8)
-    rows = batch["tokens"].shape[0]
-    batch_sh = jax.tree.map(
-        lambda x: NamedSharding(mesh, P(rules["activation_batch"]) if x.shape[0] == rows else P()), batch)
-    batch = jax.device_put(batch, batch_sh)
-
-    def step(state, batch):
-        model, opt = nnx.merge(graphdef, state)
-        metrics = train_step(model, opt, batch)
-        return nnx.state((model, opt)), metrics["loss/total"]
-
-    # No donation: the initial state is returned to seed the other meshes.
-    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
+    plan = MeshPlan(mesh, rules)
+    host_batch = jax.tree.map(np.asarray, small_batch(rows=8))
+    batch_sh = batch_shardings(host_batch, plan)
+    batch = global_batch(host_batch, batch_sh)
+    # Traced under the mesh rules (the dispatch reads the mesh from them). No donation: the
+    # initial state is returned to seed the other meshes.
+    jitted = jit_step(loss_step(graphdef), plan, state_sh, batch_sh, donate=False)
     losses, first = [], state
-    with use_mesh_rules(mesh, rules):
-        for _ in range(STEPS):
-            state, loss = jitted(state, batch)
-            losses.append(float(loss))
+    for _ in range(STEPS):
+        state, loss = jitted(state, batch)
+        losses.append(float(loss))
     return losses, first
 
 

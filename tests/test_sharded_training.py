@@ -1,7 +1,6 @@
 """The tiny VLM trains on 8 fake CPU devices under several (data, fsdp, tensor, expert)
 meshes with the same losses as on one device, its state created sharded per the rules."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,9 +13,8 @@ from glm5v_jax.sharding.partition import bytes_per_device, create_sharded
 from glm5v_jax.sharding.rules import DEFAULT_RULES, check_rules, parameter_shardings
 from glm5v_jax.train.checkpoint import Checkpointer
 from glm5v_jax.train.parallel import MeshPlan, batch_shardings, global_batch, jit_step
-from glm5v_jax.train.step import train_step
 
-from helpers import small_batch, small_spec
+from helpers import loss_step, sharded_muon_vlm, small_batch, small_spec
 
 STEPS = 3
 
@@ -25,29 +23,15 @@ def _setup(shape, devices):
     """(state, state shardings, jitted train step, batch, parameter shardings) on a mesh."""
     mesh = make_mesh(MeshSpec(shape=shape), devices)
     rules = check_rules(DEFAULT_RULES, mesh.axis_names)
-    spec = small_spec(trunk="isolate_vision")
-    abstract = nnx.eval_shape(lambda: GLM5V(spec, rngs=nnx.Rngs(0)))
-    shardings = parameter_shardings(abstract, mesh, rules)
-    table = route(abstract)
-
-    def make():
-        model = GLM5V(spec, rngs=nnx.Rngs(0))
-        tx = muon(0.02, table, ns_dtype=jnp.float32, mesh=mesh, shardings=shardings, adam_learning_rate=3e-3)
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
+    make, shardings = sharded_muon_vlm(small_spec(trunk="isolate_vision"), mesh, rules)
     graphdef, state, state_sh = create_sharded(make, mesh, shardings)
     plan = MeshPlan(mesh, rules)
     host_batch = jax.tree.map(np.asarray, small_batch(rows=8))
     batch_sh = batch_shardings(host_batch, plan)  # leading dims (rows, image slots) over the batch axes
     batch = global_batch(host_batch, batch_sh)
 
-    def step(state, batch):
-        model, opt = nnx.merge(graphdef, state)
-        metrics = train_step(model, opt, batch)
-        return nnx.state((model, opt)), metrics["loss/total"]
-
     # Traced under the mesh rules: activations carry their logical shardings.
-    jitted = jit_step(step, plan, state_sh, batch_sh)
+    jitted = jit_step(loss_step(graphdef), plan, state_sh, batch_sh)
     return state, state_sh, jitted, batch, shardings
 
 
