@@ -17,7 +17,6 @@ plain sharded `device_put`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -27,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.sharding.checks import check_batch, check_divisibility, check_replication
-from glm5v_jax.sharding.context import MeshRules, use_mesh_rules
+from glm5v_jax.sharding.context import MeshRules, logical_sharding, use_mesh_rules
 from glm5v_jax.sharding.mesh import make_mesh, mesh_spec_from_config
 from glm5v_jax.sharding.rules import rules_from_config
 
@@ -74,14 +73,10 @@ def preflight(abstract_model: nnx.Module, plan: MeshPlan, *, global_batch: int, 
 
 
 def batch_sharding(shape: Sequence[int], plan: MeshPlan) -> NamedSharding:
-    """Leading dimension over the batch axes (those that divide it, in order); rest replicated."""
-    axes: list[str] = []
-    for a in plan.batch_axes:
-        if shape and shape[0] % (math.prod(plan.mesh.shape[k] for k in axes) * plan.mesh.shape[a]) == 0:
-            axes.append(a)
-    if not shape or not axes:
+    """Leading dimension over the batch axes (the prefix of them that divides it); rest replicated."""
+    if not shape:
         return NamedSharding(plan.mesh, P())
-    return NamedSharding(plan.mesh, P(tuple(axes)))
+    return logical_sharding(shape, ("activation_batch",) + (None,) * (len(shape) - 1), plan)
 
 
 def batch_shardings(batch: Mapping[str, Any], plan: MeshPlan) -> dict[str, NamedSharding]:
@@ -102,38 +97,32 @@ def global_batch(host_batch: Mapping[str, np.ndarray], shardings: Mapping[str, N
     return out
 
 
-def host_to_global_shapes(host_batch: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Global shapes of a batch whose leading dimensions are per-host."""
-    n = jax.process_count()
-    return {k: ((np.shape(v)[0] * n,) + tuple(np.shape(v)[1:])) for k, v in host_batch.items()}
-
-
 def abstract_state(graphdef_state: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying `shardings`, for lowering without allocating anything."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), graphdef_state, shardings)
 
 
-def jit_step(fn: Callable, plan: MeshPlan, state_shardings: Any, batch_shardings_: Mapping[str, NamedSharding], *,
-             donate: bool = True) -> Callable:
-    """`fn(state, batch) -> (state, metrics)` jitted with explicit shardings and traced under
-    `use_mesh_rules(plan)` (activation constraints, expert parallelism). The state is
-    donated and comes back with the shardings it went in with; metrics are replicated."""
+def _under_rules(fn: Callable, plan: MeshPlan) -> Callable:
+    """`fn` traced with `plan`'s mesh and rules active (activation constraints, expert parallelism)."""
 
     def traced(state, batch):
         with use_mesh_rules(plan.mesh, plan.rules):
             return fn(state, batch)
 
-    return jax.jit(traced, in_shardings=(state_shardings, dict(batch_shardings_)),
+    return traced
+
+
+def jit_step(fn: Callable, plan: MeshPlan, state_shardings: Any, batch_shardings_: Mapping[str, NamedSharding], *,
+             donate: bool = True) -> Callable:
+    """`fn(state, batch) -> (state, metrics)` jitted with explicit shardings and traced under
+    `use_mesh_rules(plan)`. The state is donated and comes back with the shardings it went
+    in with; metrics are replicated."""
+    return jax.jit(_under_rules(fn, plan), in_shardings=(state_shardings, dict(batch_shardings_)),
                    out_shardings=(state_shardings, NamedSharding(plan.mesh, P())),
                    donate_argnums=(0,) if donate else ())
 
 
 def jit_eval(fn: Callable, plan: MeshPlan, state_shardings: Any, batch_shardings_: Mapping[str, NamedSharding]):
     """`fn(state, batch) -> metrics` jitted like `jit_step`, nothing donated."""
-
-    def traced(state, batch):
-        with use_mesh_rules(plan.mesh, plan.rules):
-            return fn(state, batch)
-
-    return jax.jit(traced, in_shardings=(state_shardings, dict(batch_shardings_)),
+    return jax.jit(_under_rules(fn, plan), in_shardings=(state_shardings, dict(batch_shardings_)),
                    out_shardings=NamedSharding(plan.mesh, P()))
