@@ -3,12 +3,18 @@
 This package depends on jax only (never on the rest of glm5v_jax), so it can be
 imported into other projects as `glm5v_jax.kernels`. The references here are the
 ground truth that the Pallas kernels are tested against.
+
+  flash_attention  GQA / segments / causal flash attention (TPU Mosaic, GPU Triton)
+  BlockSizes       its tile sizes
+  attention_reference, attention_max_logits, gmm_reference   pure-jnp twins
 """
 
+from glm5v_jax.kernels.attention_common import BlockSizes
+from glm5v_jax.kernels.flash_attention import flash_attention
 from glm5v_jax.kernels.reference import (
     attention_max_logits,
     attention_reference,
     gmm_reference,
 )
 
-__all__ = ["attention_max_logits", "attention_reference", "gmm_reference"]
+__all__ = ["BlockSizes", "attention_max_logits", "attention_reference", "flash_attention", "gmm_reference"]
