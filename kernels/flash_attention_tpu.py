@@ -123,9 +123,9 @@ def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *rest, causal, has_seg, sca
 
     @pl.when(j == nk - 1)
     def _finish():
-        l = l_sc[...]
-        seen = l > 0.0
-        safe_l = jnp.where(seen, l, 1.0)
+        denom = l_sc[...]
+        seen = denom > 0.0
+        safe_l = jnp.where(seen, denom, 1.0)
         o_ref[...] = jnp.where(seen, acc_sc[...] / safe_l, 0.0).astype(o_ref.dtype)
         lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(safe_l), 0.0)
 

@@ -155,3 +155,7 @@ class Attention(nnx.Module):
         if return_max_logits:
             return out, jax.lax.stop_gradient(max_logits.astype(jnp.float32))
         return out
+
+
+# Registers "pallas" and "cudnn" (imported last: it uses `register_attention_impl`).
+from glm5v_jax.layers import attention_kernels  # noqa: E402, F401

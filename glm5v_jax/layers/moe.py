@@ -12,7 +12,8 @@ optimizer. The expert dispatch is picked by name from `MOE_IMPLS` (`dense`
 computes every expert on every token, the exact reference; `ragged_dot` sorts
 token slots by expert and runs grouped matmuls; `expert_parallel`, in
 `moe_expert_parallel.py`, moves token slots to the devices holding their experts with
-all_to_all under the active mesh); the kernels issue adds `pallas`.
+all_to_all under the active mesh; `pallas`, in `moe_pallas.py`, runs the grouped
+matmuls with the Pallas kernel `glm5v_jax.kernels.gmm`).
 """
 from __future__ import annotations
 
@@ -54,16 +55,20 @@ def dense_dispatch(x, idx, weights, gate, up, down):
 
 
 @register_moe_impl("ragged_dot")
-def ragged_dot_dispatch(x, idx, weights, gate, up, down):
-    """Sort the T*k token slots by expert, grouped matmuls, unsort and combine."""
+def ragged_dot_dispatch(x, idx, weights, gate, up, down, *, grouped_matmul=jax.lax.ragged_dot):
+    """Sort the T*k token slots by expert, grouped matmuls, unsort and combine.
+
+    `grouped_matmul(lhs [m,k], rhs [G,k,n], group_sizes [G]) -> [m,n]`: `jax.lax.ragged_dot`
+    here; the `pallas` dispatch passes the Pallas kernel `glm5v_jax.kernels.gmm`.
+    """
     t, k = idx.shape
     num_experts = gate.shape[0]
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # slot positions grouped by expert
     xs = x[order // k]  # [T*k, H]
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes)) * jax.lax.ragged_dot(xs, up, group_sizes)
-    out_sorted = jax.lax.ragged_dot(h, down, group_sizes)  # [T*k, H]
+    h = jax.nn.silu(grouped_matmul(xs, gate, group_sizes)) * grouped_matmul(xs, up, group_sizes)
+    out_sorted = grouped_matmul(h, down, group_sizes)  # [T*k, H]
     out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(t, k, -1)
     return jnp.einsum("tk,tkh->th", weights.astype(out.dtype), out)
 
@@ -154,5 +159,7 @@ class MoE(nnx.Module):
         return y.astype(self.dtype), {"expert_load": expert_load, "balance_loss": balance}
 
 
-# Registers "expert_parallel" (imported last: it uses `ragged_dot_dispatch` and `register_moe_impl`).
+# Register "expert_parallel" and "pallas" (imported last: they use `ragged_dot_dispatch` and
+# `register_moe_impl`).
 from glm5v_jax.layers import moe_expert_parallel  # noqa: E402, F401
+from glm5v_jax.layers import moe_pallas  # noqa: E402, F401

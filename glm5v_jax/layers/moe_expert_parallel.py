@@ -63,7 +63,8 @@ def _capacity(slots: int, ep: int, factor: float | None) -> int:
     return max(1, min(slots, math.ceil(factor * slots / ep)))
 
 
-def _local_dispatch(x, idx, weights, gate, up, down, *, exp_axes, mlp_axes, batch_axes, ep, capacity):
+def _local_dispatch(x, idx, weights, gate, up, down, *, exp_axes, mlp_axes, batch_axes, ep, capacity,
+                    grouped_matmul):
     """Per-device body: pack, all_to_all, grouped matmuls, all_to_all back, combine.
 
     x [T_l,H], idx/weights [T_l,k], gate/up [E_l,H,I_l], down [E_l,I_l,H] -> ([T_l,H], dropped [])
@@ -93,8 +94,8 @@ def _local_dispatch(x, idx, weights, gate, up, down, *, exp_axes, mlp_axes, batc
     order = jnp.argsort(sort_key, stable=True)  # [R]
     xs = recv_x[order]
     group_sizes = jnp.bincount(sort_key, length=e_local + 1)[:e_local].astype(jnp.int32)
-    hid = jax.nn.silu(jax.lax.ragged_dot(xs, gate, group_sizes)) * jax.lax.ragged_dot(xs, up, group_sizes)
-    out_sorted = jax.lax.ragged_dot(hid, down, group_sizes)  # [R, H], partial over the mlp axes
+    hid = jax.nn.silu(grouped_matmul(xs, gate, group_sizes)) * grouped_matmul(xs, up, group_sizes)
+    out_sorted = grouped_matmul(hid, down, group_sizes)  # [R, H], partial over the mlp axes
     out_sorted = jnp.where(valid[order][:, None], out_sorted, 0)
     out_recv = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(ep, capacity, h_dim)
 
@@ -109,16 +110,19 @@ def _local_dispatch(x, idx, weights, gate, up, down, *, exp_axes, mlp_axes, batc
     return y, dropped
 
 
-def expert_parallel_dispatch_with_stats(x, idx, weights, gate, up, down, *, capacity_factor: float | None = None):
+def expert_parallel_dispatch_with_stats(x, idx, weights, gate, up, down, *, capacity_factor: float | None = None,
+                                        grouped_matmul=jax.lax.ragged_dot):
     """(y [T,H], number of dropped token slots []) — see the module docstring.
 
     capacity_factor: None uses `CAPACITY_FACTOR` (None there = dropless, exact).
+    grouped_matmul: the local expert matmul (`jax.lax.ragged_dot`, or the Pallas `gmm`).
     """
     ctx = context.active()
     exp_axes = ctx.mesh_axes("exp") if ctx is not None else ()
     ep = ctx.axis_size("exp") if ctx is not None else 1
     if ep == 1:
-        return ragged_dot_dispatch(x, idx, weights, gate, up, down), jnp.zeros((), jnp.int32)
+        return (ragged_dot_dispatch(x, idx, weights, gate, up, down, grouped_matmul=grouped_matmul),
+                jnp.zeros((), jnp.int32))
 
     batch_axes = ctx.mesh_axes("activation_batch")
     missing = [a for a in exp_axes if a not in batch_axes]
@@ -147,12 +151,14 @@ def expert_parallel_dispatch_with_stats(x, idx, weights, gate, up, down, *, capa
 
     def body(x, idx, weights, gate, up, down):
         return _local_dispatch(x, idx, weights, gate, up, down, exp_axes=exp_axes, mlp_axes=mlp_axes,
-                               batch_axes=batch_axes, ep=ep, capacity=capacity)
+                               batch_axes=batch_axes, ep=ep, capacity=capacity, grouped_matmul=grouped_matmul)
 
     fn = jax.shard_map(
         body, mesh=ctx.mesh,
         in_specs=(tok, tok, tok, P(e_spec, None, m_spec), P(e_spec, None, m_spec), P(e_spec, m_spec, None)),
         out_specs=(tok, P()),
+        # A Pallas kernel (the `pallas` dispatch's gmm) carries no varying-axes annotation.
+        check_vma=grouped_matmul is jax.lax.ragged_dot,
     )
     return fn(x, idx, weights, gate, up, down)
 
