@@ -65,3 +65,16 @@ def test_cudnn_impl_falls_back_to_xla_off_gpu():
     seg = np.array([[1] * 10 + [2] * 4 + [0] * 2, [1] * 16])
     kw = dict(causal=True, q_segment_ids=seg, kv_segment_ids=seg, scale=0.3)
     np.testing.assert_array_equal(get_attention_impl("cudnn")(q, k, k, **kw), get_attention_impl("xla")(q, k, k, **kw))
+
+
+def test_unknown_impl_names_the_config_field():
+    from configs.vlm_pretrain import get_config
+    from glm5v_jax.errors import ConfigError
+    from glm5v_jax.models.build import vlm_spec_from_config
+
+    with pytest.raises(ConfigError, match=r"config.model.attention_impl: unknown implementation 'flash'"):
+        vlm_spec_from_config(get_config("tiny,attention_impl=flash").model)
+    with pytest.raises(ConfigError, match=r"config.model.moe_impl: unknown .*'megablox'.*'pallas'"):
+        vlm_spec_from_config(get_config("tiny,moe_impl=megablox").model)
+    spec = vlm_spec_from_config(get_config("tiny,attention_impl=pallas,moe_impl=pallas").model)
+    assert (spec.vision.attention_impl, spec.backbone.attention_impl, spec.backbone.moe_impl) == ("pallas",) * 3

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from glm5v_jax.errors import ConfigError
+from glm5v_jax.errors import ConfigError, require
+from glm5v_jax.layers.attention import ATTENTION_IMPLS
+from glm5v_jax.layers.moe import MOE_IMPLS
 from glm5v_jax.models.specs import (
     BackboneSpec, MTPSpec, ProjectorSpec, VisionSpec, VLMSpec, as_dtype,
 )
@@ -36,11 +38,16 @@ def vlm_spec_from_config(model: Any) -> VLMSpec:
     dtype = as_dtype(get("dtype", "float32"), f"{_PREFIX}.dtype")
     param_dtype = as_dtype(get("param_dtype", "float32"), f"{_PREFIX}.param_dtype")
     common = dict(dtype=dtype, param_dtype=param_dtype)
-    attn = get("attention_impl", "xla")
+    attn, moe_impl = get("attention_impl", "xla"), get("moe_impl", "ragged_dot")
+    # Checked here so the error names the config field the user sets (the specs check again).
+    require(attn in ATTENTION_IMPLS, f"{_PREFIX}.attention_impl",
+            f"unknown implementation {attn!r}; known: {sorted(ATTENTION_IMPLS)}")
+    require(moe_impl in MOE_IMPLS, f"{_PREFIX}.moe_impl",
+            f"unknown implementation {moe_impl!r}; known: {sorted(MOE_IMPLS)}")
     remat = bool(get("remat", False))
     vision = _fields(model["vision"], VisionSpec, f"{_PREFIX}.vision", attention_impl=attn, remat=remat, **common)
     backbone = _fields(model["backbone"], BackboneSpec, f"{_PREFIX}.backbone", attention_impl=attn,
-                       moe_impl=get("moe_impl", "ragged_dot"), remat=remat, **common)
+                       moe_impl=moe_impl, remat=remat, **common)
     mtp = _fields(model["mtp"], MTPSpec, f"{_PREFIX}.mtp")
     projector = ProjectorSpec(vision_dim=vision.embed_dim, out_dim=backbone.embed_dim,
                               merge_size=vision.merge_size, **common)

@@ -14,6 +14,13 @@ from typing import Any
 import jax.numpy as jnp
 
 from glm5v_jax.errors import ConfigError, require
+from glm5v_jax.layers.attention import ATTENTION_IMPLS
+from glm5v_jax.layers.moe import MOE_IMPLS
+
+
+def _require_impl(field: str, name: str, known) -> None:
+    """A kernel choice must name a registered implementation."""
+    require(name in known, field, f"unknown implementation {name!r}; known: {sorted(known)}")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -75,6 +82,7 @@ class VisionSpec:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
+        _require_impl("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         for f in ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "max_patches", "merge_size"):
             require(getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)}")
         require(self.embed_dim % self.num_heads == 0, "num_heads",
@@ -144,6 +152,8 @@ class BackboneSpec:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
+        _require_impl("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _require_impl("moe_impl", self.moe_impl, MOE_IMPLS)
         for f in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
             require(getattr(self, f) > 0, f, f"must be positive, got {getattr(self, f)}")
         require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
