@@ -6,15 +6,18 @@ ground truth that the Pallas kernels are tested against.
 
   flash_attention  GQA / segments / causal flash attention (TPU Mosaic, GPU Triton)
   BlockSizes       its tile sizes
+  gmm, tgmm        MoE grouped matmul and its transposed form (TPU Mosaic, GPU Triton)
   attention_reference, attention_max_logits, gmm_reference   pure-jnp twins
 """
 
 from glm5v_jax.kernels.attention_common import BlockSizes
 from glm5v_jax.kernels.flash_attention import flash_attention
+from glm5v_jax.kernels.gmm import gmm, tgmm
 from glm5v_jax.kernels.reference import (
     attention_max_logits,
     attention_reference,
     gmm_reference,
 )
 
-__all__ = ["BlockSizes", "attention_max_logits", "attention_reference", "flash_attention", "gmm_reference"]
+__all__ = ["BlockSizes", "attention_max_logits", "attention_reference", "flash_attention", "gmm", "gmm_reference",
+           "tgmm"]
