@@ -64,3 +64,24 @@ def loss_step(graphdef):
         return nnx.state((model, opt)), train_step(model, opt, batch)["loss/total"]
 
     return step
+
+
+# An H100 as an abstract device: jax >= 0.11 lowers Triton kernels on a host without a GPU only
+# when the abstract mesh names the target GPU (it reads the compute capability from it).
+CUDA_TARGET = dict(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+
+
+def lower_text(fn, args, platform: str) -> str:
+    """StableHLO text of `jax.jit(fn)` lowered for `platform` ('tpu' or 'cuda') on this CPU host."""
+    import contextlib
+    import warnings
+
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+
+    ctx = contextlib.nullcontext()
+    if platform == "cuda":
+        mesh = AbstractMesh((1,), ("x",), axis_types=(AxisType.Auto,), abstract_device=AbstractDevice(**CUDA_TARGET))
+        ctx = use_abstract_mesh(mesh)
+    with ctx, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # jax 0.11 deprecates the Triton backend
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()

@@ -1,13 +1,13 @@
 """The public `gmm` / `tgmm` pick a kernel per platform: one jitted function lowers to the Mosaic
 kernel for TPU and the Triton kernel for CUDA, and runs the interpreted TPU kernel on CPU."""
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from glm5v_jax.kernels import gmm, tgmm
+
+from helpers import lower_text
 
 
 def _inputs(m=96, k=64, n=48, sizes=(20, 0, 41, 15)):
@@ -40,10 +40,7 @@ def test_cpu_runs_the_interpreted_kernel_like_ragged_dot():
 def test_one_function_lowers_to_each_backends_kernel(platform, marker):
     args = (jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16), jax.ShapeDtypeStruct((8, 512, 256), jnp.bfloat16),
             jax.ShapeDtypeStruct((8,), jnp.int32))
-    with warnings.catch_warnings():  # jax 0.11 deprecates the Triton backend (a warning at lowering)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        text = jax.jit(jax.grad(_loss(gmm), argnums=(0, 1))).trace(*args).lower(
-            lowering_platforms=(platform,)).as_text()
+    text = lower_text(jax.grad(_loss(gmm), argnums=(0, 1)), args, platform)
     assert text.count(marker) == 3  # forward, dlhs (gmm of the transposed weights), drhs (tgmm)
 
 

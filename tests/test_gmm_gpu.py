@@ -5,7 +5,6 @@ Shapes are tiny and the jitted functions are shared (group sizes are traced argu
 reuse a compile); tilings of 16/32 give several tiles per dimension.
 """
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,8 @@ import pytest
 
 from glm5v_jax.kernels.gmm_gpu import DEFAULT_TILING, check_tiling, gmm_gpu, tgmm_gpu
 from glm5v_jax.kernels.reference import gmm_reference
+
+from helpers import lower_text
 
 M, K, N = 100, 96, 80  # m not a tile multiple; k, n not powers of two
 SIZES = [30, 0, 41, 20, 0]  # empty groups, sizes off the tiles, sum 91 < M (tail rows)
@@ -113,10 +114,7 @@ def test_tgmm_direct():
 
 
 def _lower_cuda(fn, *args) -> str:
-    # jax >= 0.11 warns that the Pallas Triton backend is deprecated each time a kernel is lowered for GPU.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The Pallas Triton backend is deprecated", DeprecationWarning)
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return lower_text(fn, args, "cuda")  # an abstract H100 target; the 0.11 Triton warning silenced
 
 
 @pytest.mark.parametrize("dtype,transpose_rhs", [(jnp.bfloat16, False), (jnp.float32, True)])
