@@ -26,25 +26,9 @@ from collections.abc import Mapping
 import jax
 
 from glm5v_jax.kernels.attention_common import BlockSizes
+from glm5v_jax.kernels.dispatch import for_backend, run_on_platform
 from glm5v_jax.kernels.flash_attention_tpu import flash_attention_tpu
 from glm5v_jax.kernels.reference import attention_reference
-
-BACKENDS = ("tpu", "gpu")
-
-
-def _gpu_kernel():
-    from glm5v_jax.kernels.flash_attention_gpu import flash_attention_gpu  # Triton; imported on use
-
-    return flash_attention_gpu
-
-
-def _blocks_for(block_sizes, backend: str) -> BlockSizes | None:
-    if isinstance(block_sizes, Mapping):
-        unknown = set(block_sizes) - set(BACKENDS)
-        if unknown:
-            raise ValueError(f"block_sizes keys must be in {BACKENDS}; got {sorted(unknown)}")
-        return block_sizes.get(backend)
-    return block_sizes
 
 
 def flash_attention(
@@ -61,19 +45,14 @@ def flash_attention(
     backend: str | None = None,
 ) -> jax.Array:
     """Flash attention forward (and, through its custom VJP, backward); see the module docstring."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be None or one of {BACKENDS}; got {backend!r}")
     kw = dict(causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, scale=scale)
-    tpu = functools.partial(flash_attention_tpu, block_sizes=_blocks_for(block_sizes, "tpu"), **kw)
-    if backend == "gpu":
-        return _gpu_kernel()(q, k, v, block_sizes=_blocks_for(block_sizes, "gpu"), interpret=interpret, **kw)
-    if backend == "tpu" or interpret:
-        return tpu(q, k, v, interpret=interpret)
-    gpu = functools.partial(_gpu_kernel(), block_sizes=_blocks_for(block_sizes, "gpu"), **kw)
-    return jax.lax.platform_dependent(
-        q, k, v,
-        tpu=functools.partial(tpu, interpret=False),
-        cuda=functools.partial(gpu, interpret=False),
-        cpu=functools.partial(tpu, interpret=True),
-        default=functools.partial(attention_reference, **kw),
-    )
+
+    def gpu():
+        from glm5v_jax.kernels.flash_attention_gpu import flash_attention_gpu  # Triton; imported on use
+
+        return functools.partial(flash_attention_gpu, block_sizes=for_backend(block_sizes, "gpu", "block_sizes"), **kw)
+
+    return run_on_platform(
+        (q, k, v),
+        tpu=functools.partial(flash_attention_tpu, block_sizes=for_backend(block_sizes, "tpu", "block_sizes"), **kw),
+        gpu=gpu, fallback=functools.partial(attention_reference, **kw), backend=backend, interpret=interpret)

@@ -19,34 +19,21 @@ mapping `{"tpu": (tm, tk, tn), "gpu": (tm, tk, tn)}`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 
+from glm5v_jax.kernels.dispatch import for_backend, run_on_platform
 from glm5v_jax.kernels.gmm_tpu import gmm_tpu, tgmm_tpu
 
-BACKENDS = ("tpu", "gpu")
 
+def _gpu(name: str, tiling, **kw):
+    """A thunk importing the Triton kernel `name` of `gmm_gpu` on use."""
+    def load():
+        from glm5v_jax.kernels import gmm_gpu
 
-def _gpu():
-    from glm5v_jax.kernels import gmm_gpu  # Triton; imported on use
-
-    return gmm_gpu
-
-
-def _tiling_for(tiling, backend: str):
-    if isinstance(tiling, Mapping):
-        unknown = set(tiling) - set(BACKENDS)
-        if unknown:
-            raise ValueError(f"tiling keys must be in {BACKENDS}; got {sorted(unknown)}")
-        return tiling.get(backend)
-    return tiling
-
-
-def _check_backend(backend):
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend must be None or one of {BACKENDS}; got {backend!r}")
+        return functools.partial(getattr(gmm_gpu, name), tiling=for_backend(tiling, "gpu", "tiling"), **kw)
+    return load
 
 
 def _ragged_dot_gmm(lhs, rhs, group_sizes, *, preferred_element_type, transpose_rhs):
@@ -68,19 +55,12 @@ def gmm(
     backend: str | None = None,
 ) -> jax.Array:
     """Grouped matmul `[m, k] x [G, k, n] -> [m, n]` (rhs `[G, n, k]` with transpose_rhs)."""
-    _check_backend(backend)
     kw = dict(preferred_element_type=preferred_element_type, transpose_rhs=transpose_rhs)
-    if backend == "gpu":
-        return _gpu().gmm_gpu(lhs, rhs, group_sizes, tiling=_tiling_for(tiling, "gpu"), interpret=interpret, **kw)
-    tpu = functools.partial(gmm_tpu, tiling=_tiling_for(tiling, "tpu"), **kw)
-    if backend == "tpu" or interpret:
-        return tpu(lhs, rhs, group_sizes, interpret=interpret)
-    gpu = functools.partial(_gpu().gmm_gpu, tiling=_tiling_for(tiling, "gpu"), interpret=False, **kw)
-    return jax.lax.platform_dependent(
-        lhs, rhs, group_sizes,
-        tpu=functools.partial(tpu, interpret=False), cuda=gpu, cpu=functools.partial(tpu, interpret=True),
-        default=functools.partial(_ragged_dot_gmm, **kw),
-    )
+    return run_on_platform(
+        (lhs, rhs, group_sizes),
+        tpu=functools.partial(gmm_tpu, tiling=for_backend(tiling, "tpu", "tiling"), **kw),
+        gpu=_gpu("gmm_gpu", tiling, **kw), fallback=functools.partial(_ragged_dot_gmm, **kw),
+        backend=backend, interpret=interpret)
 
 
 def tgmm(
@@ -95,20 +75,12 @@ def tgmm(
     backend: str | None = None,
 ) -> jax.Array:
     """Per-group `lhs[rows_g].T @ rhs[rows_g]`: `[m, k] x [m, n] -> [G, k, n]` (the weight gradient)."""
-    _check_backend(backend)
     kw = dict(num_groups=num_groups, preferred_element_type=preferred_element_type)
-    if backend == "gpu":
-        return _gpu().tgmm_gpu(lhs, rhs, group_sizes, tiling=_tiling_for(tiling, "gpu"), interpret=interpret, **kw)
-    tpu = functools.partial(tgmm_tpu, tiling=_tiling_for(tiling, "tpu"), **kw)
-    if backend == "tpu" or interpret:
-        return tpu(lhs, rhs, group_sizes, interpret=interpret)
-    gpu = functools.partial(_gpu().tgmm_gpu, tiling=_tiling_for(tiling, "gpu"), interpret=False, **kw)
-    return jax.lax.platform_dependent(
-        lhs, rhs, group_sizes,
-        tpu=functools.partial(tpu, interpret=False), cuda=gpu, cpu=functools.partial(tpu, interpret=True),
-        default=functools.partial(_tgmm_reference, num_groups=num_groups,
-                                  preferred_element_type=preferred_element_type),
-    )
+    return run_on_platform(
+        (lhs, rhs, group_sizes),
+        tpu=functools.partial(tgmm_tpu, tiling=for_backend(tiling, "tpu", "tiling"), **kw),
+        gpu=_gpu("tgmm_gpu", tiling, **kw), fallback=functools.partial(_tgmm_reference, **kw),
+        backend=backend, interpret=interpret)
 
 
 def _tgmm_reference(lhs, rhs, group_sizes, *, num_groups, preferred_element_type):

@@ -14,8 +14,6 @@ a CPU or TPU host. The choice is made at trace time from `jax.default_backend()`
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -24,21 +22,6 @@ from glm5v_jax.kernels.flash_attention import flash_attention
 from glm5v_jax.kernels.reference import attention_reference
 from glm5v_jax.layers.attention import register_attention_impl
 from glm5v_jax.sharding import context
-
-
-def _dividing_prefix(axes: tuple[str, ...], sizes: tuple[int, ...], mesh) -> tuple[str, ...]:
-    """The longest prefix of `axes` whose device count divides every size in `sizes`."""
-    kept: list[str] = []
-    for a in axes:
-        n = math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]
-        if any(s % n for s in sizes):
-            break
-        kept.append(a)
-    return tuple(kept)
-
-
-def _spec(axes: tuple[str, ...]):
-    return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
 def pallas_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None, scale=None):
@@ -54,10 +37,11 @@ def pallas_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_id
     if ctx is None:
         return core(q, k, v, *seg_args)
     mesh = ctx.mesh
-    batch = _dividing_prefix(ctx.mesh_axes("activation_batch"), (q.shape[0],), mesh)
+    batch = context.dividing_axes(ctx.mesh_axes("activation_batch"), (q.shape[0],), mesh)
     heads = tuple(a for a in ctx.mesh_axes("activation_heads") if a not in batch)
-    heads = _dividing_prefix(heads, (q.shape[2], k.shape[2]), mesh)
-    x_spec, seg_spec = P(_spec(batch), None, _spec(heads), None), P(_spec(batch), None)
+    heads = context.dividing_axes(heads, (q.shape[2], k.shape[2]), mesh)
+    batch, heads = context.axes_entry(batch), context.axes_entry(heads)
+    x_spec, seg_spec = P(batch, None, heads, None), P(batch, None)
     return jax.shard_map(
         core, mesh=mesh, in_specs=(x_spec, x_spec, x_spec) + (seg_spec,) * len(seg_args),
         out_specs=x_spec, check_vma=False,

@@ -49,11 +49,6 @@ from glm5v_jax.sharding import context
 CAPACITY_FACTOR: float | None = None
 
 
-def _axes_spec(axes: tuple[str, ...]):
-    """A PartitionSpec entry for `axes` (None, one name, or a tuple)."""
-    return None if not axes else axes[0] if len(axes) == 1 else axes
-
-
 def _capacity(slots: int, ep: int, factor: float | None) -> int:
     """Rows per destination rank in the send buffer."""
     if factor is None:
@@ -146,8 +141,8 @@ def expert_parallel_dispatch_with_stats(x, idx, weights, gate, up, down, *, capa
     factor = CAPACITY_FACTOR if capacity_factor is None else capacity_factor
     capacity = _capacity(t // n_batch * k, ep, factor)
 
-    tok = P(_axes_spec(batch_axes), None)
-    e_spec, m_spec = _axes_spec(exp_axes), _axes_spec(mlp_axes)
+    tok = P(context.axes_entry(batch_axes), None)
+    e_spec, m_spec = context.axes_entry(exp_axes), context.axes_entry(mlp_axes)
 
     def body(x, idx, weights, gate, up, down):
         return _local_dispatch(x, idx, weights, gate, up, down, exp_axes=exp_axes, mlp_axes=mlp_axes,

@@ -14,8 +14,6 @@ active mesh the dispatch runs per device inside `jax.shard_map`:
 """
 from __future__ import annotations
 
-import math
-
 import jax
 from jax.sharding import PartitionSpec as P
 
@@ -23,19 +21,6 @@ from glm5v_jax.kernels.gmm import gmm
 from glm5v_jax.layers.moe import ragged_dot_dispatch, register_moe_impl
 from glm5v_jax.layers.moe_expert_parallel import expert_parallel_dispatch_with_stats
 from glm5v_jax.sharding import context
-
-
-def _spec(axes: tuple[str, ...]):
-    return None if not axes else axes[0] if len(axes) == 1 else axes
-
-
-def _dividing_prefix(axes: tuple[str, ...], size: int, mesh) -> tuple[str, ...]:
-    kept: list[str] = []
-    for a in axes:
-        if size % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]):
-            break
-        kept.append(a)
-    return tuple(kept)
 
 
 @register_moe_impl("pallas")
@@ -47,15 +32,15 @@ def pallas_dispatch(x, idx, weights, gate, up, down):
     if ctx.axis_size("exp") > 1:
         return expert_parallel_dispatch_with_stats(x, idx, weights, gate, up, down, grouped_matmul=gmm)[0]
     mesh = ctx.mesh
-    batch_axes = _dividing_prefix(ctx.mesh_axes("activation_batch"), x.shape[0], mesh)
+    batch_axes = context.dividing_axes(ctx.mesh_axes("activation_batch"), (x.shape[0],), mesh)
     mlp_axes = tuple(a for a in ctx.mesh_axes("mlp") if a not in batch_axes)
-    mlp_axes = _dividing_prefix(mlp_axes, gate.shape[-1], mesh)
+    mlp_axes = context.dividing_axes(mlp_axes, (gate.shape[-1],), mesh)
 
     def body(x, idx, weights, gate, up, down):
         y = ragged_dot_dispatch(x, idx, weights, gate, up, down, grouped_matmul=gmm)
         return jax.lax.psum(y, mlp_axes) if mlp_axes else y
 
-    tok, m = P(_spec(batch_axes), None), _spec(mlp_axes)
+    tok, m = P(context.axes_entry(batch_axes), None), context.axes_entry(mlp_axes)
     return jax.shard_map(
         body, mesh=mesh,
         in_specs=(tok, tok, tok, P(None, None, m), P(None, None, m), P(None, m, None)),

@@ -60,17 +60,29 @@ def active() -> MeshRules | None:
     return _ACTIVE.get()
 
 
+def axes_entry(axes: Sequence[str]):
+    """A PartitionSpec entry for mesh `axes`: None, one name, or a tuple of names."""
+    axes = tuple(axes)
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def dividing_axes(axes: Sequence[str], sizes: Sequence[int], mesh: Mesh) -> tuple[str, ...]:
+    """The longest prefix of mesh `axes` whose device count divides every size in `sizes`."""
+    kept: list[str] = []
+    for a in axes:
+        n = math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]
+        if any(s % n for s in sizes):
+            break
+        kept.append(a)
+    return tuple(kept)
+
+
 def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     """`spec` with, per dimension, the longest prefix of its mesh axes that divides the size."""
     out = []
     for size, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        kept: list[str] = []
-        for a in axes:
-            if size % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]):
-                break
-            kept.append(a)
-        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+        out.append(axes_entry(dividing_axes(axes, (size,), mesh)))
     return P(*out)
 
 
