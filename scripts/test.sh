@@ -8,4 +8,4 @@ VENV="${VENV:-.venv}"
 python -m pip install -q --upgrade pip
 python -m pip install -q -e '.[test,tpu]'
 python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)"
-python -m pytest -q -n 2 tests
+python -m pytest -q -n 2 --durations=25 tests
