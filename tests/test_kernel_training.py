@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from glm5v_jax.sharding.mesh import MeshSpec, make_mesh
 from glm5v_jax.sharding.partition import create_sharded
@@ -78,3 +79,22 @@ def test_unknown_impl_names_the_config_field():
         vlm_spec_from_config(get_config("tiny,moe_impl=megablox").model)
     spec = vlm_spec_from_config(get_config("tiny,attention_impl=pallas,moe_impl=pallas").model)
     assert (spec.vision.attention_impl, spec.backbone.attention_impl, spec.backbone.moe_impl) == ("pallas",) * 3
+
+
+def test_train_step_lowers_to_mosaic_kernels_for_tpu():
+    """The loss gradient of the tiny VLM, lowered for TPU from this CPU host, holds the Mosaic
+    kernels (not the interpreter): 3 flash calls (forward, dq, dk/dv) per attention site (CogViT,
+    the dense and MoE layer stacks, the MTP block) and 9 gmm calls (3 forward, 3 dlhs, 3 tgmm)
+    per MoE stack."""
+    from glm5v_jax.models.vlm import GLM5V
+    from glm5v_jax.train.step import loss_and_outputs
+
+    from helpers import lower_text
+
+    graphdef, params = nnx.split(GLM5V(_spec("pallas", "pallas"), rngs=nnx.Rngs(0)))
+
+    def grads(params, batch):
+        return jax.grad(lambda p: loss_and_outputs(nnx.merge(graphdef, p), batch, 0.3, 0.0)[0])(params)
+
+    text = lower_text(grads, (params, small_batch(rows=2)), "tpu")
+    assert text.count("tpu_custom_call") >= 3 * 4 + 9, text.count("tpu_custom_call")
