@@ -207,7 +207,8 @@ def run(config: Any, topology: str, hbm_gib: float | None = None, update_rms: bo
         mesh={a: int(n) for a, n in program.plan.mesh.shape.items()}, batch_axes=list(program.plan.batch_axes),
         global_batch=int(d.batch_size), seq_len=int(d.seq_len), max_images_per_row=int(d.max_images_per_row),
         vocab_size=int(config.model.backbone.vocab_size), remat=bool(config.model.remat),
-        moe_impl=str(config.model.moe_impl), optimizer=str(config.optim.name), update_rms=update_rms,
+        attention_impl=str(config.model.attention_impl), moe_impl=str(config.model.moe_impl),
+        optimizer=str(config.optim.name), update_rms=update_rms,
         replicated_fraction=program.replicated_fraction, hbm=int(hbm),
         argument_lower_bound=argument_bytes_per_device((program.state, program.batch)),
         analytic_flops_per_step=train_flops_per_step(program.spec, rows=d.batch_size, seq_len=d.seq_len,
@@ -241,7 +242,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"topology        {r['topology']} ({r['device_kind']}): {r['chips']} chips, {r['devices']} devices",
         f"mesh            ({mesh}); batch over {tuple(r['batch_axes'])}",
         f"batch           {r['global_batch']} rows x {r['seq_len']} tokens, {r['max_images_per_row']} image slots "
-        f"per row (global); remat={r['remat']}, moe_impl={r['moe_impl']}, optimizer={r['optimizer']}",
+        f"per row (global); remat={r['remat']}, attention_impl={r['attention_impl']}, moe_impl={r['moe_impl']}, "
+        f"optimizer={r['optimizer']}",
         f"vocab_size      {r['vocab_size']} (the preset's; the trainer uses the tokenizer's padded size)",
         f"replicated      {100 * r['replicated_fraction']:.2f}% of parameter bytes over a non-data axis",
         f"state + batch   {g(r['argument_lower_bound'])} per device (from the shardings)",
