@@ -112,6 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every = 100 if tiny else 1000
     config.keep_checkpoints = 3
     config.measure_pipeline_batches = 20 if tiny else 0  # > 0: time the input pipeline alone first
+    config.log_batch_hash = False  # True: log data/batch_hash (48-bit sha256 prefix) every step
 
     # Data: the embedded shapes-world set (built on first use) or a real corpus.
     config.data = ml_collections.ConfigDict(dict(

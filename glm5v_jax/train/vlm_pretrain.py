@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import signal
@@ -240,6 +241,18 @@ def _batch_arrays(batch: dict) -> dict:
     return {k: batch[k] for k in _BATCH_KEYS if k in batch}
 
 
+def batch_hash(batch: dict) -> int:
+    """A 48-bit fingerprint of a host batch: the first 12 hex digits of sha256 over each
+    array's name, dtype, shape and bytes in `_BATCH_KEYS` order. An int below 2**53, so it
+    is exact as a float in metrics.jsonl (TensorBoard gets a float32-rounded value)."""
+    h = hashlib.sha256()
+    for k, v in _batch_arrays(batch).items():
+        a = np.ascontiguousarray(np.asarray(v))
+        h.update(f"{k}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return int(h.hexdigest()[:12], 16)
+
+
 def batch_contract(spec, data_cfg) -> dict[str, jax.ShapeDtypeStruct]:
     """Global shapes and dtypes of a training batch (see glm5v_jax.data.batch)."""
     b, s, m = data_cfg.batch_size, data_cfg.seq_len, data_cfg.max_images_per_row
@@ -328,6 +341,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             t_data = time.time()
             batch = next(train_iter)
             data_time += time.time() - t_data
+            if config.get("log_batch_hash", False):  # proves runs saw byte-identical batches
+                writer.write_scalars(step, {"data/batch_hash": batch_hash(batch)})
             state, metrics = step_fn(state, global_batch(_batch_arrays(batch), batch_sh))
             acc = _average(acc, metrics)
             n_images = int(np.asarray(batch["image_valid"]).sum()) if "image_valid" in batch else 0
