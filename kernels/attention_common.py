@@ -18,6 +18,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from glm5v_jax.kernels.shapes import pad_axis
+
 # Finite "minus infinity" for masked scores: exp(_MASK_VALUE - m) underflows to 0 and
 # `_MASK_VALUE - _MASK_VALUE` stays finite (no inf - inf = nan in the online softmax).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -84,20 +86,6 @@ def check_inputs(q, k, v, q_segment_ids, kv_segment_ids) -> AttentionDims:
             if not jnp.issubdtype(seg.dtype, jnp.integer):
                 raise ValueError(f"{name} must be an integer array; got {seg.dtype}")
     return AttentionDims(b, s, t, h, kv, d)
-
-
-def round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
-
-
-def pad_axis(x: jax.Array, axis: int, length: int, value=0) -> jax.Array:
-    """Pad `x` at the end of `axis` to `length`."""
-    extra = length - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
 
 
 def padded_segments(q_segment_ids, kv_segment_ids, dims: AttentionDims, q_pad: int, kv_pad: int):

@@ -45,11 +45,10 @@ from glm5v_jax.kernels.attention_common import (
     block_visibility,
     check_inputs,
     in_block_mask,
-    pad_axis,
     padded_segments,
-    round_up,
     visible_ranges,
 )
+from glm5v_jax.kernels.shapes import pad_axis, round_up
 
 # Forward 128 x 64 and backward 64 x 64 tiles: the usual FlashAttention-2 Triton choice on H100
 # (head_dim <= 128). Wider heads get half-size tiles to bound registers and shared memory (untuned).

@@ -24,8 +24,10 @@ which the mask removes. Padding rows output zeros and receive no gradient.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +40,10 @@ from glm5v_jax.kernels.attention_common import (
     block_visibility,
     check_inputs,
     in_block_mask,
-    pad_axis,
     padded_segments,
     visible_ranges,
 )
+from glm5v_jax.kernels.shapes import pad_axis
 
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=512, block_k=512, block_q_bwd=512, block_k_bwd=512)
 _LANES = 128
@@ -156,7 +158,7 @@ def _forward(qt, kt, vt, qs, ks, kv_lo, kv_hi, *, causal, scale, bq, bk, interpr
     kernel = functools.partial(_fwd_kernel, causal=causal, has_seg=has_seg, scale=scale, bq=bq, bk=bk, nk=nk)
     itemsize = qt.dtype.itemsize
     cost = pl.CostEstimate(flops=4 * b * h * sp * tp * d, transcendentals=b * h * sp * tp,
-                           bytes_accessed=itemsize * (2 * b * h * sp * d + 2 * b * kvh * tp * d) * 1)
+                           bytes_accessed=itemsize * (2 * b * h * sp * d + 2 * b * kvh * tp * d))
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -324,33 +326,46 @@ def _backward_dkv(qt, kt, vt, do, lse_row, delta_row, qs, ks, q_lo, q_hi, *, cau
 # ----------------------------------------------------------------------------- custom VJP
 
 
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """The non-array arguments of the custom VJP (hashable)."""
+
+    causal: bool
+    scale: float
+    blocks: tuple[int, int]  # forward (bq, bk)
+    blocks_bwd: tuple[int, int]  # dq and dk/dv passes
+    interpret: Any
+    batch: int
+    q_pad: int
+    kv_pad: int
+
+    def ranges(self, qs, ks, bq: int, bk: int):
+        """(kv_lo, kv_hi) `[B, nq]` and (q_lo, q_hi) `[B, nk]` of the visible blocks for tiles (bq, bk)."""
+        vis = block_visibility(qs, ks, batch=self.batch, q_pad=self.q_pad, kv_pad=self.kv_pad,
+                               block_q=bq, block_k=bk, causal=self.causal)
+        return visible_ranges(vis), visible_ranges(jnp.swapaxes(vis, 1, 2))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(qt, kt, vt, qs, ks, static):
+def _flash(qt, kt, vt, qs, ks, static: _Static):
     return _flash_fwd(qt, kt, vt, qs, ks, static)[0]
 
 
-def _ranges(qs, ks, static, bq, bk):
-    """(kv_lo, kv_hi) `[B, nq]` and (q_lo, q_hi) `[B, nk]` for blocks (bq, bk)."""
-    causal, _, _, _, _ = static
-    vis = block_visibility(qs, ks, batch=static[4][0], q_pad=static[4][1], kv_pad=static[4][2],
-                           block_q=bq, block_k=bk, causal=causal)
-    return visible_ranges(vis), visible_ranges(jnp.swapaxes(vis, 1, 2))
-
-
-def _flash_fwd(qt, kt, vt, qs, ks, static):
-    causal, scale, (bq, bk, _, _), interpret, _ = static
-    (kv_lo, kv_hi), _ = _ranges(qs, ks, static, bq, bk)
-    o, lse = _forward(qt, kt, vt, qs, ks, kv_lo, kv_hi, causal=causal, scale=scale, bq=bq, bk=bk,
-                      interpret=interpret)
+def _flash_fwd(qt, kt, vt, qs, ks, static: _Static):
+    bq, bk = static.blocks
+    (kv_lo, kv_hi), _ = static.ranges(qs, ks, bq, bk)
+    o, lse = _forward(qt, kt, vt, qs, ks, kv_lo, kv_hi, causal=static.causal, scale=static.scale, bq=bq, bk=bk,
+                      interpret=static.interpret)
     return o, (qt, kt, vt, qs, ks, o, lse)
 
 
-def _flash_bwd(static, res, do):
-    causal, scale, (_, _, bq, bk), interpret, _ = static
+def _flash_bwd(static: _Static, res, do):
     qt, kt, vt, qs, ks, o, lse = res
-    (kv_lo, kv_hi), (q_lo, q_hi) = _ranges(qs, ks, static, bq, bk)
+    bq, bk = static.blocks_bwd
+    # Ranges for the backward tiles (recomputed: block-level and cheap, and the tiles may differ).
+    (kv_lo, kv_hi), (q_lo, q_hi) = static.ranges(qs, ks, bq, bk)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)  # [B,H,Sp,1]
-    common = dict(causal=causal, scale=scale, bq=bq, bk=bk, interpret=interpret)
+    common = dict(causal=static.causal, scale=static.scale, bq=bq, bk=bk, interpret=static.interpret)
     dq = _backward_dq(qt, kt, vt, do, lse, delta, qs, ks, kv_lo, kv_hi, **common)
     b, h, sp, _ = qt.shape
     dk, dv = _backward_dkv(qt, kt, vt, do, lse.reshape(b, h, 1, sp), delta.reshape(b, h, 1, sp),
@@ -389,6 +404,6 @@ def flash_attention_tpu(
     qt = pad_axis(jnp.swapaxes(q, 1, 2), 2, s_pad)  # [B, H, Sp, D]
     kt = pad_axis(jnp.swapaxes(k, 1, 2), 2, t_pad)  # [B, KV, Tp, D]
     vt = pad_axis(jnp.swapaxes(v, 1, 2), 2, t_pad)
-    static = (bool(causal), scale, (bq, bk, bq_b, bk_b), interpret, (dims.batch, s_pad, t_pad))
+    static = _Static(bool(causal), scale, (bq, bk), (bq_b, bk_b), interpret, dims.batch, s_pad, t_pad)
     out = _flash(qt, kt, vt, qs, ks, static)
     return jnp.swapaxes(out[:, :, : dims.q_len], 1, 2)

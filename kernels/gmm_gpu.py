@@ -43,6 +43,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from glm5v_jax.kernels.shapes import pad_axis, round_up
+
 # (tm, tk, tn): rows, contraction, output columns for gmm. For tgmm, tm is the
 # contraction (rows) tile and the output tile is (tk, tn).
 DEFAULT_TILING: tuple[int, int, int] = (128, 64, 128)
@@ -66,19 +68,6 @@ def check_tiling(tiling: Sequence[int]) -> tuple[int, int, int]:
 def _fit(tile: int, dim: int) -> int:
     """Shrink a tile to the next power of two >= dim (and >= 16) so tiny dims are not over-padded."""
     return min(tile, max(16, pl.next_power_of_2(dim)))
-
-
-def _round_up(x: int, tile: int) -> int:
-    return -(-x // tile) * tile
-
-
-def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-    """Zero-pad `x` along `axis` up to `size` (returns x itself when already that size)."""
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths)
 
 
 def _pad_pow2(x: jax.Array, fill: jax.Array | int) -> jax.Array:
@@ -139,10 +128,10 @@ def _gmm(lhs, rhs, group_sizes, out_dtype, tiling, transpose_rhs, interpret) -> 
     (m, k), num_groups = lhs.shape, rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tk, tn = _fit(tiling[0], m), _fit(tiling[1], k), _fit(tiling[2], n)
-    mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
-    lhs = _pad_axis(_pad_axis(lhs, 0, mp), 1, kp)  # [mp, kp]
+    mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
+    lhs = pad_axis(pad_axis(lhs, 0, mp), 1, kp)  # [mp, kp]
     k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
-    rhs = _pad_axis(_pad_axis(rhs, k_axis, kp), n_axis, np_)  # [G, kp, np] or [G, np, kp]
+    rhs = pad_axis(pad_axis(rhs, k_axis, kp), n_axis, np_)  # [G, kp, np] or [G, np, kp]
 
     offsets = _offsets(group_sizes, m)  # [G + 1]
     row0 = jnp.arange(mp // tm, dtype=jnp.int32) * tm
@@ -220,9 +209,9 @@ def tgmm_gpu(
 
     (m, k), n = lhs.shape, rhs.shape[1]
     tm, tk, tn = _fit(tiling[0], m), _fit(tiling[1], k), _fit(tiling[2], n)
-    mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
-    lhs = _pad_axis(_pad_axis(lhs, 0, mp), 1, kp)  # [mp, kp]
-    rhs = _pad_axis(_pad_axis(rhs, 0, mp), 1, np_)  # [mp, np]
+    mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
+    lhs = pad_axis(pad_axis(lhs, 0, mp), 1, kp)  # [mp, kp]
+    rhs = pad_axis(pad_axis(rhs, 0, mp), 1, np_)  # [mp, np]
     offsets = _offsets(sizes, m)
     offsets = _pad_pow2(offsets, offsets[-1])  # [pow2 >= G + 1]
 

@@ -51,6 +51,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from glm5v_jax.kernels.shapes import pad_axis, round_up
+
 Tiling = tuple[int, int, int]
 
 # (tm, tk, tn) upper bounds; clipped / adapted to each problem by `default_tiling`.
@@ -114,19 +116,6 @@ def default_tiling(m: int, k: int, n: int, dtype) -> Tiling:
     tm, tk, tn = DEFAULT_TILING
     return (_default_tile(m, tm, sublane_multiple(dtype)),
             _default_tile(k, tk, _LANE), _default_tile(n, tn, _LANE))
-
-
-def _round_up(x: int, t: int) -> int:
-    return -(-x // t) * t
-
-
-def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-    """Zero-pad `x` along `axis` up to `size` (no-op when already that size)."""
-    if x.shape[axis] == size:
-        return x
-    pads = [(0, 0)] * x.ndim
-    pads[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pads)
 
 
 def _compiler_params(semantics: tuple[str, ...], vmem_bytes: int, tiling: Tiling) -> pltpu.CompilerParams:
@@ -202,16 +191,16 @@ def _gmm_call(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, out_dtype,
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     narrow = _narrowest(lhs.dtype, rhs.dtype, out_dtype)
     tm, tk, tn = default_tiling(m, k, n, narrow) if tiling is None else check_tiling(tiling, m, k, n, narrow)
-    mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
+    mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
     tiles_m, tiles_k, tiles_n = mp // tm, kp // tk, np_ // tn
     compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
     precision = _precision(compute_dtype)
 
-    lhs = _pad_axis(_pad_axis(lhs, 0, mp), 1, kp)  # [mp, kp]
+    lhs = pad_axis(pad_axis(lhs, 0, mp), 1, kp)  # [mp, kp]
     if transpose_rhs:
-        rhs = _pad_axis(_pad_axis(rhs, 1, np_), 2, kp)  # [G, np, kp]
+        rhs = pad_axis(pad_axis(rhs, 1, np_), 2, kp)  # [G, np, kp]
     else:
-        rhs = _pad_axis(_pad_axis(rhs, 1, kp), 2, np_)  # [G, kp, np]
+        rhs = pad_axis(pad_axis(rhs, 1, kp), 2, np_)  # [G, kp, np]
     offsets = group_offsets(group_sizes, m)
     group_ids, tile_ids, num_visits = make_visits(offsets, tiles_m, tm, visit_empty_groups=False,
                                                   visit_tail_tiles=True)
@@ -304,13 +293,13 @@ def _tgmm_call(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, out_dtype
     num_groups = group_sizes.shape[0]
     narrow = _narrowest(lhs.dtype, rhs.dtype, out_dtype)
     tm, tk, tn = default_tiling(m, k, n, narrow) if tiling is None else check_tiling(tiling, m, k, n, narrow)
-    mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
+    mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
     tiles_m, tiles_k, tiles_n = mp // tm, kp // tk, np_ // tn
     compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
     precision = _precision(compute_dtype)
 
-    lhs = _pad_axis(_pad_axis(lhs, 0, mp), 1, kp)  # [mp, kp]
-    rhs = _pad_axis(_pad_axis(rhs, 0, mp), 1, np_)  # [mp, np]
+    lhs = pad_axis(pad_axis(lhs, 0, mp), 1, kp)  # [mp, kp]
+    rhs = pad_axis(pad_axis(rhs, 0, mp), 1, np_)  # [mp, np]
     offsets = group_offsets(group_sizes, m)
     group_ids, tile_ids, num_visits = make_visits(offsets, tiles_m, tm, visit_empty_groups=True,
                                                   visit_tail_tiles=False)

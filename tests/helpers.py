@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from glm5v_jax.data.synthetic import packed_vlm_batch
 from glm5v_jax.models.specs import BackboneSpec, MTPSpec, ProjectorSpec, VisionSpec, VLMSpec
 
 IMAGE_ID = 4
 IMAGE_SIZES = [(32, 64), (64, 32), (40, 40)]  # three aspect ratios
+
+
+def rel_err(x, ref) -> float:
+    """max |x - ref| / max |ref| in float32: the kernels' error measure against their references."""
+    x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+    return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
 def small_spec(mode="image_token", depths=1, trunk="full", dtype=jnp.float32, moe_impl="ragged_dot"):

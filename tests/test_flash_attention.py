@@ -17,14 +17,9 @@ from glm5v_jax.kernels.flash_attention_tpu import flash_attention_tpu, plan_axis
 from glm5v_jax.kernels.reference import attention_reference
 from glm5v_jax.tools.aot import libtpu_available, topology_devices
 
-from helpers import lower_text
+from helpers import lower_text, rel_err
 
 B128 = BlockSizes(128, 128, 128, 128)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def packed_segments(rng: np.random.Generator, batch: int, length: int, n_segments: int, pad: int) -> np.ndarray:

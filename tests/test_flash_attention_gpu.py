@@ -18,7 +18,7 @@ from glm5v_jax.kernels.attention_common import BlockSizes
 from glm5v_jax.kernels.flash_attention_gpu import flash_attention_gpu
 from glm5v_jax.kernels.reference import attention_reference
 
-from helpers import lower_text
+from helpers import lower_text, rel_err
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -82,11 +82,6 @@ def _out_and_grads(attn, q, k, v, ct, qs, ks):
     return (out, *vjp(ct))
 
 
-def _rel_err(x, ref) -> float:
-    x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
-    return float(np.max(np.abs(x - ref)) / np.max(np.abs(ref)))
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name):
     case = CASES[name]
@@ -101,7 +96,7 @@ def test_matches_reference(name):
     want = reference(*(x.astype(jnp.float32) for x in (q, k, v, ct)), qs, ks)
     for label, x, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert x.dtype == q.dtype and x.shape == w.shape, label
-        assert _rel_err(x, w) <= TOL[case.dtype], (label, _rel_err(x, w))
+        assert rel_err(x, w) <= TOL[case.dtype], (label, rel_err(x, w))
     if qs is not None:  # rows that see no key: padding, and segment 3 in cross attention
         blind = np.asarray((qs == 0) | ~jnp.any(qs[:, :, None] == ks[:, None, :], axis=-1))
         assert blind.any()

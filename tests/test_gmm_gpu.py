@@ -14,7 +14,7 @@ import pytest
 from glm5v_jax.kernels.gmm_gpu import DEFAULT_TILING, check_tiling, gmm_gpu, tgmm_gpu
 from glm5v_jax.kernels.reference import gmm_reference
 
-from helpers import lower_text
+from helpers import lower_text, rel_err
 
 M, K, N = 100, 96, 80  # m not a tile multiple; k, n not powers of two
 SIZES = [30, 0, 41, 20, 0]  # empty groups, sizes off the tiles, sum 91 < M (tail rows)
@@ -45,11 +45,6 @@ def _data(dtype, m=M, k=K, n=N, groups=len(SIZES), seed=0):
     return draw(m, k), draw(groups, k, n), draw(m, n)
 
 
-def _rel_err(x, ref) -> float:
-    x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
-    return float(np.abs(x - ref).max() / max(np.abs(ref).max(), 1e-30))
-
-
 def _check(dtype, sizes, transpose_rhs=False, **shape):
     """Forward and both gradients of the kernel vs ragged_dot; tail rows zero with zero gradient."""
     lhs, rhs, dout = _data(dtype, groups=len(sizes), **shape)
@@ -62,7 +57,7 @@ def _check(dtype, sizes, transpose_rhs=False, **shape):
     assert (out.dtype, dlhs.dtype, drhs.dtype) == (dtype, dtype, dtype)
     for name, got, want in zip(("out", "dlhs", "drhs"), (out, dlhs, drhs), ref):
         assert got.shape == want.shape, name
-        assert _rel_err(got, want) <= TOL[dtype], (name, _rel_err(got, want))
+        assert rel_err(got, want) <= TOL[dtype], (name, rel_err(got, want))
     total = sum(sizes)
     assert not np.asarray(out[total:]).any() and not np.asarray(dlhs[total:]).any()
     return out, lhs, rhs, gs
@@ -72,7 +67,7 @@ def _check(dtype, sizes, transpose_rhs=False, **shape):
 def test_gmm_f32_forward_and_grads(transpose_rhs):
     """f32, empty groups, ragged sizes, tail rows, k/n not powers of two; also the f32 jnp reference."""
     out, lhs, rhs, gs = _check(jnp.float32, SIZES, transpose_rhs)
-    assert _rel_err(out, gmm_reference(lhs, rhs, gs)) <= 1e-5
+    assert rel_err(out, gmm_reference(lhs, rhs, gs)) <= 1e-5
 
 
 def test_gmm_traced_group_sizes_reuse_one_compile():
@@ -96,7 +91,7 @@ def test_gmm_single_group_default_tiling():
     gs = jnp.array([200], jnp.int32)
     out = jax.jit(lambda a, b, g: gmm_gpu(a, b, g, preferred_element_type=jnp.float32, interpret=True))(lhs, rhs, gs)
     assert out.dtype == jnp.float32
-    assert _rel_err(out, lhs.astype(jnp.float32) @ rhs[0].astype(jnp.float32)) <= 1e-5
+    assert rel_err(out, lhs.astype(jnp.float32) @ rhs[0].astype(jnp.float32)) <= 1e-5
 
 
 def test_tgmm_direct():
@@ -109,7 +104,7 @@ def test_tgmm_direct():
     for g, (start, end) in enumerate(zip(ends - SIZES, ends)):
         want[g] = np.asarray(lhs[start:end]).T @ np.asarray(dout[start:end])
     assert got.shape == (6, K, N)
-    assert _rel_err(got, want) <= 1e-5
+    assert rel_err(got, want) <= 1e-5
     assert not np.asarray(got)[[1, 4, 5]].any()
 
 

@@ -30,15 +30,9 @@ from glm5v_jax.kernels.gmm_tpu import (
 )
 from glm5v_jax.kernels.reference import gmm_reference
 
+from helpers import rel_err
+
 SMALL_TILING = (64, 128, 128)  # several m tiles per problem, shared tiles, padded n
-
-
-def _rel_err(x, ref) -> float:
-    """max|x - ref| / max|ref| in float64 (0 when both are all zero)."""
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    scale = np.abs(ref).max()
-    err = np.abs(x - ref).max()
-    return float(err / scale) if scale > 0 else float(err)
 
 
 def _tgmm_ref(lhs, rhs, sizes) -> np.ndarray:
@@ -85,8 +79,8 @@ def _check_against_refs(kernel_vjp, lhs, rhs, sizes, ct, *, transpose_rhs, tol):
     ref = ref_vjp(*f32[:2], sizes_j, f32[2])
     for name, got, want_rd, want_ref in zip(("out", "dlhs", "drhs"), (out, dlhs, drhs), rd, ref):
         assert got.dtype == want_rd.dtype, name
-        assert _rel_err(got, want_rd) <= tol, (name, "ragged_dot", sizes)
-        assert _rel_err(got, want_ref) <= tol, (name, "reference", sizes)
+        assert rel_err(got, want_rd) <= tol, (name, "ragged_dot", sizes)
+        assert rel_err(got, want_ref) <= tol, (name, "reference", sizes)
     total = int(np.sum(sizes))
     # Rows past the sum: zero output and zero gradient, exactly.
     assert not np.any(np.asarray(out[total:])) and not np.any(np.asarray(dlhs[total:]))
@@ -131,7 +125,7 @@ def test_gmm_output_dtype_and_int_grad():
     out = gmm_tpu(lhs, rhs, sizes, preferred_element_type=jnp.float32, interpret=True)
     assert out.dtype == jnp.float32 and out.shape == (64, 128)
     ref = gmm_reference(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes)
-    assert _rel_err(out, ref) <= 1e-2
+    assert rel_err(out, ref) <= 1e-2
     loss = lambda a, b, s: jnp.sum(gmm_tpu(a, b, s, interpret=True).astype(jnp.float32))  # noqa: E731
     d_sizes = jax.grad(loss, argnums=2, allow_int=True)(lhs, rhs, sizes)
     assert d_sizes.dtype == jax.dtypes.float0 and d_sizes.shape == (2,)
@@ -144,10 +138,10 @@ def test_tgmm_direct():
     for sizes in ([0, 37, 0, 100, 3, 60], [0, 0, 0, 0, 0, 0], [256, 0, 0, 0, 0, 0]):
         out = fn(lhs, rhs, jnp.asarray(sizes, jnp.int32))
         assert out.shape == (6, 96, 200)
-        assert _rel_err(out, _tgmm_ref(lhs, rhs, sizes)) <= 1e-5, sizes
+        assert rel_err(out, _tgmm_ref(lhs, rhs, sizes)) <= 1e-5, sizes
     out = tgmm_tpu(lhs, rhs, jnp.array([40, 0, 100], jnp.int32), num_groups=2, interpret=True)
     assert out.shape == (2, 96, 200)
-    assert _rel_err(out, _tgmm_ref(lhs, rhs, [40, 0])) <= 1e-5
+    assert rel_err(out, _tgmm_ref(lhs, rhs, [40, 0])) <= 1e-5
 
 
 def test_visit_metadata():
@@ -178,10 +172,10 @@ def test_no_races_tpu_interpreter(race_state, capfd):
     sizes = [0, 37, 30, 20]  # sum 87: empty group, shared tiles, a whole tile (rows 96..127) past the end
     lhs, rhs, _ = _inputs(128, 96, 256, 4, jnp.float32)
     out = gmm_tpu(lhs, rhs, jnp.asarray(sizes, jnp.int32), tiling=(32, 128, 128), interpret=params)
-    assert _rel_err(out, gmm_reference(lhs, rhs, jnp.asarray(sizes, jnp.int32))) <= 1e-5
+    assert rel_err(out, gmm_reference(lhs, rhs, jnp.asarray(sizes, jnp.int32))) <= 1e-5
     assert not race_state.races.races_found
     out = tgmm_tpu(lhs, out, jnp.asarray(sizes, jnp.int32), tiling=(32, 128, 128), interpret=params)
-    assert _rel_err(out, _tgmm_ref(lhs, gmm_reference(lhs, rhs, jnp.asarray(sizes, jnp.int32)), sizes)) <= 1e-5
+    assert rel_err(out, _tgmm_ref(lhs, gmm_reference(lhs, rhs, jnp.asarray(sizes, jnp.int32)), sizes)) <= 1e-5
     assert not race_state.races.races_found
     assert "RACE DETECTED" not in capfd.readouterr().out
 
