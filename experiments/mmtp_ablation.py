@@ -220,12 +220,56 @@ def aggregate(rows: list[dict], modes) -> list[dict]:
     return table
 
 
+def paired_differences(rows: list[dict], mode_a: str, mode_b: str, key: str) -> np.ndarray:
+    """Per seed, row[key] of mode_a minus mode_b: the runs of one seed share initialisation and data,
+    so the paired difference removes the seed-to-seed spread that dominates `key` itself."""
+    by = {(r["mode"], r["seed"]): r[key] for r in rows}
+    seeds = sorted({r["seed"] for r in rows if (mode_a, r["seed"]) in by and (mode_b, r["seed"]) in by})
+    return np.asarray([by[(mode_a, s)] - by[(mode_b, s)] for s in seeds], np.float64)
+
+
+def verdict(rows: list[dict], table: list[dict], tail: float) -> list[str]:
+    """Plain statements on the report's claim: image_token at or below visual_embed in loss, with
+    smoother curves. Paired (same-seed) differences, with the seed spread of the loss beside them."""
+    modes = {r["mode"] for r in rows}
+    if not {"image_token", "visual_embed"} <= modes:
+        return ["Verdict: needs both image_token and visual_embed runs."]
+    spread = {r["mode"]: r.get("main_tail_std", 0.0) for r in table}
+    loss = paired_differences(rows, "image_token", "visual_embed", "main_tail")
+    smooth = paired_differences(rows, "image_token", "visual_embed", "smoothness")
+    n = len(loss)
+    lower = int((loss <= 0).sum())
+    smoother = int((smooth <= 0).sum())
+    std = f" ± {loss.std():.4f}" if n > 1 else ""
+    lines = [
+        f"Verdict (paired by seed, {n} seed{'s' if n != 1 else ''}): image_token − visual_embed main loss over "
+        f"the last {tail:.0%} = {loss.mean():+.4f}{std} (image_token lower or equal in {lower}/{n} seeds); "
+        f"seed spread of that loss itself: {spread['image_token']:.4f} (image_token), "
+        f"{spread['visual_embed']:.4f} (visual_embed).",
+        f"Smoothness (var Δmain), image_token − visual_embed = {smooth.mean():+.3g} "
+        f"(image_token smoother or equal in {smoother}/{n} seeds).",
+    ]
+    holds = lower == n and smoother == n and n > 0
+    resolved = n > 1 and abs(loss.mean()) > 2 * loss.std(ddof=1) / np.sqrt(n)  # twice the standard error
+    lines.append("The report's ordering (image_token at or below visual_embed, smoother) "
+                 + ("holds in every seed" if holds else "does not hold in every seed")
+                 + ("; the mean loss difference is larger than twice its standard error." if resolved else
+                    "; the mean loss difference is within twice its standard error (not resolved at this "
+                    "scale)." if n > 1 else "; one seed cannot resolve it."))
+    return lines
+
+
 # ----------------------------------------------------------------------------- outputs
 def _fmt(row, key, digits=4):
     return f"{row[key]:.{digits}f} ± {row[key + '_std']:.{digits}f}" if row["seeds"] > 1 else f"{row[key]:.{digits}f}"
 
 
-def write_markdown(table, runs_rows, identical, vis, args, argv, out: Path) -> str:
+def machine_description() -> str:
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, jax {jax.__version__}, "
+            f"backend {jax.default_backend()}, devices {jax.device_count()} x {jax.devices()[0].device_kind}")
+
+
+def write_markdown(table, runs_rows, identical, vis, args, argv, out: Path, machine: str) -> str:
     depth_keys = sorted({k[:-4] for r in table for k in r if k.startswith("mtp_") and k.endswith("_end")
                          and not k.endswith("_std")})
     head = ["mode", "main end", f"main last {args.tail:.0%}"]
@@ -238,9 +282,7 @@ def write_markdown(table, runs_rows, identical, vis, args, argv, out: Path) -> s
              f"{vis['rows']} packed rows x {vis['seq_len']} tokens per step, MTP depths {vis['num_depths']}, "
              f"embed width {vis['embed_dim']}, compute dtype bytes {vis['itemsize']}. "
              f"Values are mean ± std over seeds.", "",
-             f"Machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
-             f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.device_count()} x "
-             f"{jax.devices()[0].device_kind}.", "",
+             f"Machine: {machine}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         cells = [r["mode"], _fmt(r, "main_end"), _fmt(r, "main_tail")]
@@ -255,6 +297,7 @@ def write_markdown(table, runs_rows, identical, vis, args, argv, out: Path) -> s
         lines.append(f"| {r['mode']} | {r['seed']} | {r['main_end']:.4f} | {r['smoothness']:.3g} | "
                      f"{r['grad_spikes']} {r['spike_steps'] if r['spike_steps'] else ''} | "
                      f"{r['s_per_step']:.3f} | {r['wall_s']:.0f} |")
+    lines += [""] + verdict(runs_rows, table, args.tail)
     lines += ["", "Byte-identical batches across modes (per-step sha256 prefix, `data/batch_hash`): "
               + ", ".join(f"seed {s}: {'yes' if ok else 'NO'}" for s, ok in identical.items()), "",
               f"Definitions: smoothness = var(main[t] - main[t-1]) over the steps after the first 10%; grad spike = "
@@ -326,6 +369,8 @@ def parse_args(argv=None):
     p.add_argument("--data_dir", type=Path, default=Path("/tmp/mmtp_ablation/data"), help="shared, built once")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/mmtp_ablation"))
     p.add_argument("--out_dir", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--render_only", action="store_true",
+                   help="no training: rewrite results.md and curves.png from --out_dir/results.json")
     args = p.parse_args(argv)
     tiny = args.preset == "tiny"
     if args.steps is None:
@@ -340,6 +385,9 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.render_only:
+        rerender(args.out_dir)
+        return json.loads((args.out_dir / "results.json").read_text())
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
     for m in modes:
@@ -364,11 +412,29 @@ def main(argv=None) -> dict:
     result = dict(argv=argv, preset=args.preset, steps=args.steps, modes=modes, seeds=seeds, table=table,
                   runs_summary=rows, identical_batches={str(k): v for k, v in identical.items()},
                   vision={str(k): {kk: vv for kk, vv in v.items() if kk != "hashes"} for k, v in vis.items()},
-                  runs=runs, jax=jax.__version__, backend=jax.default_backend())
+                  runs=runs, jax=jax.__version__, backend=jax.default_backend(), machine=machine_description())
     (args.out_dir / "results.json").write_text(json.dumps(result, indent=1))
-    print(write_markdown(table, rows, identical, vis[seeds[0]], args, argv, args.out_dir))
-    plot(runs, modes, args.out_dir / "curves.png")
+    render(result, args)
     return result
+
+
+def render(result: dict, args) -> str:
+    """Writes results.md and curves.png in `args.out_dir` from a results.json dict; returns the markdown."""
+    identical = result["identical_batches"]
+    vis = result["vision"][str(result["seeds"][0])]
+    text = write_markdown(result["table"], result["runs_summary"], identical, vis, args, result["argv"],
+                          args.out_dir, result["machine"])
+    print(text)
+    plot(result["runs"], result["modes"], args.out_dir / "curves.png")
+    return text
+
+
+def rerender(out_dir: Path) -> str:
+    """Re-renders the table and plot of an earlier run from its results.json (no training)."""
+    result = json.loads((out_dir / "results.json").read_text())
+    args = parse_args(result["argv"])
+    args.out_dir = out_dir
+    return render(result, args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""experiments/mmtp_ablation.py: the three MMTP modes of one seed see byte-identical batches
-(per-step hash), the table / JSON / PNG are written, vision-feature bytes reach the MTP stream
-only in visual_embed, and the smoothness / gradient-spike helpers on synthetic curves."""
+"""experiments/mmtp_ablation.py, run the way a researcher runs it in Colab: colabs/mmtp_ablation.ipynb
+with small settings. The three MMTP modes of one seed see byte-identical batches (per-step hash), the
+table / JSON / PNG are written and shown, vision-feature bytes reach the MTP stream only in
+visual_embed; the command line re-renders the table; the metric helpers on synthetic curves."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from notebooks import SMALL_DATA, SMALL_MODEL, execute, has_output, text_outputs
 
 ROOT = Path(__file__).parents[1]
 STEPS = 3
@@ -30,28 +33,21 @@ ablation = _load()
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
+    """One run of the notebook: 3 modes x 1 seed x STEPS steps on a small model and dataset, in a
+    fresh kernel on one CPU device (the notebook calls the runner's main() with these flags)."""
     tmp = tmp_path_factory.mktemp("mmtp_ablation")
-    small = ["data.split_sizes.train=48", "data.split_sizes.validation=8", "data.split_sizes.text_train=24",
-             "data.split_sizes.text_validation=4", "data.tokenizer_vocab_size=1024",
-             "model.backbone.num_layers=2", "model.vision.depth=1"]
-    argv = ["--preset", "tiny", "--seeds", "0", "--steps", str(STEPS), "--eval_every", "0",
-            "--batch_size", "2", "--seq_len", "128", "--vision_batches", str(STEPS),
-            "--data_dir", str(tmp / "data"), "--workdir", str(tmp / "work"), "--out_dir", str(tmp / "out")]
-    for item in small:
-        argv += ["--set", item]
-    # A subprocess, like tests/test_trainer.py: conftest gives this process 8 fake CPU devices, over
-    # which the preset's mesh would shard the model; the experiment runs on one device.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "mmtp_ablation.py"), *argv], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    sets = [f"{k}={v}" for k, v in {**SMALL_DATA, **SMALL_MODEL}.items() if k not in ("data.batch_size", "data.seq_len")]
+    nb, seconds = execute("mmtp_ablation", {
+        "STEPS": STEPS, "SEEDS": "0", "EVAL_EVERY": 0, "WORKDIR": str(tmp / "work"), "OUT_DIR": str(tmp / "out"),
+        "EXTRA_ARGS": ["--batch_size", "2", "--seq_len", "128", "--vision_batches", str(STEPS),
+                       *[a for item in sets for a in ("--set", item)]]})
+    print(f"mmtp_ablation notebook: {seconds:.0f} s")
     out = json.loads((tmp / "out" / "results.json").read_text())
-    return out, tmp / "out"
+    return out, tmp / "out", nb
 
 
 def test_modes_see_byte_identical_batches(result):
-    out, _ = result
+    out = result[0]
     hashes = {r["mode"]: r["batch_hash"] for r in out["runs"]}
     assert set(hashes) == set(MODES)
     assert all(len(h) == STEPS for h in hashes.values())
@@ -61,7 +57,7 @@ def test_modes_see_byte_identical_batches(result):
 
 
 def test_outputs_written_with_a_row_per_mode(result):
-    out, out_dir = result
+    out, out_dir = result[:2]
     data = json.loads((out_dir / "results.json").read_text())
     assert [r["mode"] for r in data["table"]] == list(MODES)
     columns = {"main_end", "main_tail", "mtp_1_end", "mtp_1_tail", "smoothness", "grad_spikes", "s_per_step",
@@ -75,11 +71,34 @@ def test_outputs_written_with_a_row_per_mode(result):
     for mode in MODES:
         assert f"| {mode} |" in md
     assert "mmtp_ablation.py --preset tiny" in md and "jax " in md and "seed 0: yes" in md
+    assert "Verdict (paired by seed, 1 seed)" in md
     assert (out_dir / "curves.png").stat().st_size > 1000
 
 
+def test_notebook_shows_table_plot_and_committed_results(result):
+    nb = result[2]
+    text = text_outputs(nb)
+    for mode in MODES:
+        assert f"| {mode} |" in text  # the table, shown as markdown
+    assert has_output(nb, "image/png")  # the curves
+    assert "committed: Verdict (paired by seed, 3 seeds)" in text
+
+
+def test_command_line_rerenders_from_results_json(result, tmp_path):
+    out, out_dir = result[:2]
+    copy = tmp_path / "out"
+    copy.mkdir()
+    (copy / "results.json").write_text((out_dir / "results.json").read_text())
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "mmtp_ablation.py"), "--render_only",
+                           "--out_dir", str(copy)], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (copy / "results.md").read_text() == (out_dir / "results.md").read_text()
+    assert (copy / "curves.png").stat().st_size > 1000
+
+
 def test_vision_bytes_only_for_visual_embed(result):
-    out, _ = result
+    out = result[0]
     by_mode = {r["mode"]: r["vision_bytes_per_step"] for r in out["table"]}
     assert by_mode["visual_embed"] > 0 and by_mode["image_token"] == 0 and by_mode["mask"] == 0
     vis = out["vision"]["0"]
@@ -115,3 +134,28 @@ def test_smoothness_and_spikes_on_synthetic_curves():
     assert ablation.warm_median([30.0, 5.0, 1.0, 1.2, 0.8]) == pytest.approx(1.0)  # first 2 skipped
     assert ablation.mtp_vision_bytes("visual_embed", 10, 256, 2) == 5120
     assert ablation.mtp_vision_bytes("mask", 10, 256, 2) == 0
+
+
+def test_verdict_pairs_runs_by_seed():
+    def rows(diffs, smooth_diffs):
+        out = []
+        for seed, (d, sd) in enumerate(zip(diffs, smooth_diffs)):
+            base = 2.0 + 0.5 * seed  # a seed spread far larger than the mode differences
+            out += [dict(mode="visual_embed", seed=seed, main_tail=base, smoothness=0.01),
+                    dict(mode="image_token", seed=seed, main_tail=base + d, smoothness=0.01 + sd)]
+        return out
+
+    table = [dict(mode="image_token", main_tail_std=0.4), dict(mode="visual_embed", main_tail_std=0.4)]
+    diffs = ablation.paired_differences(rows([-0.02, -0.03, -0.025], [0, 0, 0]), "image_token", "visual_embed",
+                                        "main_tail")
+    np.testing.assert_allclose(diffs, [-0.02, -0.03, -0.025])
+
+    holds = ablation.verdict(rows([-0.02, -0.03, -0.025], [-1e-4, -2e-4, 0.0]), table, 0.2)
+    assert "lower or equal in 3/3 seeds" in holds[0] and "smoother or equal in 3/3 seeds" in holds[1]
+    assert "holds in every seed" in holds[2] and "larger than twice its standard error" in holds[2]
+
+    mixed = ablation.verdict(rows([0.002, -0.001, 0.003], [-1e-4, -2e-4, -1e-4]), table, 0.2)
+    assert "lower or equal in 1/3 seeds" in mixed[0]
+    assert "does not hold in every seed" in mixed[2] and "not resolved" in mixed[2]
+
+    assert "needs both" in ablation.verdict([dict(mode="mask", seed=0)], [], 0.2)[0]

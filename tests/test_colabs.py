@@ -1,0 +1,53 @@
+"""The notebooks in colabs/: each .ipynb is in sync with its py:percent twin, and the quick start runs
+to the end with small settings. (The MMTP ablation notebook runs in tests/test_mmtp_ablation.py,
+whose checks of the experiment's outputs read that one run.)"""
+from __future__ import annotations
+
+import jupytext
+import nbformat
+import pytest
+
+from notebooks import COLABS, SMALL_DATA, SMALL_MODEL, execute, has_output, text_outputs, with_parameters
+
+NOTEBOOKS = ("quickstart", "mmtp_ablation")
+
+
+def _cells(nb, kind: str) -> list[tuple[str, list[str]]]:
+    return [(c.source.strip(), sorted(c.metadata.get("tags", []))) for c in nb.cells if c.cell_type == kind]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_in_sync_with_its_py_percent_twin(name):
+    ipynb = nbformat.read(COLABS / f"{name}.ipynb", as_version=4)
+    script = jupytext.read(COLABS / f"{name}.py")
+    assert ipynb.metadata["jupytext"]["formats"] == "ipynb,py:percent"
+    hint = f"colabs/{name}.ipynb and colabs/{name}.py differ: run `jupytext --sync colabs/{name}.py`"
+    assert _cells(ipynb, "code") == _cells(script, "code"), hint
+    assert [s for s, _ in _cells(ipynb, "markdown")] == [s for s, _ in _cells(script, "markdown")], hint
+    assert all(not c.get("outputs") for c in ipynb.cells if c.cell_type == "code"), "commit notebooks without outputs"
+    # The Colab install cell is the only one the suite skips, and every notebook takes parameters.
+    skipped = [c for c in ipynb.cells if "skip-execution" in c.metadata.get("tags", [])]
+    assert len(skipped) == 1 and "pip install" in skipped[0].source
+    assert any("parameters" in c.metadata.get("tags", []) for c in ipynb.cells)
+
+
+def test_with_parameters_injects_after_the_parameters_cell():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("A = 1", metadata={"tags": ["parameters"]}),
+                                         nbformat.v4.new_code_cell("print(A)")])
+    out = with_parameters(nb, {"A": 2})
+    assert [c.source for c in out.cells] == ["A = 1", "A = 2", "print(A)"]
+    assert len(nb.cells) == 2  # the original is untouched
+    with pytest.raises(AssertionError, match="parameter B"):
+        with_parameters(nb, {"B": 3})
+
+
+def test_quickstart_runs(tmp_path):
+    nb, seconds = execute("quickstart", {"STEPS": 3, "WORKDIR": str(tmp_path / "work"),
+                                         "OVERRIDES": {**SMALL_DATA, **SMALL_MODEL}})
+    text = text_outputs(nb)
+    assert "restored step 3: parameters equal: True, next batch equal: True" in text
+    assert "step   3  main loss" in text and "MTP logits per depth [(2, 128, 1024)]" in text
+    assert has_output(nb, "text/html"), "treescope rendered nothing"
+    assert has_output(nb, "image/png")  # the sample image and the loss curve
+    assert (tmp_path / "work" / "checkpoints" / "3").is_dir()
+    print(f"quickstart notebook: {seconds:.0f} s")
