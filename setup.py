@@ -38,7 +38,9 @@ setup(
     ],
     extras_require={
         # tensorboard: to view the logs and, in tests, to read event files back
-        "test": ["pytest>=8", "pytest-xdist>=3", "tensorboard>=2.18"],
+        # notebooks: colabs/ are executed by the test suite (nbclient + ipykernel), paired with jupytext
+        "test": ["pytest>=8", "pytest-xdist>=3", "tensorboard>=2.18", "nbclient>=0.10", "nbformat>=5.10",
+                 "ipykernel>=6.29", "jupytext>=1.16"],
         # tpu: libtpu for the jax that install_requires picks (jax's own `tpu` extra pins the matching
         # jaxlib and libtpu, so adding it does not move jax); also lets a CPU host compile for TPU
         # topologies (glm5v_jax.tools.aot, tests/test_aot.py)

@@ -65,7 +65,6 @@ EXTRA_ARGS: list = []  # more flags of experiments/mmtp_ablation.py, e.g. ["--se
 import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
 
 import jax

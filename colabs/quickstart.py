@@ -26,7 +26,8 @@
 # 5. save a checkpoint with orbax and restore it into a freshly built model.
 #
 # It runs on a Colab CPU, GPU or TPU runtime. On 2 CPU cores the whole notebook takes about
-# 2 minutes. The test suite runs it with smaller settings (`tests/test_colabs.py`).
+# 4 minutes, one of them building the dataset (once per WORKDIR); the main loss falls from 8.4 to
+# about 2.5 in the 30 steps. The test suite runs it with smaller settings (`tests/test_colabs.py`).
 
 # %% tags=["skip-execution"]
 # Colab only; the test suite skips this cell (tag `skip-execution`).
@@ -79,8 +80,8 @@ from glm5v_jax.train.step import jit_train_step  # noqa: E402
 
 print("jax", jax.__version__, "| backend", jax.default_backend(), "|", jax.device_count(), "device(s)")
 workdir = Path(WORKDIR)
-shutil.rmtree(workdir, ignore_errors=True)  # start clean on every run of the notebook
-workdir.mkdir(parents=True)
+shutil.rmtree(workdir / "checkpoints", ignore_errors=True)  # fresh checkpoints; the data is kept for reruns
+workdir.mkdir(parents=True, exist_ok=True)
 
 # %% [markdown]
 # ## 1. The config

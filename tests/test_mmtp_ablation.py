@@ -36,7 +36,8 @@ def result(tmp_path_factory):
     """One run of the notebook: 3 modes x 1 seed x STEPS steps on a small model and dataset, in a
     fresh kernel on one CPU device (the notebook calls the runner's main() with these flags)."""
     tmp = tmp_path_factory.mktemp("mmtp_ablation")
-    sets = [f"{k}={v}" for k, v in {**SMALL_DATA, **SMALL_MODEL}.items() if k not in ("data.batch_size", "data.seq_len")]
+    sets = [f"{k}={v}" for k, v in {**SMALL_DATA, **SMALL_MODEL}.items()
+            if k not in ("data.batch_size", "data.seq_len")]
     nb, seconds = execute("mmtp_ablation", {
         "STEPS": STEPS, "SEEDS": "0", "EVAL_EVERY": 0, "WORKDIR": str(tmp / "work"), "OUT_DIR": str(tmp / "out"),
         "EXTRA_ARGS": ["--batch_size", "2", "--seq_len", "128", "--vision_batches", str(STEPS),
