@@ -35,6 +35,8 @@ setup(
         "clu>=0.0.12",
         "tensorboardX>=2.6",
         "matplotlib>=3.8",
+        # teacher checkpoints (Hugging Face safetensors), read through the numpy API: no torch
+        "safetensors>=0.4",
     ],
     extras_require={
         # tensorboard: to view the logs and, in tests, to read event files back
