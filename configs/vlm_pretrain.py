@@ -91,6 +91,7 @@ def _model(preset: str) -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opts = parse_arg(arg, PRESETS, "tiny", **OPTIONS)
     config = ml_collections.ConfigDict()
+    config.trainer = "vlm_pretrain"  # glm5v_jax.main.TRAINERS
     config.preset = opts.preset
     config.seed = opts.seed
     config.model = _model(opts.preset)

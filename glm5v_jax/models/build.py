@@ -56,3 +56,12 @@ def vlm_spec_from_config(model: Any) -> VLMSpec:
                        image_token_id=int(get("image_token_id", 4)))
     except ConfigError as e:
         raise e.with_prefix(_PREFIX) from None
+
+
+def vision_spec_from_config(vision: Any, *, path: str = "config.model.vision", dtype: Any = "float32",
+                            attention_impl: str = "xla", remat: bool = False) -> VisionSpec:
+    """A CogViT spec from a `vision` section alone (the CogViT pre-training stages)."""
+    require(attention_impl in ATTENTION_IMPLS, path.rsplit(".", 1)[0] + ".attention_impl",
+            f"unknown implementation {attention_impl!r}; known: {sorted(ATTENTION_IMPLS)}")
+    return _fields(vision, VisionSpec, path, attention_impl=attention_impl, remat=remat,
+                   dtype=as_dtype(dtype, path.rsplit(".", 1)[0] + ".dtype"))

@@ -1,0 +1,119 @@
+"""CogViT pre-training stage 1: masked-image distillation from SigLIP2 and DINOv3 (report 2.1).
+
+Usage: `--config=configs/cogvit_mim.py:<preset>[,option=value,...]`, e.g.
+`configs/cogvit_mim.py:tiny` or `:base,mask=random,standardize=phi_s,loss=mse`.
+
+Presets:
+  tiny   CogViT 128 wide, depth 2 (the VLM tiny preset's tower); small random-init teachers of
+         the SigLIP2 and DINOv3 architectures (64 wide) unless checkpoints are given; 64-patch
+         NaFlex budget. Runs on 2 CPU cores.
+  base   CogViT-B (768/12/12, 256 patches); teachers SigLIP2 So400m/16 NaFlex and DINOv3 L/16
+         from `config.teachers.<name>.checkpoint` (big_vision .npz or HF safetensors for SigLIP2;
+         HF safetensors or Meta .pth for DINOv3).
+
+Teachers run frozen in bfloat16 without gradients. The student sees 35% of each image's valid
+patches replaced by the mask token and predicts every teacher's standardised features at the
+masked positions through one adaptor head per teacher.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from glm5v_jax.config_args import parse_arg
+
+PRESETS = ("tiny", "base")
+
+OPTIONS = dict(
+    mask="block",  # block | random
+    standardize="zscore",  # zscore | phi_s | none
+    loss="cosine_smooth_l1",  # cosine_smooth_l1 | mse
+    optimizer="muon",  # muon | adamw
+    dtype="bfloat16",  # student compute dtype; parameters stay float32
+    seed=0,
+)
+
+
+def _vision(embed_dim, depth, num_heads, mlp_dim, max_patches):
+    return ml_collections.ConfigDict(dict(
+        embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, mlp_type="gelu",
+        patch_size=16, max_patches=max_patches, merge_size=2, qk_norm=True, qkv_bias=True,
+        rope_theta=100.0, norm_eps=1e-6))
+
+
+def _teacher(kind, variant, seed, **overrides):
+    return ml_collections.ConfigDict(dict(
+        kind=kind, variant=variant, checkpoint="", seed=seed, weight=1.0,
+        overrides=ml_collections.ConfigDict(dict(overrides))))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    opts = parse_arg(arg, PRESETS, "tiny", **OPTIONS)
+    tiny = opts.preset == "tiny"
+    config = ml_collections.ConfigDict()
+    config.trainer = "cogvit_mim"  # glm5v_jax.main.TRAINERS
+    config.preset, config.seed = opts.preset, opts.seed
+    config.model = ml_collections.ConfigDict(dict(
+        vision=_vision(128, 2, 2, 512, 64) if tiny else _vision(768, 12, 12, 3072, 256),
+        dtype=opts.dtype, attention_impl="xla", remat=False,
+        head_hidden=0,  # adaptor head width; 0: the student's width
+    ))
+    # Teachers: {name: kind (siglip2 | dinov3), variant, checkpoint ("" = random init from seed),
+    # loss weight, spec overrides}. Teacher compute is bfloat16.
+    if tiny:
+        config.teachers = ml_collections.ConfigDict(dict(
+            siglip2=_teacher("siglip2", "B/16", 1, width=64, depth=2, mlp_dim=128, num_heads=2,
+                             dtype="bfloat16"),
+            dinov3=_teacher("dinov3", "S", 2, width=64, depth=2, num_heads=2, dtype="bfloat16"),
+        ))
+    else:
+        config.teachers = ml_collections.ConfigDict(dict(
+            siglip2=_teacher("siglip2", "So400m/16", 1, dtype="bfloat16"),
+            dinov3=_teacher("dinov3", "L", 2, dtype="bfloat16"),
+        ))
+    config.mim = ml_collections.ConfigDict(dict(
+        ratio=0.35,  # the report: 35% of the valid patches masked
+        layout=opts.mask, num_blocks=4,
+        standardize=opts.standardize, stats_momentum=0.99,
+        loss=opts.loss, cosine_weight=0.9, smooth_l1_weight=0.1,
+    ))
+
+    config.total_steps = 200 if tiny else 100_000
+    config.log_every = 10 if tiny else 100
+    config.eval_every = 100 if tiny else 5000
+    config.checkpoint_every = 100 if tiny else 5000
+    config.keep_checkpoints = 3
+
+    # Data: named image sources mixed by weight (the report: 80% natural, 10% instruction,
+    # 10% scientific). Each source: shapes_world (the embedded generator, by build seed and
+    # size) or array_record (paths of records with an `image` field).
+    def shapes(build_seed, train, weight):
+        return ml_collections.ConfigDict(dict(kind="shapes_world", build_seed=build_seed, train=train,
+                                              weight=weight, paths=""))
+    config.data = ml_collections.ConfigDict(dict(
+        data_dir="",  # "" -> <workdir>/data
+        sources=ml_collections.ConfigDict(dict(
+            natural=shapes(0, 6000 if tiny else 100_000, 0.8),
+            instruction=shapes(1, 1000, 0.1),
+            scientific=shapes(2, 1000, 0.1),
+        )),
+        batch_size=16 if tiny else 1024,
+        num_workers=0,
+        eval_images=300,  # shapes-world validation images for k-NN (queries) ...
+        knn_train_images=1000,  # ... and the training images they are matched against
+        knn_k=10,
+    ))
+
+    def group(prefixes, lr):
+        return ml_collections.ConfigDict(dict(prefixes=prefixes, lr=lr, muon_lr=lr, warmup_steps=20 if tiny else 2000,
+                                              decay="cosine", final_fraction=0.05, weight_decay=0.05))
+    lr = 2e-3 if tiny else 5e-4
+    config.optim = ml_collections.ConfigDict(dict(
+        name=opts.optimizer,
+        groups=ml_collections.ConfigDict(dict(encoder=group("encoder", lr), heads=group("heads", lr))),
+        clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8,
+        muon=ml_collections.ConfigDict(dict(beta=0.95, nesterov=True, ns_preset="polar_express", ns_steps=5,
+                                            ns_dtype="bfloat16", scale_mode="rms", layout="stack",
+                                            split_heads=False)),
+        qk_clip_tau=0.0,
+    ))
+    return config

@@ -1,0 +1,60 @@
+"""Teachers by kind: one place that turns (kind, variant, overrides, checkpoint) into a frozen module.
+
+Every teacher takes CogViT's NaFlex inputs `(patches, patch_yx, valid)` (pixels in [-1, 1]; each
+teacher normalises them its own way) and returns a dict with `tokens [B, N, D]` (zero at
+padding, float32, no gradient). A checkpoint path picks the loader by its suffix; no path means a
+random initialisation from `seed` (for tests, and for the random-init DINOv3 baseline).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from flax import nnx
+
+from glm5v_jax.models.teachers.dinov3 import DINOv3, dinov3_spec
+from glm5v_jax.models.teachers.dinov3_loaders import load_dinov3
+from glm5v_jax.models.teachers.siglip2 import SigLIP2, siglip2_spec
+from glm5v_jax.models.teachers.siglip2_loaders import load_siglip2_big_vision_npz, load_siglip2_hf_safetensors
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    name: str
+    module: nnx.Module
+    dim: int  # width of `tokens`
+    patch_size: int
+    source: str  # checkpoint path or "random init (seed N)"
+
+
+def _siglip2(variant: str, overrides: Mapping[str, Any], checkpoint: str, seed: int):
+    spec = siglip2_spec(variant, **overrides)
+    if not checkpoint:
+        return SigLIP2(spec, rngs=nnx.Rngs(seed)), spec.width, spec.patch_size
+    path = Path(checkpoint)
+    loader = load_siglip2_big_vision_npz if path.suffix == ".npz" else load_siglip2_hf_safetensors
+    return loader(path, spec), spec.width, spec.patch_size
+
+
+def _dinov3(variant: str, overrides: Mapping[str, Any], checkpoint: str, seed: int):
+    spec = dinov3_spec(variant, **overrides)
+    module = load_dinov3(checkpoint, spec) if checkpoint else DINOv3(spec, rngs=nnx.Rngs(seed))
+    return module, spec.width, spec.patch_size
+
+
+TEACHER_KINDS: dict[str, Callable[..., tuple[nnx.Module, int, int]]] = {"siglip2": _siglip2, "dinov3": _dinov3}
+
+
+def build_teacher(name: str, kind: str, variant: str, *, overrides: Mapping[str, Any] | None = None,
+                  checkpoint: str = "", seed: int = 0, field: str = "config.teachers") -> Teacher:
+    """A frozen teacher; errors name `<field>.<name>.<setting>`."""
+    if kind not in TEACHER_KINDS:
+        raise ValueError(f"{field}.{name}.kind: unknown teacher kind {kind!r}; expected one of {tuple(TEACHER_KINDS)}")
+    if checkpoint and not Path(checkpoint).exists():
+        raise FileNotFoundError(f"{field}.{name}.checkpoint: {checkpoint} does not exist")
+    try:
+        module, dim, patch = TEACHER_KINDS[kind](variant, dict(overrides or {}), checkpoint, seed)
+    except TypeError as e:  # an override that is no field of the spec
+        raise ValueError(f"{field}.{name}.overrides: {e}") from None
+    return Teacher(name, module, dim, patch, checkpoint or f"random init (seed {seed})")

@@ -1,0 +1,71 @@
+"""Image sources for the CogViT pre-training stages: named sources mixed by weight, plus fixed
+labelled image sets for k-NN evaluation.
+
+`config.data.sources.<name>` = {kind, weight, ...}:
+  kind=shapes_world  the embedded generator, built on first use under `config.data.data_dir`
+                     with `build_seed` and `train` images (its validation split serves evaluation)
+  kind=array_record  `paths`: comma-separated globs of ArrayRecord files whose records have an
+                     `image` field (tf.train.Example, as TFDS writes them)
+The first shapes_world source also provides the evaluation images (`eval_images` from its
+validation split) and the k-NN reference set (the first `knn_train_images` of its train split).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from glm5v_jax.data.sources import array_record_source, mix_sources
+
+log = logging.getLogger(__name__)
+SOURCE_KINDS = ("shapes_world", "array_record")
+
+
+@dataclasses.dataclass
+class ImageSources:
+    train: Any  # a grain MapDataset mixing the named sources by weight
+    weights: dict[str, float]
+    knn_train: Any | None  # labelled reference images (shapes world train split), or None
+    eval: Any | None  # labelled evaluation images (shapes world validation split), or None
+
+
+def _shapes_world(data_dir: Path, build_seed: int, train: int, validation: int):
+    from glm5v_jax.data import shapes_world_tfds
+
+    sizes = {"train": int(train), "validation": max(int(validation), 1), "text_train": 1, "text_validation": 1}
+    t0 = time.time()
+    path = shapes_world_tfds.build_shapes_world(str(data_dir), seed=int(build_seed), split_sizes=sizes)
+    log.info("shapes world (seed %d, %d train images) ready at %s (%.1f s)", build_seed, train, path, time.time() - t0)
+    return shapes_world_tfds.load_split(path, "train"), shapes_world_tfds.load_split(path, "validation")
+
+
+def prepare_image_sources(data: Any, workdir: Path, *, seed: int) -> ImageSources:
+    """Builds or opens every named source of `config.data.sources` and mixes them by weight."""
+    data_dir = Path(data.data_dir) if data.data_dir else Path(workdir) / "data"
+    trains, weights, knn_train, evals = {}, {}, None, None
+    if not data.sources:
+        raise ValueError("config.data.sources: give at least one named image source")
+    for name, src in data.sources.items():
+        field = f"config.data.sources.{name}"
+        if src.kind not in SOURCE_KINDS:
+            raise ValueError(f"{field}.kind: unknown source kind {src.kind!r}; expected one of {SOURCE_KINDS}")
+        if float(src.weight) < 0:
+            raise ValueError(f"{field}.weight: must be >= 0, got {src.weight}")
+        if src.kind == "shapes_world":
+            first = evals is None
+            train, val = _shapes_world(data_dir, src.build_seed, src.train,
+                                       data.eval_images if first else 1)
+            trains[name] = train
+            if first:
+                knn_train, evals = train, val
+        else:
+            paths = sorted(p for pattern in str(src.paths).split(",") if pattern.strip()
+                           for p in glob.glob(pattern.strip()))
+            if not paths:
+                raise ValueError(f"{field}.paths: no files match {src.paths!r}")
+            trains[name] = array_record_source(paths)
+        weights[name] = float(src.weight)
+    return ImageSources(mix_sources(trains, weights, seed), weights, knn_train, evals)
