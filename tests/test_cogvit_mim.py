@@ -129,3 +129,14 @@ def test_tiny_run_logs_baseline_trains_checkpoints_and_resumes(tmp_path):
     cogvit_mim.train_and_evaluate(_tiny_config(tmp_path, 6), str(workdir))
     steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_step_split_benchmark_smoke():
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_mim_step.py"), "--batch", "2",
+                           "--repeats", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| teachers (forward + standardisation) |" in proc.stdout and "| student (fwd+bwd) |" in proc.stdout
