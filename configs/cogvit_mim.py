@@ -98,6 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )),
         batch_size=16 if tiny else 1024,
         num_workers=0,
+        eval_source="natural",  # the shapes_world source whose validation split is evaluated
         eval_images=300,  # shapes-world validation images for k-NN (queries) ...
         knn_train_images=1000,  # ... and the training images they are matched against
         knn_k=10,

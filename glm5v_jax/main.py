@@ -28,6 +28,7 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initial
 TRAINERS = {
     "vlm_pretrain": "glm5v_jax.train.vlm_pretrain",  # stage 3: VLM pre-training with MMTP
     "cogvit_mim": "glm5v_jax.train.cogvit_mim",  # CogViT stage 1: masked distillation from teachers
+    "cogvit_siglip": "glm5v_jax.train.cogvit_siglip",  # CogViT stage 2: contrastive image-text (SigLIP)
 }
 
 

@@ -6,8 +6,9 @@ labelled image sets for k-NN evaluation.
                      with `build_seed` and `train` images (its validation split serves evaluation)
   kind=array_record  `paths`: comma-separated globs of ArrayRecord files whose records have an
                      `image` field (tf.train.Example, as TFDS writes them)
-The first shapes_world source also provides the evaluation images (`eval_images` from its
-validation split) and the k-NN reference set (the first `knn_train_images` of its train split).
+The shapes_world source named by `config.data.eval_source` (default: the one with the most
+training images) also provides the evaluation images (`eval_images` from its validation split)
+and the k-NN reference set (the first `knn_train_images` of its train split).
 """
 from __future__ import annotations
 
@@ -48,6 +49,11 @@ def prepare_image_sources(data: Any, workdir: Path, *, seed: int) -> ImageSource
     trains, weights, knn_train, evals = {}, {}, None, None
     if not data.sources:
         raise ValueError("config.data.sources: give at least one named image source")
+    shapes = {name: int(src.train) for name, src in data.sources.items() if src.kind == "shapes_world"}
+    eval_source = data.get("eval_source", "") or (max(shapes, key=shapes.get) if shapes else "")
+    if eval_source and eval_source not in shapes:
+        raise ValueError(f"config.data.eval_source: {eval_source!r} is not a shapes_world source; "
+                         f"those are {sorted(shapes)}")
     for name, src in data.sources.items():
         field = f"config.data.sources.{name}"
         if src.kind not in SOURCE_KINDS:
@@ -55,11 +61,10 @@ def prepare_image_sources(data: Any, workdir: Path, *, seed: int) -> ImageSource
         if float(src.weight) < 0:
             raise ValueError(f"{field}.weight: must be >= 0, got {src.weight}")
         if src.kind == "shapes_world":
-            first = evals is None
-            train, val = _shapes_world(data_dir, src.build_seed, src.train,
-                                       data.eval_images if first else 1)
+            is_eval = name == eval_source
+            train, val = _shapes_world(data_dir, src.build_seed, src.train, data.eval_images if is_eval else 1)
             trains[name] = train
-            if first:
+            if is_eval:
                 knn_train, evals = train, val
         else:
             paths = sorted(p for pattern in str(src.paths).split(",") if pattern.strip()

@@ -3,7 +3,8 @@
 Every teacher takes CogViT's NaFlex inputs `(patches, patch_yx, valid)` (pixels in [-1, 1]; each
 teacher normalises them its own way) and returns a dict with `tokens [B, N, D]` (zero at
 padding, float32, no gradient). A checkpoint path picks the loader by its suffix; no path means a
-random initialisation from `seed` (for tests, and for the random-init DINOv3 baseline).
+random initialisation from `seed` (for tests, and for the random-init DINOv3 baseline). Kind
+`cogvit` reads the CogViT encoder of a stage-2 (contrastive, `cogvit_siglip`) run directory.
 """
 from __future__ import annotations
 
@@ -43,7 +44,30 @@ def _dinov3(variant: str, overrides: Mapping[str, Any], checkpoint: str, seed: i
     return module, spec.width, spec.patch_size
 
 
-TEACHER_KINDS: dict[str, Callable[..., tuple[nnx.Module, int, int]]] = {"siglip2": _siglip2, "dinov3": _dinov3}
+def _cogvit(variant: str, overrides: Mapping[str, Any], checkpoint: str, seed: int):
+    """The CogViT encoder of a stage-2 (cogvit_siglip) run: `checkpoint` is its run directory or
+    `checkpoints` directory (the newest finalized step is read); `variant` is unused. Overrides:
+    `dtype` (compute dtype). Without a checkpoint, a random CogViT from the VisionSpec fields in
+    `overrides`."""
+    from glm5v_jax.models.build import vision_spec_from_config
+    from glm5v_jax.models.cogvit import CogViT
+    from glm5v_jax.models.two_tower import EncoderTeacher, load_image_encoder
+
+    del variant
+    overrides = dict(overrides)
+    dtype = overrides.pop("dtype", None)
+    if checkpoint:
+        if overrides:
+            raise TypeError(f"a cogvit checkpoint fixes the architecture; unexpected overrides {sorted(overrides)}")
+        encoder, _, _ = load_image_encoder(checkpoint, dtype=dtype)
+    else:
+        spec = vision_spec_from_config(overrides, path="overrides", dtype=dtype or "float32")
+        encoder = CogViT(spec, rngs=nnx.Rngs(seed))
+    return EncoderTeacher(encoder), encoder.spec.embed_dim, encoder.spec.patch_size
+
+
+TEACHER_KINDS: dict[str, Callable[..., tuple[nnx.Module, int, int]]] = {"siglip2": _siglip2, "dinov3": _dinov3,
+                                                                       "cogvit": _cogvit}
 
 
 def build_teacher(name: str, kind: str, variant: str, *, overrides: Mapping[str, Any] | None = None,

@@ -1,0 +1,125 @@
+"""CogViT pre-training stage 2: contrastive image-text training with the sigmoid loss (report 2.1).
+
+Usage: `--config=configs/cogvit_siglip.py:<preset>[,option=value,...]`, e.g.
+`configs/cogvit_siglip.py:tiny` or `:base,loss_impl=ring,budgets=random`.
+
+Presets:
+  tiny   CogViT 128 wide, depth 2 (as in configs/cogvit_mim.py tiny), a 128-wide depth-2 text
+         tower, 128-d shared embedding, batch 32, one 64-patch NaFlex budget, float32. Runs on
+         2 CPU cores.
+  base   CogViT-B (768/12/12), a 512-wide depth-12 text tower, 768-d embedding, batch 4096
+         cycling through 256 / 576 / 1024-patch budgets, bfloat16 compute.
+
+Options: optimizer (muon | adamw), dtype ("" = the preset's), loss_impl (dense: one device, the
+whole B x B logits | ring | all_gather: the batch split over a data-parallel mesh of
+`config.mesh.data` devices, 0 = all, parameters replicated, loss by
+`sharded_sigmoid_contrastive_loss`), budgets (cycle | random: which patch budget a step uses),
+seed.
+
+Captions are the shapes world's English captions (`caption_en`), tokenised by a SentencePiece
+model trained on the first shapes-world source's texts (cached in the data directory) unless
+`config.data.tokenizer` names one.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from glm5v_jax.config_args import parse_arg
+
+PRESETS = ("tiny", "base")
+
+OPTIONS = dict(
+    optimizer="muon",  # muon | adamw
+    dtype="",  # compute dtype; "" = float32 (tiny, CPU) or bfloat16 (base); parameters stay float32
+    loss_impl="dense",  # dense | ring | all_gather
+    budgets="cycle",  # cycle | random: the patch budget of each step
+    seed=0,
+)
+
+
+def _vision(embed_dim, depth, num_heads, mlp_dim, max_patches):
+    return ml_collections.ConfigDict(dict(
+        embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, mlp_type="gelu",
+        patch_size=16, max_patches=max_patches, merge_size=2, qk_norm=True, qkv_bias=True,
+        rope_theta=100.0, norm_eps=1e-6))
+
+
+def _text(embed_dim, depth, num_heads, mlp_dim):
+    # vocab_size, pad_id and eos_id are taken from the tokenizer by the trainer.
+    return ml_collections.ConfigDict(dict(
+        embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, mlp_type="gelu",
+        rope_theta=10_000.0, qk_norm=True, qkv_bias=True, norm_eps=1e-6))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    opts = parse_arg(arg, PRESETS, "tiny", **OPTIONS)
+    tiny = opts.preset == "tiny"
+    config = ml_collections.ConfigDict()
+    config.trainer = "cogvit_siglip"  # glm5v_jax.main.TRAINERS
+    config.preset, config.seed = opts.preset, opts.seed
+    config.model = ml_collections.ConfigDict(dict(
+        # vision.max_patches is the evaluation budget; training budgets are config.data.patch_budgets
+        vision=_vision(128, 2, 2, 512, 64) if tiny else _vision(768, 12, 12, 3072, 256),
+        text=_text(128, 2, 2, 512) if tiny else _text(512, 12, 8, 2048),
+        embed_dim=128 if tiny else 768,  # the shared image-text embedding width
+        dtype=opts.dtype or ("float32" if tiny else "bfloat16"), attention_impl="xla", remat=False,
+    ))
+    config.loss_impl = opts.loss_impl
+    config.mesh = ml_collections.ConfigDict(dict(data=0))  # ring / all_gather: devices on the data axis (0 = all)
+
+    config.total_steps = 300 if tiny else 100_000
+    config.log_every = 10 if tiny else 100
+    config.eval_every = 100 if tiny else 5000
+    config.checkpoint_every = 100 if tiny else 5000
+    config.keep_checkpoints = 3
+
+    # Data: named image sources mixed by weight, as in configs/cogvit_mim.py, with captions.
+    def shapes(build_seed, train, weight):
+        return ml_collections.ConfigDict(dict(kind="shapes_world", build_seed=build_seed, train=train,
+                                              weight=weight, paths=""))
+    config.data = ml_collections.ConfigDict(dict(
+        data_dir="",  # "" -> <workdir>/data
+        sources=ml_collections.ConfigDict(dict(
+            natural=shapes(0, 6000 if tiny else 100_000, 0.8),
+            instruction=shapes(1, 1000, 0.1),
+            scientific=shapes(2, 1000, 0.1),
+        )),
+        batch_size=32 if tiny else 4096,
+        num_workers=0,
+        # NaFlex patch budgets: each training batch uses one, chosen by step ("cycle" through
+        # them or seeded "random"), so the encoder sees several sequence lengths.
+        patch_budgets=(64,) if tiny else (256, 576, 1024),
+        budget_schedule=opts.budgets,
+        text_len=48 if tiny else 64,  # caption tokens incl. eos (shapes-world captions: <= 45)
+        caption_keys=("caption_en",),
+        tokenizer="",  # SentencePiece model path; "" -> trained on the first shapes-world source
+        tokenizer_vocab_size=1024 if tiny else 4096,
+        tokenizer_images=6000,  # train images whose texts train that tokenizer
+        eval_source="natural",  # the shapes_world source whose validation split is evaluated
+        eval_images=300,  # shapes-world validation images: zero-shot, retrieval, k-NN queries
+        knn_train_images=1000,  # training images the k-NN queries are matched against
+        knn_k=10,
+    ))
+
+    def group(prefixes, lr, muon_lr, warmup):
+        return ml_collections.ConfigDict(dict(prefixes=prefixes, lr=lr, muon_lr=muon_lr, warmup_steps=warmup,
+                                              decay="cosine", final_fraction=0.05, weight_decay=0.05))
+    warm = 20 if tiny else 2000
+    base_lr = 2e-3 if tiny else 5e-4
+    # Module-specific learning rates. `projection` holds both projection heads and the loss
+    # scalars t' and b, which take its AdamW `lr` (no weight decay: not matrices); a short run
+    # needs them to move faster than the towers (b starts at -10).
+    config.optim = ml_collections.ConfigDict(dict(
+        name=opts.optimizer,
+        groups=ml_collections.ConfigDict(dict(
+            vision=group("image/encoder", base_lr, base_lr, warm),
+            text=group("text/encoder", base_lr, base_lr, warm),
+            projection=group("image/proj,text/proj,t_prime,b", 1e-2 if tiny else 1e-3, base_lr, warm),
+        )),
+        clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8,
+        muon=ml_collections.ConfigDict(dict(beta=0.95, nesterov=True, ns_preset="polar_express", ns_steps=5,
+                                            ns_dtype="bfloat16", scale_mode="rms", layout="stack",
+                                            split_heads=False)),
+        qk_clip_tau=0.0,
+    ))
+    return config
