@@ -1,7 +1,8 @@
 """CogViT pre-training stage 1: masked-image distillation from SigLIP2 and DINOv3 (report 2.1).
 
 Usage: `--config=configs/cogvit_mim.py:<preset>[,option=value,...]`, e.g.
-`configs/cogvit_mim.py:tiny` or `:base,mask=random,standardize=phi_s,loss=mse`.
+`configs/cogvit_mim.py:tiny` or `:base,mask=random,standardize=phi_s,loss=mse`, or
+`:tiny,teacher_run=runs/siglip` to distil from the image tower of a stage-2 run instead of SigLIP2.
 
 Presets:
   tiny   CogViT 128 wide, depth 2 (the VLM tiny preset's tower); small random-init teachers of
@@ -29,6 +30,7 @@ OPTIONS = dict(
     loss="cosine_smooth_l1",  # cosine_smooth_l1 | mse
     optimizer="muon",  # muon | adamw
     dtype="bfloat16",  # student compute dtype; parameters stay float32
+    teacher_run="",  # a stage-2 run directory (configs/cogvit_siglip.py): its image encoder replaces SigLIP2
     seed=0,
 )
 
@@ -70,6 +72,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             siglip2=_teacher("siglip2", "So400m/16", 1, dtype="bfloat16"),
             dinov3=_teacher("dinov3", "L", 2, dtype="bfloat16"),
         ))
+    if opts.teacher_run:  # the SigLIP-style teacher is the image tower of a stage-2 (sigmoid-loss) run
+        config.teachers.siglip2 = ml_collections.ConfigDict(dict(
+            kind="cogvit", variant="", checkpoint=opts.teacher_run, seed=1, weight=1.0,
+            overrides=ml_collections.ConfigDict(dict(dtype="bfloat16"))))
     config.mim = ml_collections.ConfigDict(dict(
         ratio=0.35,  # the report: 35% of the valid patches masked
         layout=opts.mask, num_blocks=4,
