@@ -124,6 +124,8 @@ def test_tiny_run_logs_baseline_trains_checkpoints_and_resumes(tmp_path):
     assert "train/loss/siglip2" in train[0] and "train/loss/dinov3" in train[0]
     assert last["step"] == 4 and "eval/knn/shape" in last
     assert (workdir / "checkpoints" / "4").is_dir() and (workdir / "routing.txt").exists()
+    table = (workdir / "eval_table.md").read_text()
+    assert "| knn/colour |" in table and "step 0 (random init)" in table and "step 4" in table
 
     # Resume: the same command with more steps continues from step 4.
     cogvit_mim.train_and_evaluate(_tiny_config(tmp_path, 6), str(workdir))

@@ -8,7 +8,8 @@ One readable loop, big_vision style:
   -> steps: mask 35% of each image's valid patches (block-wise or random), teacher features on
      the full image, student on the masked one, loss at masked positions only
   -> k-NN accuracy (shape, colour) of the student's pooled features at step 0 (the random-init
-     baseline), every eval_every steps and at the end -> TensorBoard + metrics.jsonl.
+     baseline), every eval_every steps and at the end -> TensorBoard + metrics.jsonl, and the
+     step-0-vs-final table in eval_table.md.
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ from glm5v_jax.models.teachers.registry import Teacher, build_teacher
 from glm5v_jax.train.checkpoint import Checkpointer
 from glm5v_jax.train.optimizer import transform_from_config
 from glm5v_jax.train.vision_data import prepare_image_sources
-from glm5v_jax.train.vision_eval import knn_report
-from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves
+from glm5v_jax.train.vision_eval import eval_table, knn_report
+from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves, read_jsonl
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("patches", "patch_yx", "valid")
@@ -201,5 +202,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         ckpt.close()
         writer.close()
+    if knn_sets is not None and step == config.total_steps:
+        table = eval_table(read_jsonl(workdir / "metrics.jsonl"), step)
+        (workdir / "eval_table.md").write_text(table + "\n")
+        log.info("k-NN, random init vs trained:\n%s", table)
     plot_curves(workdir / "metrics.jsonl", workdir / "loss_curves.png")
     return dict(last, step=step)

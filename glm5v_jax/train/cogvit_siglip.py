@@ -35,7 +35,7 @@ from glm5v_jax.models.two_tower import TwoTower, two_tower_spec_from_config
 from glm5v_jax.train.checkpoint import Checkpointer
 from glm5v_jax.train.optimizer import transform_from_config
 from glm5v_jax.train.vision_data import prepare_image_sources
-from glm5v_jax.train.vision_eval import knn_report
+from glm5v_jax.train.vision_eval import eval_table, knn_report
 from glm5v_jax.train.writers import (
     JsonlWriter,
     MultiWriter,
@@ -260,20 +260,6 @@ def make_evaluator(config, sources, tokenizer):
                               k=d.knn_k))
         return {f"eval/{k}": v for k, v in out.items()}
     return evaluate
-
-
-def eval_table(rows: list[dict], step: int) -> str:
-    """Markdown table of every eval metric at step 0 (random init) and at `step`."""
-    first = next((r for r in rows if r["step"] == 0), {})
-    last = next((r for r in rows if r["step"] == step), {})
-    keys = sorted(k for k in last if k.startswith("eval/"))
-
-    def fmt(v):
-        return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
-
-    lines = [f"| metric | step 0 (random init) | step {step} |", "|---|---|---|"]
-    lines += [f"| {k.removeprefix('eval/')} | {fmt(first.get(k))} | {fmt(last[k])} |" for k in keys]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- the loop
