@@ -21,6 +21,7 @@ from __future__ import annotations
 import ml_collections
 
 from glm5v_jax.config_args import parse_arg
+from glm5v_jax.train.vision_data import report_mixture
 
 PRESETS = ("tiny", "base")
 
@@ -92,16 +93,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Data: named image sources mixed by weight (the report: 80% natural, 10% instruction,
     # 10% scientific). Each source: shapes_world (the embedded generator, by build seed and
     # size) or array_record (paths of records with an `image` field).
-    def shapes(build_seed, train, weight):
-        return ml_collections.ConfigDict(dict(kind="shapes_world", build_seed=build_seed, train=train,
-                                              weight=weight, paths=""))
     config.data = ml_collections.ConfigDict(dict(
         data_dir="",  # "" -> <workdir>/data
-        sources=ml_collections.ConfigDict(dict(
-            natural=shapes(0, 6000 if tiny else 100_000, 0.8),
-            instruction=shapes(1, 1000, 0.1),
-            scientific=shapes(2, 1000, 0.1),
-        )),
+        sources=report_mixture(6000 if tiny else 100_000),
         batch_size=16 if tiny else 1024,
         num_workers=0,
         eval_source="natural",  # the shapes_world source whose validation split is evaluated

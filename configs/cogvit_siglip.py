@@ -25,6 +25,7 @@ from __future__ import annotations
 import ml_collections
 
 from glm5v_jax.config_args import parse_arg
+from glm5v_jax.train.vision_data import report_mixture
 
 PRESETS = ("tiny", "base")
 
@@ -74,16 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
 
     # Data: named image sources mixed by weight, as in configs/cogvit_mim.py, with captions.
-    def shapes(build_seed, train, weight):
-        return ml_collections.ConfigDict(dict(kind="shapes_world", build_seed=build_seed, train=train,
-                                              weight=weight, paths=""))
     config.data = ml_collections.ConfigDict(dict(
         data_dir="",  # "" -> <workdir>/data
-        sources=ml_collections.ConfigDict(dict(
-            natural=shapes(0, 6000 if tiny else 100_000, 0.8),
-            instruction=shapes(1, 1000, 0.1),
-            scientific=shapes(2, 1000, 0.1),
-        )),
+        sources=report_mixture(6000 if tiny else 100_000),
         batch_size=32 if tiny else 4096,
         num_workers=0,
         # NaFlex patch budgets: each training batch uses one, chosen by step ("cycle" through

@@ -29,11 +29,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm5v_jax.errors import require
-from glm5v_jax.layers.attention import ATTENTION_IMPLS, Attention
+from glm5v_jax.layers.attention import ATTENTION_IMPLS
 from glm5v_jax.layers.mlp import MLP_TYPES
 from glm5v_jax.layers.norms import RMSNorm
 from glm5v_jax.layers.params import normal, param
 from glm5v_jax.layers.rope import Rotary
+from glm5v_jax.models.cogvit import VisionBlock  # the same pre-norm block; reads the spec's shared fields
 from glm5v_jax.layers.stack import scan_layers, stacked
 
 
@@ -90,23 +91,6 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(x.astype(jnp.float32) * w, 1) / jnp.maximum(w.sum(1), 1.0)
 
 
-class TextBlock(nnx.Module):
-    """Pre-norm block: x + Attn(norm(x)); x + MLP(norm(x))."""
-
-    def __init__(self, spec: TextSpec, *, rngs: nnx.Rngs):
-        d, dt, pdt = spec.embed_dim, spec.dtype, spec.param_dtype
-        self.attn_norm = RMSNorm(d, eps=spec.norm_eps, param_dtype=pdt, rngs=rngs)
-        self.attn = Attention(d, spec.num_heads, spec.num_heads, spec.head_dim, qkv_bias=spec.qkv_bias,
-                              qk_norm=spec.qk_norm, norm_eps=spec.norm_eps, impl=spec.attention_impl,
-                              dtype=dt, param_dtype=pdt, rngs=rngs)
-        self.mlp_norm = RMSNorm(d, eps=spec.norm_eps, param_dtype=pdt, rngs=rngs)
-        self.mlp = MLP_TYPES[spec.mlp_type](d, spec.mlp_dim, dtype=dt, param_dtype=pdt, rngs=rngs)
-
-    def __call__(self, x, rotary, segment_ids):
-        x = x + self.attn(self.attn_norm(x), rotary=rotary, segment_ids=segment_ids, causal=False)
-        return x + self.mlp(self.mlp_norm(x))
-
-
 class TextEncoder(nnx.Module):
     """Token ids `[B, L]` -> (token outputs `[B, L, D]`, zero outside the caption; caption mask `[B, L]`)."""
 
@@ -114,7 +98,7 @@ class TextEncoder(nnx.Module):
         self.spec = spec
         self.embed = param(rngs, normal(0.02), (spec.vocab_size, spec.embed_dim), ("vocab", "embed"),
                            spec.param_dtype)
-        self.blocks = stacked(lambda r: TextBlock(spec, rngs=r), spec.depth, rngs)
+        self.blocks = stacked(lambda r: VisionBlock(spec, rngs=r), spec.depth, rngs)
         self.final_norm = RMSNorm(spec.embed_dim, eps=spec.norm_eps, param_dtype=spec.param_dtype, rngs=rngs)
         self.rotary = Rotary(spec.head_dim, spec.rope_theta)
 

@@ -36,8 +36,8 @@ from glm5v_jax.models.teachers.registry import Teacher, build_teacher
 from glm5v_jax.train.checkpoint import Checkpointer
 from glm5v_jax.train.optimizer import transform_from_config
 from glm5v_jax.train.vision_data import prepare_image_sources
-from glm5v_jax.train.vision_eval import eval_table, knn_report
-from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves, read_jsonl
+from glm5v_jax.train.vision_eval import knn_report, write_eval_table
+from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("patches", "patch_yx", "valid")
@@ -203,8 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.close()
         writer.close()
     if knn_sets is not None and step == config.total_steps:
-        table = eval_table(read_jsonl(workdir / "metrics.jsonl"), step)
-        (workdir / "eval_table.md").write_text(table + "\n")
+        table = write_eval_table(workdir, step)
         log.info("k-NN, random init vs trained:\n%s", table)
     plot_curves(workdir / "metrics.jsonl", workdir / "loss_curves.png")
     return dict(last, step=step)

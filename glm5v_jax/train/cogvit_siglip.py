@@ -35,13 +35,12 @@ from glm5v_jax.models.two_tower import TwoTower, two_tower_spec_from_config
 from glm5v_jax.train.checkpoint import Checkpointer
 from glm5v_jax.train.optimizer import transform_from_config
 from glm5v_jax.train.vision_data import prepare_image_sources
-from glm5v_jax.train.vision_eval import eval_table, knn_report
+from glm5v_jax.train.vision_eval import knn_report, write_eval_table
 from glm5v_jax.train.writers import (
     JsonlWriter,
     MultiWriter,
     TensorBoardWriter,
     plot_curves,
-    read_jsonl,
 )
 
 log = logging.getLogger(__name__)
@@ -351,8 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.close()
         writer.close()
     if evaluate is not None and step == config.total_steps:
-        table = eval_table(read_jsonl(workdir / "metrics.jsonl"), step)
-        (workdir / "eval_table.md").write_text(table + "\n")
+        table = write_eval_table(workdir, step)
         log.info("evaluation, random init vs trained:\n%s", table)
     plot_curves(workdir / "metrics.jsonl", workdir / "loss_curves.png")
     return dict(last, step=step)

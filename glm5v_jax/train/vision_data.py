@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ml_collections
+
 from glm5v_jax.data.sources import array_record_source, mix_sources
 
 log = logging.getLogger(__name__)
@@ -74,3 +76,17 @@ def prepare_image_sources(data: Any, workdir: Path, *, seed: int) -> ImageSource
             trains[name] = array_record_source(paths)
         weights[name] = float(src.weight)
     return ImageSources(mix_sources(trains, weights, seed), weights, knn_train, evals)
+
+
+def shapes_world_source(build_seed: int, train: int, weight: float) -> ml_collections.ConfigDict:
+    """A `config.data.sources.<name>` entry for the embedded generator."""
+    return ml_collections.ConfigDict(dict(kind="shapes_world", build_seed=build_seed, train=train, weight=weight,
+                                          paths=""))
+
+
+def report_mixture(natural_images: int) -> ml_collections.ConfigDict:
+    """The report's 80% natural / 10% instruction / 10% scientific mixture, as shapes-world stand-ins
+    (different build seeds)."""
+    return ml_collections.ConfigDict(dict(natural=shapes_world_source(0, natural_images, 0.8),
+                                          instruction=shapes_world_source(1, 1000, 0.1),
+                                          scientific=shapes_world_source(2, 1000, 0.1)))

@@ -70,3 +70,14 @@ def eval_table(rows: list[dict], step: int) -> str:
     lines = [f"| metric | step 0 (random init) | step {step} |", "|---|---|---|"]
     lines += [f"| {k.removeprefix('eval/')} | {fmt(first.get(k))} | {fmt(last[k])} |" for k in keys]
     return "\n".join(lines)
+
+
+def write_eval_table(workdir, step: int) -> str:
+    """Writes `<workdir>/eval_table.md` (step 0 vs `step`, from metrics.jsonl) and returns it."""
+    from pathlib import Path
+
+    from glm5v_jax.train.writers import read_jsonl
+
+    table = eval_table(read_jsonl(Path(workdir) / "metrics.jsonl"), step)
+    (Path(workdir) / "eval_table.md").write_text(table + "\n")
+    return table
