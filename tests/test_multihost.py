@@ -25,7 +25,6 @@ def _free_port() -> int:
 def test_two_processes_train_like_one_device(tmp_path):
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
-    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     procs = [subprocess.Popen([sys.executable, str(TESTS / "multihost_worker.py"), str(i), str(port),
                                str(tmp_path / f"{i}.json")], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]

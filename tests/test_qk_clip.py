@@ -172,7 +172,8 @@ def test_backbone_reports_stacked_max_logits_without_changing_outputs():
     assert "attn_max_logits" not in aux0
     np.testing.assert_array_equal(np.asarray(l1), np.asarray(l0))
     for (p, a), (_, b) in zip(nnx.to_flat_state(g0), nnx.to_flat_state(g1)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-8, err_msg=str(p))
+        # two programs (with and without the max-logit outputs) fuse differently: float32 rounding
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7, err_msg=str(p))
     ml = aux1["attn_max_logits"]
     assert ml["dense_layers"].shape == (1, 4) and ml["moe_layers"].shape == (2, 4)
     by_path = model.attention_max_logits(aux1)
@@ -398,7 +399,12 @@ def test_vlm_train_step_with_qk_clip_in_an_optax_chain():
     assert int(qk_clip_metrics(ml, tau)["qk_clip/clipped_heads"]) > 0
     got, want = nnx.to_flat_state(nnx.state(model, nnx.Param)), nnx.to_flat_state(nnx.state(reference, nnx.Param))
     for (path, a), (_, b) in zip(got, want):
-        np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=1e-5, atol=1e-6, err_msg=str(path))
+        # The two programs fuse (and so round) differently, and Adam divides by sqrt(v): an element
+        # with a near-zero gradient moves by up to lr (1e-2) on rounding noise alone. A key bias
+        # shifts every logit of a query equally, so softmax makes its true gradient exactly 0.
+        # A clipped head's q and k scale by sqrt(tau / max logit), far more than 1e-5.
+        atol = 1e-2 if path[-1] == "k_bias" else 1e-5
+        np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), rtol=1e-5, atol=atol, err_msg=str(path))
     q = nnx.state(model, nnx.Param)["backbone"]["dense_layers"]["attn"]["q"]
     assert np.isfinite(np.asarray(q[...])).all()
 

@@ -19,7 +19,6 @@ ROOT = Path(__file__).parents[1]
 STEPS = 20
 
 
-
 def _command(workdir: Path, data_dir: Path, steps: int = STEPS) -> list[str]:
     return [sys.executable, "-m", "glm5v_jax.main", "--config=configs/vlm_pretrain.py:tiny",
             f"--workdir={workdir}", f"--config.total_steps={steps}", "--config.log_every=1",
@@ -31,22 +30,23 @@ def _command(workdir: Path, data_dir: Path, steps: int = STEPS) -> list[str]:
             "--config.optim.groups.projector.warmup_steps=2"]
 
 
-def _env():
-    env = dict(os.environ)
-    env.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
-    env["JAX_PLATFORMS"] = "cpu"
+def _env(data_dir: Path):
+    """The same job starts four times (reference, SIGTERM, SIGKILL, resume): a persistent
+    compilation cache next to their data compiles its steps once. XLA_FLAGS: conftest's."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env["JAX_COMPILATION_CACHE_DIR"] = str(data_dir.parent / f"{data_dir.name}_jit_cache")
     return env
 
 
 def _run(workdir, data_dir, steps=STEPS):
-    out = subprocess.run(_command(workdir, data_dir, steps), cwd=ROOT, env=_env(), capture_output=True,
+    out = subprocess.run(_command(workdir, data_dir, steps), cwd=ROOT, env=_env(data_dir), capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     return out
 
 
 def _start(workdir, data_dir):
-    return subprocess.Popen(_command(workdir, data_dir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    return subprocess.Popen(_command(workdir, data_dir), cwd=ROOT, env=_env(data_dir), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
