@@ -15,12 +15,24 @@ Presets:
 Teachers run frozen in bfloat16 without gradients. The student sees 35% of each image's valid
 patches replaced by the mask token and predicts every teacher's standardised features at the
 masked positions through one adaptor head per teacher.
+
+A teacher whose patch size differs from the student's (e.g. SigLIP2 So400m/14 with the /16
+student) sees its own NaFlex view of the image (merge 1) with a budget of
+`config.teachers.<name>.max_patches` patches (0: about the student's pixel area, i.e.
+round(max_patches x (16 / 14)^2)); its tokens are resampled bilinearly onto the student's grid.
+
+`config.teacher_cache`: a directory written by
+`python -m glm5v_jax.train.teacher_cache --config=<this config> --cache_dir=DIR` (every teacher's
+features on the student's grid for every training record, bfloat16). When set, the trainer runs
+no teacher and reads the features from it; the cache must match the config's teachers, patch
+budgets and sources (checked), and records missing from it are skipped and counted.
 """
 from __future__ import annotations
 
 import ml_collections
 
 from glm5v_jax.config_args import parse_arg
+from glm5v_jax.sharding.rules import DEFAULT_RULES
 from glm5v_jax.train.vision_data import report_mixture
 
 PRESETS = ("tiny", "base")
@@ -46,6 +58,7 @@ def _vision(embed_dim, depth, num_heads, mlp_dim, max_patches):
 def _teacher(kind, variant, seed, **overrides):
     return ml_collections.ConfigDict(dict(
         kind=kind, variant=variant, checkpoint="", seed=seed, weight=1.0,
+        max_patches=0,  # patch budget of this teacher's own view (another patch size); 0: same pixel area
         overrides=ml_collections.ConfigDict(dict(overrides))))
 
 
@@ -60,8 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dtype=opts.dtype, attention_impl="xla", remat=False,
         head_hidden=0,  # adaptor head width; 0: the student's width
     ))
-    # Teachers: {name: kind (siglip2 | dinov3), variant, checkpoint ("" = random init from seed),
-    # loss weight, spec overrides}. Teacher compute is bfloat16.
+    # Teachers: {name: kind (siglip2 | dinov3 | cogvit), variant, checkpoint ("" = random init from
+    # seed), loss weight, max_patches (own view, see above), spec overrides}. Compute is bfloat16.
     if tiny:
         config.teachers = ml_collections.ConfigDict(dict(
             siglip2=_teacher("siglip2", "B/16", 1, width=64, depth=2, mlp_dim=128, num_heads=2,
@@ -75,8 +88,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ))
     if opts.teacher_run:  # the SigLIP-style teacher is the image tower of a stage-2 (sigmoid-loss) run
         config.teachers.siglip2 = ml_collections.ConfigDict(dict(
-            kind="cogvit", variant="", checkpoint=opts.teacher_run, seed=1, weight=1.0,
+            kind="cogvit", variant="", checkpoint=opts.teacher_run, seed=1, weight=1.0, max_patches=0,
             overrides=ml_collections.ConfigDict(dict(dtype="bfloat16"))))
+    config.teacher_cache = ""  # a teacher_cache.py directory: read teacher features instead of running teachers
     config.mim = ml_collections.ConfigDict(dict(
         ratio=0.35,  # the report: 35% of the valid patches masked
         layout=opts.mask, num_blocks=4,
@@ -102,6 +116,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         eval_images=300,  # shapes-world validation images for k-NN (queries) ...
         knn_train_images=1000,  # ... and the training images they are matched against
         knn_k=10,
+    ))
+
+    # Mesh, as for the VLM trainer: sizes of (data, fsdp, tensor, expert), one -1 takes the rest;
+    # rules map logical axes to mesh axes (glm5v_jax.sharding.rules). The default shards the
+    # student, its optimizer state and the frozen teachers FSDP-style over every device, the
+    # batch over data x fsdp. num_devices: 0 = all, else the first N (one host).
+    config.mesh = ml_collections.ConfigDict(dict(
+        shape=(1, -1, 1, 1), dcn_shape=(), num_devices=0,
+        rules=ml_collections.ConfigDict(dict(DEFAULT_RULES)),
+        replication_tolerance=0.02, replication_action="error",
     ))
 
     def group(prefixes, lr):

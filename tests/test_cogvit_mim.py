@@ -1,6 +1,8 @@
 """CogViT stage 1: grid resampling against NumPy bilinear, the student with one head per teacher,
 teacher construction errors, and a tiny end-to-end run of the trainer (random-init teachers)
-that logs the k-NN baseline at step 0, trains, checkpoints and resumes."""
+that logs the k-NN baseline at step 0, trains, checkpoints and resumes. Teachers of another patch
+size: their view's default budget, their targets on the student's grid (a fake teacher whose
+features are a known function of image position), and a tiny run with a /8 teacher."""
 from __future__ import annotations
 
 import sys
@@ -99,6 +101,7 @@ def _tiny_config(tmp_path, steps):
         t.overrides.depth = 1
     cfg.data.data_dir = str(tmp_path / "data")
     cfg.data.batch_size = 4
+    cfg.mesh.num_devices = 1  # one device (tests/test_cogvit_mim_sharded.py covers meshes)
     cfg.data.sources.natural.train = 24
     cfg.data.sources.instruction.train = 8
     cfg.data.sources.scientific.train = 8
@@ -142,3 +145,73 @@ def test_step_split_benchmark_smoke():
                            "--repeats", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| teachers (forward + standardisation) |" in proc.stdout and "| student (fwd+bwd) |" in proc.stdout
+
+
+class _PositionTeacher(nnx.Module):
+    """A fake teacher whose token at each patch is f(u, v) of the patch centre's normalised image
+    position (u = (row + 0.5) / rows): [u, v, u v, 1 + 2u - 3v]. Bilinear in (u, v), so bilinear
+    resampling onto another grid of the same image reproduces it exactly. It insists on its own
+    patch size, so it cannot be fed the student's view."""
+
+    def __init__(self, patch_size: int):
+        self.patch_size = patch_size
+
+    def __call__(self, patches, patch_yx, valid):
+        assert patches.shape[-1] == self.patch_size ** 2 * 3, patches.shape
+        uv = (patch_yx + 0.5) / grid_of(patch_yx, valid)[:, None, :]
+        return {"tokens": jnp.where(valid[..., None], _position_features(uv), 0.0)}
+
+
+def _position_features(uv):
+    u, v = uv[..., 0], uv[..., 1]
+    return jnp.stack([u, v, u * v, 1 + 2 * u - 3 * v], -1)
+
+
+@pytest.mark.parametrize("view", [(8, 256), (14, 84)])
+def test_resampled_teacher_targets_match_the_function_of_image_position(view):
+    from glm5v_jax.data import shapes_world
+    from glm5v_jax.data.image_batches import ImageBatchConfig, make_image_batch_iterator
+    from glm5v_jax.train.teacher_cache import student_grid_tokens
+
+    records = [shapes_world.generate_image_example(0, "train", i) for i in range(6)]
+    cfg = ImageBatchConfig(batch_size=6, patch_size=16, max_patches=64, shuffle=False, num_epochs=1,
+                           teacher_views=(view,))
+    batch = {k: jnp.asarray(v) for k, v in next(make_image_batch_iterator(records, cfg)).items()}
+    got = np.asarray(student_grid_tokens(_PositionTeacher(view[0]), batch, view))  # [B, 64, 4]
+    yx, valid, grid = (np.asarray(batch[k]) for k in ("patch_yx", "valid", "grid"))
+    want = np.asarray(_position_features((yx + 0.5) / grid[:, None, :]))
+    # Exact where the student's centre lies inside the teacher's grid of centres (else clamped).
+    t_grid = np.asarray(batch[f"grid@p{view[0]}n{view[1]}"])[:, None, :]
+    pos = (yx + 0.5) * t_grid / grid[:, None, :] - 0.5
+    inside = valid & np.all((pos >= 0) & (pos <= t_grid - 1), -1)
+    assert inside.sum() > 0.7 * valid.sum()
+    np.testing.assert_allclose(got[inside], want[inside], atol=1e-5)
+    assert not got[~valid].any()
+
+
+def test_teacher_view_budget_defaults_to_the_students_pixel_area():
+    from glm5v_jax.train.teacher_cache import teacher_view
+
+    cfg = mim_config.get_config("base")  # student /16, 256 patches
+    assert teacher_view(cfg, "siglip2", 16) is None  # the student's own view
+    assert teacher_view(cfg, "siglip2", 14) == (14, 334)  # round(256 x (16/14)^2)
+    assert teacher_view(cfg, "siglip2", 8) == (8, 1024)
+    cfg.teachers.siglip2.max_patches = 300
+    assert teacher_view(cfg, "siglip2", 14) == (14, 300) and teacher_view(cfg, "siglip2", 16) == (16, 300)
+    cfg.teachers.siglip2.max_patches = -1
+    with pytest.raises(ValueError, match="config.teachers.siglip2.max_patches"):
+        teacher_view(cfg, "siglip2", 14)
+
+
+def test_tiny_run_with_a_teacher_of_another_patch_size(tmp_path):
+    from glm5v_jax.train import cogvit_mim
+
+    cfg = _tiny_config(tmp_path, 2)
+    cfg.eval_every, cfg.optim.name, cfg.mim.layout = 0, "adamw", "random"  # the cheapest step to compile
+    del cfg.teachers["siglip2"]
+    cfg.teachers.dinov3.overrides.patch_size = 8  # a /8 teacher for the /16 student: its own 256-patch view
+    last = cogvit_mim.train_and_evaluate(cfg, str(tmp_path / "run"))
+    train = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2] and last["step"] == 2
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["train/loss/dinov3"]) for r in train)
+    assert all(abs(r["train/masked_fraction"] - 0.35) < 0.03 for r in train)

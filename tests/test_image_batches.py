@@ -1,5 +1,6 @@
 """Image batches for CogViT pre-training: NaFlex arrays, labels from shapes world, captions as
-tokens, bad records skipped and counted, exact resume from the iterator state, named mixtures."""
+tokens, bad records skipped and counted, exact resume from the iterator state, named mixtures, extra
+views of each image for teachers of another patch size, and attached per-record arrays."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from glm5v_jax.data import shapes_world
-from glm5v_jax.data.image_batches import LABELS, ImageBatchConfig, labels_of, make_image_batch_iterator
+from glm5v_jax.data.image_batches import LABELS, ImageBatchConfig, labels_of, make_image_batch_iterator, view_key
 from glm5v_jax.data.sources import mix_sources
 
 
@@ -93,3 +94,41 @@ def test_named_mixture_by_weight(records):
     assert counts["natural"] == pytest.approx(0.8, abs=0.05)
     batch = next(make_image_batch_iterator(mixed, _config()))
     assert batch["patches"].shape[0] == 3
+
+
+def test_teacher_views_are_the_same_image_at_another_patch_size(records):
+    views = ((8, 256), (14, 84))
+    it = make_image_batch_iterator(records, _config(shuffle=False, num_epochs=1, teacher_views=views))
+    batch = next(it)
+    px = batch["grid"] * 16  # [B, 2] the student view's size in pixels
+    for p, n in views:
+        patches, yx, valid, grid = (batch[view_key(k, p, n)] for k in ("patches", "patch_yx", "valid", "grid"))
+        assert patches.shape == (3, n, p * p * 3) and yx.shape == (3, n, 2) and valid.shape == (3, n)
+        np.testing.assert_array_equal(valid.sum(1), grid.prod(1))
+        np.testing.assert_array_equal(yx.max(1, where=valid[..., None], initial=0) + 1, grid)
+        # Both are resizes of the whole image to about the same area: sizes agree within the
+        # student's rounding (one merge group of 2 x 16 px per side) and so do the mean colours.
+        assert np.all(np.abs(grid * p - px) <= 32), (p, grid * p, px)
+        for row in range(3):
+            mean_t = patches[row][valid[row]].reshape(-1, 3).mean(0)
+            mean_s = batch["patches"][row][batch["valid"][row]].reshape(-1, 3).mean(0)
+            np.testing.assert_allclose(mean_t, mean_s, atol=0.005)
+    state = it.get_state()
+    assert state["config"]["teacher_views"] == [[8, 256], [14, 84]]
+    with pytest.raises(ValueError, match="teacher_views"):
+        make_image_batch_iterator(records, _config(shuffle=False, num_epochs=1)).set_state(state)
+    with pytest.raises(ValueError, match="teacher_views"):
+        _config(teacher_views=((8, 0),))
+
+
+def _attach(record):
+    """Extra arrays for some records, a skip reason for the others (as the teacher cache does)."""
+    return {"extra": np.int32(len(record["id"]))} if record["id"] != "broken" else "skipped/no_extra"
+
+
+def test_attach_adds_arrays_or_skips_and_counts(records):
+    records = [dict(r, id=r.get("id", f"r{i}")) for i, r in enumerate(records)]
+    records[0]["id"] = "broken"
+    it = make_image_batch_iterator(records, _config(shuffle=False, num_epochs=1), attach=_attach)
+    batch = next(it)
+    assert batch["extra"].shape == (3,) and it.stats["skipped/no_extra"] == 1

@@ -5,6 +5,15 @@ Each record becomes one NaFlex image (`patches [N, P*P*3]`, `patch_yx [N, 2]`, `
 shapes world, the shape and colour of its first object as integer labels (k-NN / linear-probe
 evaluation; -1 where a record has none). Batches are `batch_size` such images stacked.
 
+Teacher views (stage 1 with a teacher of another patch size): for each `(P, N)` in
+`teacher_views` the same image is also preprocessed at patch size P with a budget of N patches
+and merge 1, under the keys `patches@pPnN [N, P*P*3]`, `patch_yx@pPnN [N, 2]`, `valid@pPnN [N]`
+and `grid@pPnN [2]` (`view_key`). Both views are resizes of the whole image, so a position on one
+grid maps to the other by scaling (`models.cogvit_mim.resample_tokens`).
+
+`attach` (optional, `make_image_batch_iterator`): a picklable callable record -> extra arrays
+for the example (e.g. precomputed teacher features, `train/teacher_cache.py`) or a skip reason.
+
 A record that cannot be used (no image, undecodable or too small, no caption when captions are
 needed) is skipped and counted under `stats["skipped/<reason>"]`, never put in a batch; too many
 in a row is an error naming the counts. The iterator is checkpointable: its state is the grain
@@ -16,7 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import grain
 import numpy as np
@@ -28,6 +37,14 @@ from glm5v_jax.data.templates import as_str
 
 STATE_VERSION = 1
 LABELS = {"shape": tuple(SHAPES), "colour": tuple(COLOURS)}
+VIEW_KEYS = ("patches", "patch_yx", "valid", "grid")
+# record -> extra example arrays, or a "skipped/<reason>" string
+Attach = Callable[[Mapping[str, Any]], "dict[str, np.ndarray] | str"]
+
+
+def view_key(key: str, patch_size: int, max_patches: int) -> str:
+    """Key of `key` (patches, patch_yx, valid, grid) in the teacher view (patch_size, max_patches)."""
+    return f"{key}@p{patch_size}n{max_patches}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +62,17 @@ class ImageBatchConfig:
     process_index: int = 0
     process_count: int = 1
     max_consecutive_skips: int = 200
+    # extra views of each image, (patch_size, max_patches) with merge 1, for teachers whose patch
+    # size differs from the student's (keys: `view_key`)
+    teacher_views: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        views = [tuple(v) for v in self.teacher_views]
+        if any(len(v) != 2 or min(v) < 1 for v in views) or len(set(views)) != len(views):
+            raise ValueError(f"teacher_views: expected distinct (patch_size, max_patches) pairs of positive "
+                             f"integers, got {self.teacher_views}")
         if self.text_len < 0:
             raise ValueError(f"text_len: must be >= 0, got {self.text_len}")
 
@@ -73,6 +97,7 @@ class ProcessImageRecord:
 
     config: ImageBatchConfig
     tokenizer: Any = None
+    attach: Attach | None = None
 
     def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
         c = self.config
@@ -81,9 +106,12 @@ class ProcessImageRecord:
         try:
             image = preprocess_image(record.get("image"), patch_size=c.patch_size, max_patches=c.max_patches,
                                      merge=c.merge)
+            out = {k: image[k] for k in VIEW_KEYS}
+            for p, n in c.teacher_views:  # the same image for a teacher of another patch size
+                view = preprocess_image(record.get("image"), patch_size=p, max_patches=n, merge=1)
+                out.update({view_key(k, p, n): view[k] for k in VIEW_KEYS})
         except _ImageSkip as e:
             return {"skip": e.reason}
-        out = dict(patches=image["patches"], patch_yx=image["patch_yx"], valid=image["valid"], grid=image["grid"])
         for name, value in labels_of(record).items():
             out[f"{name}_label"] = np.int32(value)
         if c.text_len:
@@ -94,6 +122,11 @@ class ProcessImageRecord:
             text = np.full((c.text_len,), self.tokenizer.pad_id, np.int32)
             text[:len(ids)] = ids
             out["text"] = text
+        if self.attach is not None:
+            extra = self.attach(record)
+            if isinstance(extra, str):
+                return {"skip": extra}
+            out.update(extra)
         return out
 
 
@@ -138,14 +171,20 @@ class ImageBatchIterator(grain.DatasetIterator):
 
 
 def _state_key(c: ImageBatchConfig) -> dict[str, Any]:
-    """The settings a saved position is only valid under."""
-    return {"batch_size": c.batch_size, "patch_size": c.patch_size, "max_patches": c.max_patches,
-            "merge": c.merge, "seed": c.seed, "text_len": c.text_len, "shuffle": c.shuffle}
+    """The settings a saved position is only valid under (JSON types: it is compared after a JSON
+    round trip). `teacher_views` only when set, so states saved before it existed still load."""
+    key = {"batch_size": c.batch_size, "patch_size": c.patch_size, "max_patches": c.max_patches,
+           "merge": c.merge, "seed": c.seed, "text_len": c.text_len, "shuffle": c.shuffle}
+    if c.teacher_views:
+        key["teacher_views"] = [[int(p), int(n)] for p, n in c.teacher_views]
+    return key
 
 
-def make_image_batch_iterator(source: Any, config: ImageBatchConfig, tokenizer=None) -> ImageBatchIterator:
+def make_image_batch_iterator(source: Any, config: ImageBatchConfig, tokenizer=None,
+                              attach: Attach | None = None) -> ImageBatchIterator:
     """Checkpointable iterator of image batch dicts (numpy) from a random-access source of records
-    (a list of dicts, a TFDS / ArrayRecord source, or `mix_sources(...)` over named sources)."""
+    (a list of dicts, a TFDS / ArrayRecord source, or `mix_sources(...)` over named sources).
+    `attach`: see the module docstring."""
     if config.text_len and tokenizer is None:
         raise ValueError("text_len > 0 needs a tokenizer for the captions")
     ds = _as_map_dataset(source)
@@ -157,7 +196,7 @@ def make_image_batch_iterator(source: Any, config: ImageBatchConfig, tokenizer=N
         ds = ds.shuffle(seed=config.seed)
     if config.num_epochs != 1:
         ds = ds.repeat(config.num_epochs)
-    it = ds.map(ProcessImageRecord(config, tokenizer)).to_iter_dataset()
+    it = ds.map(ProcessImageRecord(config, tokenizer, attach)).to_iter_dataset()
     if config.num_workers > 0:
         _mark_absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))

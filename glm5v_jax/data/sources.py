@@ -22,7 +22,7 @@ def _as_map_dataset(source: Any) -> grain.MapDataset:
 
 
 @dataclasses.dataclass(frozen=True)
-class _TagSource:
+class TagSource:
     """Prefix record ids with the source name (ids of different sources may collide)."""
 
     name: str
@@ -58,7 +58,7 @@ def mix_sources(sources: Mapping[str, Any], weights: Mapping[str, float], seed: 
         if len(ds) == 0:
             raise ValueError(f"mix_sources: source {name!r} is empty")
         lengths.append(len(ds))
-        ds = ds.shuffle(seed=(int(seed) + 1_000_003 * (k + 1)) % 2 ** 32).repeat().map(_TagSource(name))
+        ds = ds.shuffle(seed=(int(seed) + 1_000_003 * (k + 1)) % 2 ** 32).repeat().map(TagSource(name))
         parts.append(ds)
     total = max(math.ceil(n / wk) for n, wk in zip(lengths, w))
     return grain.MapDataset.mix(parts, [float(x) for x in w])[:total]
@@ -174,7 +174,8 @@ class _Parse:
         return record
 
 
-def array_record_source(paths: str | Sequence[str], parse: str | Callable[[bytes], dict] = "tf_example") -> grain.MapDataset:
+def array_record_source(paths: str | Sequence[str],
+                        parse: str | Callable[[bytes], dict] = "tf_example") -> grain.MapDataset:
     """Records stored in ArrayRecord files -> a grain MapDataset of record dicts.
 
     parse: "tf_example" (default; `tf.train.Example` with flat features, as TFDS writes

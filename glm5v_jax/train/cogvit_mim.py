@@ -1,10 +1,20 @@
 """Stage 1 trainer: CogViT masked-image distillation from frozen teachers (report 2.1).
 
 One readable loop, big_vision style:
-  image sources mixed by weight (shapes world built on first use) -> NaFlex batches
-  -> teachers from config.teachers (checkpoints or random init), frozen, bfloat16, no gradients
+  image sources mixed by weight (shapes world built on first use) -> NaFlex batches, plus one
+     extra view per other teacher patch size (e.g. So400m/14 with the /16 student; merge 1, about
+     the student's pixel area unless config.teachers.<name>.max_patches says otherwise)
+  -> teachers from config.teachers (checkpoints or random init), frozen, bfloat16, no gradients;
+     tokens of a teacher with its own view resampled bilinearly onto the student's grid. Or, with
+     config.teacher_cache, no teachers: their precomputed tokens come with each record
+     (`glm5v_jax.train.teacher_cache`, which also holds the view helpers; records missing from
+     the cache are skipped and counted as data/skipped/not_in_teacher_cache)
   -> student: CogViT + one adaptor head per teacher; per-teacher running standardisation
-  -> Muon (or AdamW) with cosine decay -> resume from the newest good checkpoint
+  -> Muon (or AdamW) with cosine decay
+  -> on a mesh (config.mesh, as the VLM trainer: data / fsdp / tensor / expert axes and logical
+     rules): student, optimizer and teachers created or placed sharded per the rules (FSDP by
+     default), the global batch split over the batch axes, each host reading its own rows
+  -> resume from the newest good checkpoint (resharded onto this run's mesh)
   -> steps: mask 35% of each image's valid patches (block-wise or random), teacher features on
      the full image, student on the masked one, loss at masked positions only
   -> k-NN accuracy (shape, colour) of the student's pooled features at step 0 (the random-init
@@ -13,11 +23,12 @@ One readable loop, big_vision style:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +36,9 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from glm5v_jax.errors import ConfigError
 from glm5v_jax.data.image_batches import ImageBatchConfig, make_image_batch_iterator
 from glm5v_jax.losses.distill import FeatureStandardizer, distill_loss
 from glm5v_jax.models.build import vision_spec_from_config
@@ -33,8 +46,15 @@ from glm5v_jax.models.cogvit import CogViT
 from glm5v_jax.models.cogvit_mim import MIMStudent
 from glm5v_jax.models.masking import mim_mask
 from glm5v_jax.models.teachers.registry import Teacher, build_teacher
+from glm5v_jax.sharding.checks import check_divisibility
+from glm5v_jax.sharding.context import use_mesh_rules
+from glm5v_jax.sharding.partition import create_sharded, state_shardings
+from glm5v_jax.sharding.rules import parameter_shardings
 from glm5v_jax.train.checkpoint import Checkpointer
 from glm5v_jax.train.optimizer import transform_from_config
+from glm5v_jax.train.parallel import MeshPlan, batch_shardings, global_batch, plan_from_config, preflight
+from glm5v_jax.train.teacher_cache import (View, cached_tokens, distinct_views, open_cache, step_keys,
+                                           student_grid_tokens, teacher_views)
 from glm5v_jax.train.vision_data import prepare_image_sources
 from glm5v_jax.train.vision_eval import knn_report, write_eval_table
 from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves
@@ -44,17 +64,14 @@ IMAGE_KEYS = ("patches", "patch_yx", "valid")
 
 
 def build_teachers(config: ml_collections.ConfigDict, patch_size: int) -> dict[str, Teacher]:
+    """The frozen teachers of config.teachers; any patch size (others get their own view)."""
     teachers = {}
     for name, t in config.teachers.items():
         teacher = build_teacher(name, t.kind, t.variant, overrides=t.overrides.to_dict(), checkpoint=t.checkpoint,
                                 seed=int(t.seed))
-        if teacher.patch_size != patch_size:
-            # resample_tokens (models/cogvit_mim.py) aligns grids, but the pipeline does not yet
-            # produce a second NaFlex view at the teacher's patch size.
-            raise ValueError(f"config.teachers.{name}: patch size {teacher.patch_size} differs from the "
-                             f"student's {patch_size}; only equal patch sizes are wired into this trainer")
         teachers[name] = teacher
-        log.info("teacher %s: %s %s, width %d, %s", name, t.kind, t.variant, teacher.dim, teacher.source)
+        log.info("teacher %s: %s %s, width %d, patch %d (student %d), %s", name, t.kind, t.variant, teacher.dim,
+                 teacher.patch_size, patch_size, teacher.source)
     return teachers
 
 
@@ -66,17 +83,25 @@ class MIMState(nnx.Module):
         self.standardizers = nnx.Dict(dict(standardizers))
 
 
-def make_train_step(config: ml_collections.ConfigDict):
+def make_train_step(config: ml_collections.ConfigDict, views: Mapping[str, View | None] | None = None, *,
+                    jit: bool = True):
+    """`train_step(state, teachers, batch, key) -> metrics`, jitted with `nnx.jit` (one device).
+    `views[name]`: the teacher's own view (None or absent: the student's). A teacher not in the
+    `teachers` argument reads its cached tokens from batch["teacher/<name>"]. `jit=False`: the plain
+    function, for `sharded_train_step`, which jits it on a mesh."""
     m = config.mim
     weights = {name: float(t.weight) for name, t in config.teachers.items()}
+    views = dict(views or {})
 
-    @nnx.jit
     def train_step(state: MIMState, teachers: nnx.Dict, batch, key):
         patches, yx, valid = (batch[k] for k in IMAGE_KEYS)
         mask = mim_mask(key, valid, yx, ratio=m.ratio, layout=m.layout, num_blocks=m.num_blocks)
         targets = {}
-        for name, teacher in teachers.items():  # frozen: outside the differentiated function
-            feats = jax.lax.stop_gradient(teacher(patches, yx, valid)["tokens"])
+        for name in weights:  # on the student's grid [B, N, D]; frozen: outside the differentiated function
+            if name in teachers:
+                feats = jax.lax.stop_gradient(student_grid_tokens(teachers[name], batch, views.get(name)))
+            else:
+                feats = cached_tokens(batch, name)
             state.standardizers[name].update(feats, valid)
             targets[name] = state.standardizers[name](feats)
 
@@ -97,7 +122,86 @@ def make_train_step(config: ml_collections.ConfigDict):
                         "masked_fraction": mask.sum() / jnp.maximum(valid.sum(), 1)})
         return metrics
 
-    return train_step
+    return nnx.jit(train_step) if jit else train_step
+
+
+# ----------------------------------------------------------------------------- the run on a mesh
+@dataclasses.dataclass
+class ShardedMIM:
+    """Student state and frozen teachers placed on the run's mesh, with their shardings."""
+
+    graphdef: Any
+    state: Any  # nnx.State of MIMState (student, optimizer, standardisers), sharded
+    shardings: Any
+    teacher_graphdef: Any
+    teacher_state: Any  # nnx.State of the teachers (frozen), sharded by the same rules
+    teacher_shardings: Any
+    schedules: dict
+    routing: str | None
+    replicated: float  # fraction of student parameter bytes replicated over a non-data axis
+
+
+def mesh_plan(config: ml_collections.ConfigDict) -> MeshPlan:
+    """`config.mesh` over all devices, or the first `config.mesh.num_devices` (one host only)."""
+    n, devices = int(config.mesh.get("num_devices", 0)), jax.devices()
+    if n:
+        if n > len(devices) or jax.process_count() > 1:
+            raise ConfigError("config.mesh.num_devices", f"{n} devices asked for, {len(devices)} exist over "
+                                                         f"{jax.process_count()} hosts (0 uses all; >0 on one host)")
+        devices = devices[:n]
+    return plan_from_config(config.mesh, devices)
+
+
+def place_on_mesh(config: ml_collections.ConfigDict, spec, dims: Mapping[str, int],
+                  teacher_modules: Mapping[str, nnx.Module], plan: MeshPlan) -> ShardedMIM:
+    """Preflight checks (ConfigError naming the field), then the student, its optimizer and the
+    standardisers created sharded per the rules, and the teachers moved onto the mesh likewise
+    (a frozen So400m is FSDP-sharded like the student, not copied to every device)."""
+    def make_student():
+        return MIMStudent(spec, dims, head_hidden=config.model.head_hidden, rngs=nnx.Rngs(config.seed))
+
+    abstract = nnx.eval_shape(make_student)
+    replicated = preflight(abstract, plan, global_batch=config.data.batch_size, mesh_cfg=config.mesh)
+    param_sh = parameter_shardings(abstract, plan.mesh, plan.rules)
+    tx, schedules, _, routing = transform_from_config(abstract, config.optim, config.total_steps, mesh=plan.mesh,
+                                                      shardings=param_sh)
+
+    def make():
+        student = make_student()
+        standardizers = {n: FeatureStandardizer(d, config.mim.standardize, momentum=config.mim.stats_momentum)
+                         for n, d in dims.items()}
+        return MIMState(student, nnx.Optimizer(student, tx, wrt=nnx.Param), standardizers)
+
+    graphdef, state, state_sh = create_sharded(make, plan.mesh, param_sh)
+    teachers = nnx.Dict(dict(teacher_modules))
+    check_divisibility(teachers, plan.mesh, plan.rules)
+    t_graphdef, t_state = nnx.split(teachers)
+    t_sh = state_shardings(t_state, plan.mesh, parameter_shardings(teachers, plan.mesh, plan.rules))
+    return ShardedMIM(graphdef, state, state_sh, t_graphdef, jax.device_put(t_state, t_sh), t_sh, schedules,
+                      routing, replicated)
+
+
+def sharded_train_step(step_fn, placed: ShardedMIM, plan: MeshPlan, batch_sh: Mapping[str, NamedSharding]):
+    """`(state, teacher_state, batch, key) -> (state, metrics)`: `step_fn` (make_train_step(...,
+    jit=False)) jitted on the mesh with explicit shardings, traced under the mesh rules; the state
+    is donated and keeps its shardings, metrics are replicated."""
+    replicated = NamedSharding(plan.mesh, P())
+
+    def pure(state, teacher_state, batch, key):
+        with use_mesh_rules(plan.mesh, plan.rules):
+            mim, teachers = nnx.merge(placed.graphdef, state), nnx.merge(placed.teacher_graphdef, teacher_state)
+            metrics = step_fn(mim, teachers, batch, key)
+            return nnx.state(mim), metrics
+
+    return jax.jit(pure, in_shardings=(placed.shardings, placed.teacher_shardings, dict(batch_sh), replicated),
+                   out_shardings=(placed.shardings, replicated), donate_argnums=(0,))
+
+
+def host_batch_shardings(host: Mapping[str, np.ndarray], plan: MeshPlan) -> dict[str, NamedSharding]:
+    """Shardings of the global batch whose per-host rows are `host` (leading axis over the batch axes)."""
+    n = jax.process_count()
+    return batch_shardings({k: jax.ShapeDtypeStruct((v.shape[0] * n,) + v.shape[1:], v.dtype)
+                            for k, v in host.items()}, plan)
 
 
 def _batches(source, config, n_images: int, batch_size: int):
@@ -119,28 +223,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     spec = vision_spec_from_config(config.model.vision, dtype=config.model.dtype,
                                    attention_impl=config.model.attention_impl, remat=config.model.remat)
     sources = prepare_image_sources(config.data, workdir, seed=config.seed)
-    teachers = build_teachers(config, spec.patch_size)
+    if config.get("teacher_cache", ""):  # no teachers run: their tokens come with the records
+        cache = open_cache(config.teacher_cache, config)
+        dims, views, modules, attach = cache.dims, {}, {}, cache.lookup()
+        log.info("teacher cache %s: %s", cache.path, dims)
+    else:
+        teachers = build_teachers(config, spec.patch_size)
+        dims, attach = {n: t.dim for n, t in teachers.items()}, None
+        views = teacher_views(config, {n: t.patch_size for n, t in teachers.items()})
+        modules = {n: t.module for n, t in teachers.items()}
+    keys = step_keys(views, tuple(dims) if attach is not None else ())
 
-    student = MIMStudent(spec, {n: t.dim for n, t in teachers.items()}, head_hidden=config.model.head_hidden,
-                         rngs=nnx.Rngs(config.seed))
-    tx, schedules, _, routing = transform_from_config(student, config.optim, config.total_steps)
-    if routing:
-        (workdir / "routing.txt").write_text(routing + "\n")
-    standardizers = {n: FeatureStandardizer(t.dim, config.mim.standardize, momentum=config.mim.stats_momentum)
-                     for n, t in teachers.items()}
-    state = MIMState(student, nnx.Optimizer(student, tx, wrt=nnx.Param), standardizers)
-    teacher_modules = nnx.Dict({n: t.module for n, t in teachers.items()})
+    plan = mesh_plan(config)  # the mesh, and every check that can fail, before anything is compiled
+    placed = place_on_mesh(config, spec, dims, modules, plan)
+    log.info("%s; %.2f%% of student parameter bytes replicated over a non-data axis", plan.describe(),
+             100 * placed.replicated)
+    schedules, state = placed.schedules, placed.state
+    if placed.routing:
+        (workdir / "routing.txt").write_text(placed.routing + "\n")
 
-    batch_cfg = ImageBatchConfig(batch_size=config.data.batch_size, patch_size=spec.patch_size,
+    hosts = jax.process_count()
+    batch_cfg = ImageBatchConfig(batch_size=config.data.batch_size // hosts, patch_size=spec.patch_size,
                                  max_patches=spec.max_patches, merge=spec.merge_size, seed=config.seed,
-                                 num_workers=config.data.num_workers)
-    train_iter = make_image_batch_iterator(sources.train, batch_cfg)
+                                 num_workers=config.data.num_workers, teacher_views=distinct_views(views),
+                                 process_index=jax.process_index(), process_count=hosts)
+    train_iter = make_image_batch_iterator(sources.train, batch_cfg, attach=attach)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
     start_step = 0
-    restored = ckpt.restore_latest(nnx.state(state))
+    restored = ckpt.restore_latest(state)  # resharded onto this run's mesh, whatever it was saved on
     if restored is not None:
-        start_step, saved, data_state, _ = restored
-        nnx.update(state, saved)
+        start_step, state, data_state, _ = restored
         train_iter.set_state(data_state)
         log.info("resuming at step %d", start_step)
 
@@ -154,12 +266,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def evaluate() -> dict:
         if knn_sets is None:
             return {}
-        enc = state.student.encoder
+        enc = nnx.merge(placed.graphdef, state).student.encoder
         return {f"eval/{k}": v for k, v in knn_report(lambda b: encode(enc, {k: b[k] for k in IMAGE_KEYS}),
                                                        *knn_sets, k=config.data.knn_k).items()}
 
     writer = MultiWriter([TensorBoardWriter(workdir / "tensorboard"), JsonlWriter(workdir / "metrics.jsonl")])
-    train_step = make_train_step(config)
+    step_fn, train_step, batch_sh = make_train_step(config, views, jit=False), None, None
     base_key = jax.random.key(config.seed)
     last: dict = {}
     if start_step == 0 and knn_sets is not None:
@@ -171,8 +283,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = start_step
     try:
         for step in range(start_step + 1, config.total_steps + 1):
-            batch = {k: jnp.asarray(v) for k, v in next(train_iter).items() if k in IMAGE_KEYS}
-            metrics = train_step(state, teacher_modules, batch, jax.random.fold_in(base_key, step))
+            host = {k: v for k, v in next(train_iter).items() if k in keys}
+            if train_step is None:  # batch keys are known from the first batch (views, cached features)
+                batch_sh = host_batch_shardings(host, plan)
+                train_step = sharded_train_step(step_fn, placed, plan, batch_sh)
+            state, metrics = train_step(state, placed.teacher_state, global_batch(host, batch_sh),
+                                        jax.random.fold_in(base_key, step))
             for k, v in metrics.items():
                 acc.setdefault(k, []).append(v)
             window += 1
@@ -196,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 last.update(ev)
                 t0 = time.time()
             if step % config.checkpoint_every == 0 or step == config.total_steps:
-                ckpt.save(step, nnx.state(state), train_iter.get_state(), json.loads(config.to_json_best_effort()),
+                ckpt.save(step, state, train_iter.get_state(), json.loads(config.to_json_best_effort()),
                           force=True)
             writer.flush()
     finally:

@@ -31,6 +31,7 @@ SOURCE_KINDS = ("shapes_world", "array_record")
 class ImageSources:
     train: Any  # a grain MapDataset mixing the named sources by weight
     weights: dict[str, float]
+    named: dict[str, Any]  # each source's training records, unmixed and untagged, in config order
     knn_train: Any | None  # labelled reference images (shapes world train split), or None
     eval: Any | None  # labelled evaluation images (shapes world validation split), or None
 
@@ -75,7 +76,7 @@ def prepare_image_sources(data: Any, workdir: Path, *, seed: int) -> ImageSource
                 raise ValueError(f"{field}.paths: no files match {src.paths!r}")
             trains[name] = array_record_source(paths)
         weights[name] = float(src.weight)
-    return ImageSources(mix_sources(trains, weights, seed), weights, knn_train, evals)
+    return ImageSources(mix_sources(trains, weights, seed), weights, trains, knn_train, evals)
 
 
 def shapes_world_source(build_seed: int, train: int, weight: float) -> ml_collections.ConfigDict:
