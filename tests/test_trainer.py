@@ -16,7 +16,7 @@ import pytest
 from glm5v_jax.train.writers import read_jsonl
 
 ROOT = Path(__file__).parents[1]
-STEPS = 20
+STEPS = 12
 
 
 def _command(workdir: Path, data_dir: Path, steps: int = STEPS) -> list[str]:
@@ -120,7 +120,7 @@ def test_sigterm_checkpoint_then_sigkill_resume_is_exact(tmp_path, data_dir, ref
     rng = np.random.default_rng(int(time.time()))
     workdir = tmp_path / "interrupted"
     proc = _start(workdir, data_dir)
-    _wait_for_step(proc, workdir, 5)
+    _wait_for_step(proc, workdir, 3)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     last = max(r["step"] for r in read_jsonl(workdir / "metrics.jsonl"))

@@ -9,10 +9,13 @@ turns into, is only known once the TPU compiler has run. With libtpu installed
 slice (`v5p:4x4x4`, `v5e:16x16`, ...), and `jit(...).lower(...).compile()` runs the real
 TPU compiler for them on a CPU host, without allocating anything.
 
-What is compiled is the trainer's step (forward, backward, optimizer update, router-bias
-update; `build_train_program`) with the mesh of `config.mesh` over the topology's devices
-and the checks of `preflight` run first. The model keeps the preset's vocabulary size (the
-trainer replaces it with the tokenizer's padded size; there is no tokenizer here).
+What is compiled is the step of the trainer `config.trainer` names (`tools/aot_programs.py`:
+the VLM's forward, backward, optimizer and router-bias update; CogViT stage 1's teachers,
+student and optimizer) with the mesh of `config.mesh` over the topology's devices and the
+checks of `preflight` run first. The VLM keeps the preset's vocabulary size (the trainer
+replaces it with the tokenizer's padded size; there is no tokenizer here).
+
+    python -m glm5v_jax.tools.aot --config=configs/cogvit_mim.py:base --topology=v5p:2x2x2
 
 Prints the per-device memory from the compiler (arguments, outputs, aliased, temporaries,
 generated code; estimated peak = arguments + outputs - aliased + temporaries) against the
@@ -27,7 +30,6 @@ flag), 3 libtpu missing, 4 any other failure (traceback printed).
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -36,7 +38,7 @@ import re
 import sys
 import time
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -44,6 +46,7 @@ from ml_collections import config_flags
 import jax
 
 from glm5v_jax.errors import ConfigError
+from glm5v_jax.tools.aot_programs import build_train_program
 
 GiB = 1024**3
 # HBM per chip in GiB, by generation (the first part of --topology).
@@ -108,48 +111,6 @@ def count_chips(devices: Sequence[Any]) -> int:
     return len({(tuple(getattr(d, "coords", (d.id,))), getattr(d, "slice_index", 0)) for d in devices})
 
 
-@dataclasses.dataclass
-class TrainProgram:
-    """Everything needed to lower the train step without allocating anything."""
-
-    plan: Any  # MeshPlan
-    spec: Any  # VLMSpec
-    step: Callable  # jitted (state, batch) -> (state, metrics), explicit shardings
-    state: Any  # ShapeDtypeStructs carrying their shardings
-    batch: dict  # global batch ShapeDtypeStructs carrying their shardings
-    replicated_fraction: float
-
-
-def build_train_program(config: Any, devices: Sequence[Any], *, update_rms: bool = True) -> TrainProgram:
-    """The trainer's sharded train step for `config` on `devices`, as abstract values.
-
-    Follows `vlm_pretrain.train_and_evaluate`: plan and preflight checks (ConfigError),
-    parameter shardings, the optimizer of `config.optim` placed on the mesh, model and
-    optimizer built with `nnx.eval_shape` (nothing allocated) and `state_shardings`,
-    `train_step` jitted by `jit_step` with the batch of `batch_contract`. `update_rms=False`
-    leaves out the per-group update-RMS metrics.
-    """
-    from flax import nnx
-
-    from glm5v_jax.models.build import vlm_spec_from_config
-    from glm5v_jax.sharding.partition import state_shardings
-    from glm5v_jax.train.parallel import abstract_state, batch_shardings, jit_step, plan_from_config
-    from glm5v_jax.train.vlm_pretrain import batch_contract, sharded_setup, train_step_fn
-
-    spec = vlm_spec_from_config(config.model)
-    plan = plan_from_config(config.mesh, devices)
-    setup = sharded_setup(config, spec, plan)
-    graphdef, state = nnx.split(nnx.eval_shape(setup.make))  # nothing allocated
-    state_sh = state_shardings(state, plan.mesh, setup.param_shardings)
-    pure_train_step = train_step_fn(graphdef, config, setup.update_labels if update_rms else None)
-
-    batch = batch_contract(spec, config.data)
-    batch_sh = batch_shardings(batch, plan)
-    step = jit_step(pure_train_step, plan, state_sh, batch_sh)
-    return TrainProgram(plan, spec, step, abstract_state(state, state_sh), abstract_state(batch, batch_sh),
-                        setup.replicated)
-
-
 def count_collectives(hlo_text: str) -> dict[str, int]:
     """{kind: number of ops} in compiled HLO text (async `-start` ops count once). The TPU
     compiler writes a reduce-scatter as an all-reduce + dynamic-slice fusion whose computation
@@ -194,31 +155,24 @@ def run(config: Any, topology: str, hbm_gib: float | None = None, update_rms: bo
     Not compiled when the arguments alone (state + batch shards) exceed HBM. The TPU
     compiler itself refuses a step that does not fit its chip (RESOURCE_EXHAUSTED):
     that is reported as not fitting, with the compiler's message."""
-    from glm5v_jax.train.flops import train_flops_per_step
 
     gen = chip_generation(topology)
     devices = topology_devices(topology)
     chips = count_chips(devices)
     hbm = (HBM_GIB_PER_CHIP[gen] if hbm_gib is None else hbm_gib) * GiB * chips / len(devices)
     program = build_train_program(config, devices, update_rms=update_rms)
-    d = config.data
     r: dict[str, Any] = dict(
         topology=topology, generation=gen, device_kind=devices[0].device_kind, chips=chips, devices=len(devices),
+        trainer=str(config.get("trainer", "vlm_pretrain")),
         mesh={a: int(n) for a, n in program.plan.mesh.shape.items()}, batch_axes=list(program.plan.batch_axes),
-        global_batch=int(d.batch_size), seq_len=int(d.seq_len), max_images_per_row=int(d.max_images_per_row),
-        vocab_size=int(config.model.backbone.vocab_size), remat=bool(config.model.remat),
-        attention_impl=str(config.model.attention_impl), moe_impl=str(config.model.moe_impl),
-        optimizer=str(config.optim.name), update_rms=update_rms,
+        **program.facts, summary=program.summary,
         replicated_fraction=program.replicated_fraction, hbm=int(hbm),
-        argument_lower_bound=argument_bytes_per_device((program.state, program.batch)),
-        analytic_flops_per_step=train_flops_per_step(program.spec, rows=d.batch_size, seq_len=d.seq_len,
-                                                     images=d.batch_size * d.max_images_per_row,
-                                                     patches_per_image=program.spec.vision.max_patches),
-        compiled=False, error=None)
+        argument_lower_bound=argument_bytes_per_device(program.args),
+        analytic_flops_per_step=program.analytic_flops_per_step, compiled=False, error=None)
     if r["argument_lower_bound"] > hbm:
         return dict(r, fits=False, error="not compiled: the state and batch shards alone exceed HBM")
     t0 = time.perf_counter()
-    lowered = program.step.lower(program.state, program.batch)
+    lowered = program.step.lower(*program.args)
     t1 = time.perf_counter()
     try:
         compiled = lowered.compile()
@@ -241,10 +195,8 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"topology        {r['topology']} ({r['device_kind']}): {r['chips']} chips, {r['devices']} devices",
         f"mesh            ({mesh}); batch over {tuple(r['batch_axes'])}",
-        f"batch           {r['global_batch']} rows x {r['seq_len']} tokens, {r['max_images_per_row']} image slots "
-        f"per row (global); remat={r['remat']}, attention_impl={r['attention_impl']}, moe_impl={r['moe_impl']}, "
-        f"optimizer={r['optimizer']}",
-        f"vocab_size      {r['vocab_size']} (the preset's; the trainer uses the tokenizer's padded size)",
+        f"trainer         {r['trainer']}",
+        f"batch           {r['summary']}",
         f"replicated      {100 * r['replicated_fraction']:.2f}% of parameter bytes over a non-data axis",
         f"state + batch   {g(r['argument_lower_bound'])} per device (from the shardings)",
     ]

@@ -52,7 +52,8 @@ from glm5v_jax.sharding.partition import create_sharded, state_shardings
 from glm5v_jax.sharding.rules import parameter_shardings
 from glm5v_jax.train.checkpoint import Checkpointer
 from glm5v_jax.train.optimizer import transform_from_config
-from glm5v_jax.train.parallel import MeshPlan, batch_shardings, global_batch, plan_from_config, preflight
+from glm5v_jax.train.parallel import (MeshPlan, abstract_state, batch_shardings, global_batch, plan_from_config,
+                                       preflight)
 from glm5v_jax.train.teacher_cache import (View, cached_tokens, distinct_views, open_cache, step_keys,
                                            student_grid_tokens, teacher_views)
 from glm5v_jax.train.vision_data import prepare_image_sources
@@ -153,10 +154,12 @@ def mesh_plan(config: ml_collections.ConfigDict) -> MeshPlan:
 
 
 def place_on_mesh(config: ml_collections.ConfigDict, spec, dims: Mapping[str, int],
-                  teacher_modules: Mapping[str, nnx.Module], plan: MeshPlan) -> ShardedMIM:
+                  teacher_modules: Mapping[str, nnx.Module], plan: MeshPlan, *, abstract: bool = False) -> ShardedMIM:
     """Preflight checks (ConfigError naming the field), then the student, its optimizer and the
     standardisers created sharded per the rules, and the teachers moved onto the mesh likewise
-    (a frozen So400m is FSDP-sharded like the student, not copied to every device)."""
+    (a frozen So400m is FSDP-sharded like the student, not copied to every device).
+    `abstract=True` (ahead-of-time compiles, `glm5v_jax.tools.aot`): nothing is allocated; the
+    states are ShapeDtypeStructs carrying their shardings (the teachers may be abstract too)."""
     def make_student():
         return MIMStudent(spec, dims, head_hidden=config.model.head_hidden, rngs=nnx.Rngs(config.seed))
 
@@ -172,11 +175,16 @@ def place_on_mesh(config: ml_collections.ConfigDict, spec, dims: Mapping[str, in
                          for n, d in dims.items()}
         return MIMState(student, nnx.Optimizer(student, tx, wrt=nnx.Param), standardizers)
 
-    graphdef, state, state_sh = create_sharded(make, plan.mesh, param_sh)
     teachers = nnx.Dict(dict(teacher_modules))
     check_divisibility(teachers, plan.mesh, plan.rules)
     t_graphdef, t_state = nnx.split(teachers)
     t_sh = state_shardings(t_state, plan.mesh, parameter_shardings(teachers, plan.mesh, plan.rules))
+    if abstract:
+        graphdef, state = nnx.split(nnx.eval_shape(make))
+        state_sh = state_shardings(state, plan.mesh, param_sh)
+        return ShardedMIM(graphdef, abstract_state(state, state_sh), state_sh, t_graphdef,
+                          abstract_state(t_state, t_sh), t_sh, schedules, routing, replicated)
+    graphdef, state, state_sh = create_sharded(make, plan.mesh, param_sh)
     return ShardedMIM(graphdef, state, state_sh, t_graphdef, jax.device_put(t_state, t_sh), t_sh, schedules,
                       routing, replicated)
 
