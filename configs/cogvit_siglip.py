@@ -7,11 +7,13 @@ Presets:
   tiny   CogViT 128 wide, depth 2 (as in configs/cogvit_mim.py tiny), a 128-wide depth-2 text
          tower, 128-d shared embedding, batch 32, one 64-patch NaFlex budget, float32. Runs on
          2 CPU cores.
-  base   CogViT-B (768/12/12), a 512-wide depth-12 text tower, 768-d embedding, batch 4096
-         cycling through 256 / 576 / 1024-patch budgets, bfloat16 compute.
+  base   CogViT-B (768/12/12), a 512-wide depth-12 text tower, 768-d embedding, the report's
+         64K (65536) global batch with the ring loss over every device, cycling through
+         256 / 576 / 1024-patch budgets, bfloat16 compute.
 
-Options: optimizer (muon | adamw), dtype ("" = the preset's), loss_impl (dense: one device, the
-whole B x B logits | ring | all_gather: the batch split over a data-parallel mesh of
+Options: optimizer (muon | adamw), dtype ("" = the preset's), loss_impl ("" = the preset's: dense
+for tiny, ring for base | dense: one device, the whole B x B logits | ring | all_gather: the
+batch split over a data-parallel mesh of
 `config.mesh.data` devices, 0 = all, parameters replicated, loss by
 `sharded_sigmoid_contrastive_loss`), budgets (cycle | random: which patch budget a step uses),
 seed.
@@ -32,7 +34,7 @@ PRESETS = ("tiny", "base")
 OPTIONS = dict(
     optimizer="muon",  # muon | adamw
     dtype="",  # compute dtype; "" = float32 (tiny, CPU) or bfloat16 (base); parameters stay float32
-    loss_impl="dense",  # dense | ring | all_gather
+    loss_impl="",  # "" (tiny: dense, base: ring) | dense | ring | all_gather
     budgets="cycle",  # cycle | random: the patch budget of each step
     seed=0,
 )
@@ -65,7 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         embed_dim=128 if tiny else 768,  # the shared image-text embedding width
         dtype=opts.dtype or ("float32" if tiny else "bfloat16"), attention_impl="xla", remat=False,
     ))
-    config.loss_impl = opts.loss_impl
+    config.loss_impl = opts.loss_impl or ("dense" if tiny else "ring")
     config.mesh = ml_collections.ConfigDict(dict(data=0))  # ring / all_gather: devices on the data axis (0 = all)
 
     config.total_steps = 300 if tiny else 100_000
@@ -78,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         data_dir="",  # "" -> <workdir>/data
         sources=report_mixture(6000 if tiny else 100_000),
-        batch_size=32 if tiny else 4096,
+        batch_size=32 if tiny else 65536,  # the report: a 64K global batch
         num_workers=0,
         # NaFlex patch budgets: each training batch uses one, chosen by step ("cycle" through
         # them or seeded "random"), so the encoder sees several sequence lengths.
