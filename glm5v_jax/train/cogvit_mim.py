@@ -47,13 +47,12 @@ from glm5v_jax.models.cogvit_mim import MIMStudent
 from glm5v_jax.models.masking import mim_mask
 from glm5v_jax.models.teachers.registry import Teacher, build_teacher
 from glm5v_jax.sharding.checks import check_divisibility
-from glm5v_jax.sharding.context import use_mesh_rules
 from glm5v_jax.sharding.partition import create_sharded, state_shardings
 from glm5v_jax.sharding.rules import parameter_shardings
 from glm5v_jax.train.checkpoint import Checkpointer
 from glm5v_jax.train.optimizer import transform_from_config
 from glm5v_jax.train.parallel import (MeshPlan, abstract_state, batch_shardings, global_batch, plan_from_config,
-                                       preflight)
+                                       preflight, under_rules)
 from glm5v_jax.train.teacher_cache import (View, cached_tokens, distinct_views, open_cache, step_keys,
                                            student_grid_tokens, teacher_views)
 from glm5v_jax.train.vision_data import prepare_image_sources
@@ -163,10 +162,10 @@ def place_on_mesh(config: ml_collections.ConfigDict, spec, dims: Mapping[str, in
     def make_student():
         return MIMStudent(spec, dims, head_hidden=config.model.head_hidden, rngs=nnx.Rngs(config.seed))
 
-    abstract = nnx.eval_shape(make_student)
-    replicated = preflight(abstract, plan, global_batch=config.data.batch_size, mesh_cfg=config.mesh)
-    param_sh = parameter_shardings(abstract, plan.mesh, plan.rules)
-    tx, schedules, _, routing = transform_from_config(abstract, config.optim, config.total_steps, mesh=plan.mesh,
+    student_shapes = nnx.eval_shape(make_student)
+    replicated = preflight(student_shapes, plan, global_batch=config.data.batch_size, mesh_cfg=config.mesh)
+    param_sh = parameter_shardings(student_shapes, plan.mesh, plan.rules)
+    tx, schedules, _, routing = transform_from_config(student_shapes, config.optim, config.total_steps, mesh=plan.mesh,
                                                       shardings=param_sh)
 
     def make():
@@ -196,12 +195,12 @@ def sharded_train_step(step_fn, placed: ShardedMIM, plan: MeshPlan, batch_sh: Ma
     replicated = NamedSharding(plan.mesh, P())
 
     def pure(state, teacher_state, batch, key):
-        with use_mesh_rules(plan.mesh, plan.rules):
-            mim, teachers = nnx.merge(placed.graphdef, state), nnx.merge(placed.teacher_graphdef, teacher_state)
-            metrics = step_fn(mim, teachers, batch, key)
-            return nnx.state(mim), metrics
+        mim, teachers = nnx.merge(placed.graphdef, state), nnx.merge(placed.teacher_graphdef, teacher_state)
+        metrics = step_fn(mim, teachers, batch, key)
+        return nnx.state(mim), metrics
 
-    return jax.jit(pure, in_shardings=(placed.shardings, placed.teacher_shardings, dict(batch_sh), replicated),
+    return jax.jit(under_rules(pure, plan),
+                   in_shardings=(placed.shardings, placed.teacher_shardings, dict(batch_sh), replicated),
                    out_shardings=(placed.shardings, replicated), donate_argnums=(0,))
 
 

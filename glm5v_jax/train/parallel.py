@@ -102,12 +102,12 @@ def abstract_state(graphdef_state: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), graphdef_state, shardings)
 
 
-def _under_rules(fn: Callable, plan: MeshPlan) -> Callable:
+def under_rules(fn: Callable, plan: MeshPlan) -> Callable:
     """`fn` traced with `plan`'s mesh and rules active (activation constraints, expert parallelism)."""
 
-    def traced(state, batch):
+    def traced(*args):
         with use_mesh_rules(plan.mesh, plan.rules):
-            return fn(state, batch)
+            return fn(*args)
 
     return traced
 
@@ -117,12 +117,12 @@ def jit_step(fn: Callable, plan: MeshPlan, state_shardings: Any, batch_shardings
     """`fn(state, batch) -> (state, metrics)` jitted with explicit shardings and traced under
     `use_mesh_rules(plan)`. The state is donated and comes back with the shardings it went
     in with; metrics are replicated."""
-    return jax.jit(_under_rules(fn, plan), in_shardings=(state_shardings, dict(batch_shardings_)),
+    return jax.jit(under_rules(fn, plan), in_shardings=(state_shardings, dict(batch_shardings_)),
                    out_shardings=(state_shardings, NamedSharding(plan.mesh, P())),
                    donate_argnums=(0,) if donate else ())
 
 
 def jit_eval(fn: Callable, plan: MeshPlan, state_shardings: Any, batch_shardings_: Mapping[str, NamedSharding]):
     """`fn(state, batch) -> metrics` jitted like `jit_step`, nothing donated."""
-    return jax.jit(_under_rules(fn, plan), in_shardings=(state_shardings, dict(batch_shardings_)),
+    return jax.jit(under_rules(fn, plan), in_shardings=(state_shardings, dict(batch_shardings_)),
                    out_shardings=NamedSharding(plan.mesh, P()))
