@@ -49,7 +49,9 @@ def reference():
     return _losses((1, 1, 1, 1), jax.devices()[:1])[0]
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 2, 1), (1, 2, 1, 4), (1, 1, 2, 4)])
+# data, fsdp, tensor and expert each appear at size > 1; pure data parallelism (8,1,1,1) is the
+# data axis of (2,4,1,1) and (2,2,2,1) alone, and left out to save the suite a compile
+@pytest.mark.parametrize("shape", [(2, 4, 1, 1), (2, 2, 2, 1), (1, 2, 1, 4), (1, 1, 2, 4)])
 def test_same_losses_as_one_device(shape, reference):
     losses, state, shardings = _losses(shape, jax.devices()[:8])
     np.testing.assert_allclose(losses, reference, rtol=1e-5, atol=1e-5)
