@@ -32,7 +32,7 @@ from __future__ import annotations
 import ml_collections
 
 from glm5v_jax.config_args import parse_arg
-from glm5v_jax.sharding.rules import DEFAULT_RULES
+from glm5v_jax.sharding.rules import mesh_config
 from glm5v_jax.train.vision_data import report_mixture
 
 PRESETS = ("tiny", "base")
@@ -122,11 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # rules map logical axes to mesh axes (glm5v_jax.sharding.rules). The default shards the
     # student, its optimizer state and the frozen teachers FSDP-style over every device, the
     # batch over data x fsdp. num_devices: 0 = all, else the first N (one host).
-    config.mesh = ml_collections.ConfigDict(dict(
-        shape=(1, -1, 1, 1), dcn_shape=(), num_devices=0,
-        rules=ml_collections.ConfigDict(dict(DEFAULT_RULES)),
-        replication_tolerance=0.02, replication_action="error",
-    ))
+    config.mesh = mesh_config(num_devices=0)
 
     def group(prefixes, lr):
         return ml_collections.ConfigDict(dict(prefixes=prefixes, lr=lr, muon_lr=lr, warmup_steps=20 if tiny else 2000,

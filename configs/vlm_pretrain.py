@@ -17,7 +17,7 @@ from __future__ import annotations
 import ml_collections
 
 from glm5v_jax.config_args import parse_arg
-from glm5v_jax.sharding.rules import DEFAULT_RULES
+from glm5v_jax.sharding.rules import mesh_config
 
 PRESETS = ("tiny", "0p5b", "0p5b_moe", "glm45_air")
 
@@ -163,11 +163,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Mesh: sizes of (data, fsdp, tensor, expert) within a slice; one -1 takes the rest of the
     # devices. dcn_shape: the same axes across slices (multi-slice), () for one slice.
     # rules: logical axis -> mesh axis / tuple of axes / None (see glm5v_jax.sharding.rules).
-    config.mesh = ml_collections.ConfigDict(dict(
-        shape=(1, -1, 1, 1),
-        dcn_shape=(),
-        rules=ml_collections.ConfigDict(dict(DEFAULT_RULES)),
-        replication_tolerance=0.02,  # fraction of parameter bytes allowed unsharded over a non-data axis
-        replication_action="error",  # error | warn
-    ))
+    config.mesh = mesh_config()
     return config

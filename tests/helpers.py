@@ -1,5 +1,8 @@
-"""Small model specs and batches shared by the model-level tests."""
+"""Small model specs, batches and configs shared by the tests."""
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -92,3 +95,29 @@ def lower_text(fn, args, platform: str) -> str:
     with ctx, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # jax 0.11 deprecates the Triton backend
         return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def tiny_mim_config(data_dir, steps: int, *, options: str = "", batch_size: int = 4,
+                    train_images: tuple[int, int, int] = (24, 8, 8), eval_every: int = 0,
+                    checkpoint_every: int = 100, num_devices: int = 1):
+    """configs/cogvit_mim.py:tiny shrunk for tests: float32 (plus `options`), depth-1 student and
+    teachers, one warm-up step, `train_images` for the natural / instruction / scientific sources,
+    logging every step, on the first `num_devices` devices."""
+    configs = str(Path(__file__).parents[1] / "configs")
+    if configs not in sys.path:
+        sys.path.insert(0, configs)
+    import cogvit_mim as mim_config
+
+    cfg = mim_config.get_config(",".join(filter(None, ("tiny,dtype=float32", options))))
+    cfg.total_steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = steps, 1, eval_every, checkpoint_every
+    cfg.model.vision.depth = 1
+    for t in cfg.teachers.values():
+        t.overrides.depth = 1
+    cfg.data.data_dir = str(data_dir)
+    cfg.data.batch_size = batch_size
+    cfg.mesh.num_devices = num_devices
+    for source, n in zip(("natural", "instruction", "scientific"), train_images):
+        cfg.data.sources[source].train = n
+    for g in cfg.optim.groups.values():
+        g.warmup_steps = 1
+    return cfg

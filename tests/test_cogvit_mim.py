@@ -18,6 +18,8 @@ from glm5v_jax.models.cogvit_mim import MIMStudent, grid_of, resample_tokens
 from glm5v_jax.models.teachers.registry import build_teacher
 from glm5v_jax.train.writers import read_jsonl
 
+from helpers import tiny_mim_config
+
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
 import cogvit_mim as mim_config  # noqa: E402
@@ -94,20 +96,8 @@ def test_teacher_construction_errors_name_the_field(tmp_path):
 
 
 def _tiny_config(tmp_path, steps):
-    cfg = mim_config.get_config("tiny,dtype=float32")
-    cfg.total_steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = steps, 1, 100, 2
-    cfg.model.vision.depth = 1
-    for t in cfg.teachers.values():
-        t.overrides.depth = 1
-    cfg.data.data_dir = str(tmp_path / "data")
-    cfg.data.batch_size = 4
-    cfg.mesh.num_devices = 1  # one device (tests/test_cogvit_mim_sharded.py covers meshes)
-    cfg.data.sources.natural.train = 24
-    cfg.data.sources.instruction.train = 8
-    cfg.data.sources.scientific.train = 8
+    cfg = tiny_mim_config(tmp_path / "data", steps, eval_every=100, checkpoint_every=2)
     cfg.data.eval_images, cfg.data.knn_train_images, cfg.data.knn_k = 8, 16, 3
-    for g in cfg.optim.groups.values():
-        g.warmup_steps = 1
     return cfg
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import jax
@@ -16,25 +15,12 @@ from flax import nnx
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.train.writers import read_jsonl
 
-ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import cogvit_mim as mim_config  # noqa: E402
+from helpers import tiny_mim_config
 
 
 def _config(data_dir: Path, steps: int, shape, num_devices: int):
-    cfg = mim_config.get_config("tiny,dtype=float32")
-    cfg.total_steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = steps, 1, 0, 100
-    cfg.model.vision.depth = 1
-    for t in cfg.teachers.values():
-        t.overrides.depth = 1
-    cfg.data.data_dir = str(data_dir)
-    cfg.data.batch_size = 8
-    cfg.data.sources.natural.train = 24
-    cfg.data.sources.instruction.train = 8
-    cfg.data.sources.scientific.train = 8
-    for g in cfg.optim.groups.values():
-        g.warmup_steps = 1
-    cfg.mesh.shape, cfg.mesh.num_devices = shape, num_devices
+    cfg = tiny_mim_config(data_dir, steps, batch_size=8, num_devices=num_devices)
+    cfg.mesh.shape = shape
     return cfg
 
 

@@ -4,7 +4,6 @@ and counted, and an unfinished build never looks like a cache."""
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,30 +13,17 @@ from glm5v_jax.data.image_batches import ImageBatchConfig, make_image_batch_iter
 from glm5v_jax.train import teacher_cache as tc
 from glm5v_jax.train.writers import read_jsonl
 
-ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import cogvit_mim as mim_config  # noqa: E402
+from helpers import tiny_mim_config
 
 STEPS = 3
 
 
 def _config(data_dir: Path):
     """Tiny: student /16 (64 patches), SigLIP2-like teacher at /8 (own view), DINOv3-like at /16."""
-    cfg = mim_config.get_config("tiny,dtype=float32,optimizer=adamw,mask=random")  # the cheapest step to compile
-    cfg.total_steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = STEPS, 1, 0, 100
-    cfg.model.vision.depth = 1
-    for t in cfg.teachers.values():
-        t.overrides.depth = 1
+    cfg = tiny_mim_config(data_dir, STEPS, options="optimizer=adamw,mask=random",  # the cheapest step to compile
+                          train_images=(16, 4, 4))
     cfg.teachers.siglip2.overrides.patch_size = 8
-    cfg.data.data_dir = str(data_dir)
-    cfg.data.batch_size = 4
-    cfg.mesh.num_devices = 1  # one device (tests/test_cogvit_mim_sharded.py covers meshes)
-    cfg.data.sources.natural.train = 16
-    cfg.data.sources.instruction.train = 4
-    cfg.data.sources.scientific.train = 4
     cfg.data.eval_images, cfg.data.knn_train_images = 4, 4
-    for g in cfg.optim.groups.values():
-        g.warmup_steps = 1
     return cfg
 
 

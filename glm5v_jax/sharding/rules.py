@@ -99,6 +99,20 @@ def parameter_shardings(model: nnx.Module, mesh: Mesh, rules: Mapping[str, tuple
     return {k: NamedSharding(mesh, s) for k, s in parameter_specs(model, rules).items()}
 
 
+def mesh_config(**extra: Any):
+    """The `config.mesh` block every trainer config starts from: sizes of (data, fsdp, tensor,
+    expert) within a slice, one -1 taking the rest of the devices (default: FSDP over all);
+    `dcn_shape` the same axes across slices, () for one slice; `rules` logical axis -> mesh
+    axis / axes / None (DEFAULT_RULES); the replicated-parameter tolerance and what exceeding it
+    does (error | warn). `extra`: trainer-specific fields."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(
+        shape=(1, -1, 1, 1), dcn_shape=(), rules=ml_collections.ConfigDict(dict(DEFAULT_RULES)),
+        replication_tolerance=0.02,  # fraction of parameter bytes allowed unsharded over a non-data axis
+        replication_action="error", **extra))
+
+
 def rules_from_config(cfg: Any, mesh_axes: Iterable[str]) -> dict[str, tuple[str, ...]]:
     """DEFAULT_RULES updated by `config.mesh.rules` (a mapping name -> axis/axes/None)."""
     rules: dict[str, MeshAxes] = dict(DEFAULT_RULES)

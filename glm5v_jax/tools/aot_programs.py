@@ -110,9 +110,7 @@ def mim_program(config: Any, devices: Sequence[Any], *, update_rms: bool = True)
             {k: sds(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch.items()},
             sds(key.shape, key.dtype, sharding=replicated))
 
-    student_params = _matmul_params(nnx.state(nnx.eval_shape(
-        lambda: cogvit_mim.MIMStudent(spec, dims, head_hidden=config.model.head_hidden, rngs=nnx.Rngs(0))), nnx.Param))
-    flops = 6.0 * student_params * b * n
+    flops = 6.0 * _matmul_params(placed.state["student"]) * b * n
     for name, module in modules.items():
         flops += 2.0 * _matmul_params(nnx.state(module, nnx.Param)) * b * (views[name][1] if views[name] else n)
     teachers = {name: " ".join(filter(None, (t.kind, t.variant, f"(patch {patch_sizes[name]})")))
