@@ -46,6 +46,7 @@ def main(argv=None) -> dict:
     from glm5v_jax.models.cogvit_mim import MIMStudent
     from glm5v_jax.train import cogvit_mim as trainer
     from glm5v_jax.train.optimizer import transform_from_config
+    from glm5v_jax.train.run import TrainState
 
     config = mim_config.get_config(args.preset)
     spec = vision_spec_from_config(config.model.vision, dtype=config.model.dtype)
@@ -53,7 +54,7 @@ def main(argv=None) -> dict:
     student = MIMStudent(spec, {n: t.dim for n, t in teachers.items()}, rngs=nnx.Rngs(0))
     tx, _, _, _ = transform_from_config(student, config.optim, 1000)
     stds = {n: FeatureStandardizer(t.dim, config.mim.standardize) for n, t in teachers.items()}
-    state = trainer.MIMState(student, nnx.Optimizer(student, tx, wrt=nnx.Param), stds)
+    state = TrainState(student, nnx.Optimizer(student, tx, wrt=nnx.Param), standardizers=nnx.Dict(stds))
     modules = nnx.Dict({n: t.module for n, t in teachers.items()})
 
     b, n = args.batch or config.data.batch_size, spec.max_patches

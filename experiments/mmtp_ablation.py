@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
 
 import vlm_pretrain  # noqa: E402
+from glm5v_jax.train import run as run_lib
 from glm5v_jax.models.build import vlm_spec_from_config  # noqa: E402
 from glm5v_jax.train import vlm_pretrain as trainer  # noqa: E402
 from glm5v_jax.train.writers import read_jsonl  # noqa: E402
@@ -145,7 +146,7 @@ def run_one(args, mode: str, seed: int) -> dict:
     workdir = Path(args.workdir) / f"{mode}_seed{seed}"
     shutil.rmtree(workdir, ignore_errors=True)  # never resume an older run
     t0 = time.time()
-    trainer.train_and_evaluate(cfg, str(workdir))
+    run_lib.train_and_evaluate(cfg, str(workdir))
     seconds = time.time() - t0
     rows = [r for r in read_jsonl(workdir / "metrics.jsonl") if r["step"] >= 1]
     train = [r for r in rows if "loss" in r]

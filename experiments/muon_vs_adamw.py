@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
 
 import vlm_pretrain  # noqa: E402
-from glm5v_jax.train.vlm_pretrain import train_and_evaluate  # noqa: E402
+from glm5v_jax.train.run import train_and_evaluate  # noqa: E402
 from glm5v_jax.train.writers import read_jsonl  # noqa: E402
 
 GROUP_RATIO = {"vision": 0.5, "projector": 1.0, "text": 1.0}  # the preset's per-group ratios

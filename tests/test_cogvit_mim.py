@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from glm5v_jax.train import run as run_lib
 from glm5v_jax.models.build import vision_spec_from_config
 from glm5v_jax.models.cogvit_mim import MIMStudent, grid_of, resample_tokens
 from glm5v_jax.models.teachers.registry import build_teacher
 from glm5v_jax.train.writers import read_jsonl
 
-from helpers import tiny_mim_config
+from helpers import config_module, tiny_mim_config
 
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import cogvit_mim as mim_config  # noqa: E402
+mim_config = config_module("cogvit_mim")
 
 
 def _grid(h, w, n):
@@ -105,7 +105,7 @@ def test_tiny_run_logs_baseline_trains_checkpoints_and_resumes(tmp_path):
     from glm5v_jax.train import cogvit_mim
 
     workdir = tmp_path / "run"
-    last = cogvit_mim.train_and_evaluate(_tiny_config(tmp_path, 4), str(workdir))
+    last = run_lib.train_and_evaluate(_tiny_config(tmp_path, 4), str(workdir))
     rows = read_jsonl(workdir / "metrics.jsonl")
     baseline = [r for r in rows if r["step"] == 0]
     assert baseline and 0.0 <= baseline[0]["eval/knn/shape"] <= 1.0 and "eval/knn/colour" in baseline[0]
@@ -121,7 +121,7 @@ def test_tiny_run_logs_baseline_trains_checkpoints_and_resumes(tmp_path):
     assert "| knn/colour |" in table and "step 0 (random init)" in table and "step 4" in table
 
     # Resume: the same command with more steps continues from step 4.
-    cogvit_mim.train_and_evaluate(_tiny_config(tmp_path, 6), str(workdir))
+    run_lib.train_and_evaluate(_tiny_config(tmp_path, 6), str(workdir))
     steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
 
@@ -200,7 +200,7 @@ def test_tiny_run_with_a_teacher_of_another_patch_size(tmp_path):
     cfg.eval_every, cfg.optim.name, cfg.mim.layout = 0, "adamw", "random"  # the cheapest step to compile
     del cfg.teachers["siglip2"]
     cfg.teachers.dinov3.overrides.patch_size = 8  # a /8 teacher for the /16 student: its own 256-patch view
-    last = cogvit_mim.train_and_evaluate(cfg, str(tmp_path / "run"))
+    last = run_lib.train_and_evaluate(cfg, str(tmp_path / "run"))
     train = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in train] == [1, 2] and last["step"] == 2
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["train/loss/dinov3"]) for r in train)

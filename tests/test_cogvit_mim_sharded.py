@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from glm5v_jax.train import run as run_lib
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.train.writers import read_jsonl
 
@@ -43,7 +44,7 @@ def reference(tmp_path_factory, data_dir):
     from glm5v_jax.train import cogvit_mim
 
     workdir = tmp_path_factory.mktemp("one_device")
-    cogvit_mim.train_and_evaluate(_config(data_dir, 5, (1, 1, 1, 1), 1), str(workdir))
+    run_lib.train_and_evaluate(_config(data_dir, 5, (1, 1, 1, 1), 1), str(workdir))
     return _losses(workdir)
 
 
@@ -56,7 +57,7 @@ def test_mesh_run_matches_one_device_and_resumes_on_another_mesh(tmp_path, data_
     workdir = tmp_path / "run"
     cfg = _config(data_dir, 5, (2, 4, 1, 1), 8)  # data x fsdp
     cfg.checkpoint_every = 3
-    cogvit_mim.train_and_evaluate(cfg, str(workdir))
+    run_lib.train_and_evaluate(cfg, str(workdir))
     p = placed.pop("p")
     np.testing.assert_allclose(_losses(workdir), reference, rtol=RTOL)
 
@@ -77,7 +78,7 @@ def test_mesh_run_matches_one_device_and_resumes_on_another_mesh(tmp_path, data_
     # Resume from step 3 on another mesh (heads over tensor, 4 devices): the checkpoint is resharded
     # and steps 4-5 repeat the reference's losses.
     shutil.rmtree(workdir / "checkpoints" / "5")
-    cogvit_mim.train_and_evaluate(_config(data_dir, 5, (1, 2, 2, 1), 4), str(workdir))
+    run_lib.train_and_evaluate(_config(data_dir, 5, (1, 2, 2, 1), 4), str(workdir))
     p = placed.pop("p")
     assert {d.id for sh in jax.tree.leaves(p.shardings) for d in sh.device_set} == {0, 1, 2, 3}
     raw = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -91,9 +92,9 @@ def test_bad_mesh_settings_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="config.data.batch_size"):  # 6 rows over 4 devices
         cfg = _config(tmp_path, 1, (1, 4, 1, 1), 4)
         cfg.data.batch_size = 6
-        cogvit_mim.place_on_mesh(cfg, *_pieces(cfg), cogvit_mim.mesh_plan(cfg))
+        cogvit_mim.place_on_mesh(cfg, *_pieces(cfg), run_lib.mesh_plan(cfg))
     with pytest.raises(ConfigError, match="config.mesh.num_devices"):
-        cogvit_mim.mesh_plan(_config(tmp_path, 1, (1, -1, 1, 1), 99))
+        run_lib.mesh_plan(_config(tmp_path, 1, (1, -1, 1, 1), 99))
 
 
 def _pieces(cfg):

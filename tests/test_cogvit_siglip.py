@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from glm5v_jax.train import run as run_lib
 from glm5v_jax.data.tokenizer import Tokenizer
 from glm5v_jax.losses.contrastive import sigmoid_contrastive_loss
 from glm5v_jax.models.teachers.registry import build_teacher
@@ -27,9 +27,10 @@ from glm5v_jax.train import cogvit_siglip as trainer
 from glm5v_jax.train.checkpoint import Checkpointer
 from glm5v_jax.train.writers import read_jsonl
 
+from helpers import config_module
+
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import cogvit_siglip as siglip_config  # noqa: E402
+siglip_config = config_module("cogvit_siglip")
 
 VOCAB, PAD = 64, 0
 
@@ -125,27 +126,27 @@ def test_trainer_loss_is_the_sigmoid_loss_of_the_towers():
 
 
 def test_ring_loss_on_a_mesh_matches_dense():
+    """The stage's loss on a (data 2, fsdp 2) mesh of config.mesh: ring and all-gather over both batch
+    axes give the dense loss and gradients."""
     batch = _batch(np.random.default_rng(2), 8)
     losses, grads = {}, {}
     for impl in ("dense", "ring", "all_gather"):
         cfg = _small_config(loss_impl=impl, optimizer="adamw")
-        cfg.mesh.data = 4
-        mesh = trainer.data_mesh(cfg)
-        assert (mesh is None) == (impl == "dense")
-        state = trainer.TrainState(_model(cfg, seed=3), None)
-        if mesh is not None:
-            trainer.replicate(state, mesh)
-        loss_fn = trainer.make_loss_fn(impl, mesh)
-        (losses[impl], _), g = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(
-            state.model, trainer.device_batch(batch, mesh))
+        cfg.mesh.shape, cfg.mesh.num_devices = (2, 2, 1, 1), 4
+        plan = run_lib.mesh_plan(cfg)
+        assert plan.batch_axes == ("data", "fsdp", "expert")
+        model = _model(cfg, seed=3)
+        loss_fn = trainer.make_loss_fn(impl, plan)
+        placed = jax.device_put(dict(batch), jax.sharding.NamedSharding(plan.mesh, jax.sharding.PartitionSpec(
+            ("data", "fsdp"))))
+        (losses[impl], _), g = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model, placed)
         grads[impl] = jax.tree.leaves(jax.device_get(nnx.to_pure_dict(g)))
     for impl in ("ring", "all_gather"):
         np.testing.assert_allclose(losses[impl], losses["dense"], rtol=1e-5)
         for a, b in zip(grads[impl], grads["dense"]):
             np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5)
-    with pytest.raises(ValueError, match="config.mesh.data"):
-        cfg.mesh.data, cfg.data.batch_size = 3, 8
-        trainer.data_mesh(cfg)
+    with pytest.raises(ValueError, match="config.loss_impl"):
+        trainer.make_loss_fn("ringg", plan)
 
 
 def test_zero_shot_and_retrieval_metrics_on_synthetic_embeddings():
@@ -178,6 +179,7 @@ def _run_config(tmp_path, steps):
     cfg.total_steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = steps, 1, 100, 2
     cfg.data.data_dir = str(tmp_path / "data")
     cfg.data.batch_size, cfg.data.text_len = 4, 40
+    cfg.mesh.num_devices = 1
     cfg.data.patch_budgets = (32, 16)  # two sequence lengths, cycled
     cfg.data.sources.natural.train = 48
     cfg.data.sources.instruction.train = 8
@@ -193,9 +195,9 @@ def stage2_run(tmp_path_factory):
     """A tiny stage-2 run: 4 steps, then resumed to 6."""
     tmp = tmp_path_factory.mktemp("siglip")
     workdir = tmp / "run"
-    first = trainer.train_and_evaluate(_run_config(tmp, 4), str(workdir))
+    first = run_lib.train_and_evaluate(_run_config(tmp, 4), str(workdir))
     rows_after_first = read_jsonl(workdir / "metrics.jsonl")
-    trainer.train_and_evaluate(_run_config(tmp, 6), str(workdir))
+    run_lib.train_and_evaluate(_run_config(tmp, 6), str(workdir))
     return workdir, first, rows_after_first
 
 
@@ -227,15 +229,16 @@ def test_tiny_run_logs_baseline_trains_checkpoints_and_resumes(stage2_run):
 def test_cogvit_teacher_from_a_stage2_run(stage2_run):
     workdir = stage2_run[0]
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    tokenizer = Tokenizer(next((workdir.parent / "data").glob("siglip_tokenizer_*.model")))
-    state, _, _ = trainer.build_state(config, tokenizer)
-    fresh = jax.tree.leaves(nnx.state(state.model.image.encoder))
+    t = config.model.text
+    spec = two_tower_spec_from_config(config.model, vocab_size=t.vocab_size, pad_id=t.pad_id, eos_id=t.eos_id)
+    fresh = jax.tree.leaves(nnx.state(TwoTower(spec, rngs=nnx.Rngs(config.seed)).image.encoder))
+    placed = trainer.place_on_mesh(config, spec, run_lib.mesh_plan(config), abstract=True)
     ckpt = Checkpointer(workdir / "checkpoints")
-    step, saved, _, _ = ckpt.restore_latest(nnx.state(state))
+    step, saved, _, _ = ckpt.restore_latest(placed.state)
     ckpt.close()
-    nnx.update(state, saved)
+    encoder = nnx.merge(placed.graphdef, saved).model.image.encoder
     assert step == 6
-    trained = jax.tree.leaves(nnx.state(state.model.image.encoder))
+    trained = jax.tree.leaves(nnx.state(encoder))
     assert any(not np.array_equal(a, b) for a, b in zip(fresh, trained))  # training changed the encoder
 
     for path in (workdir, workdir / "checkpoints"):
@@ -246,7 +249,7 @@ def test_cogvit_teacher_from_a_stage2_run(stage2_run):
         out = teacher.module(*args)["tokens"]
         assert out.dtype == jnp.float32 and out.shape == (3, 32, config.model.vision.embed_dim)
         assert not np.asarray(out)[~batch["valid"]].any()
-        np.testing.assert_array_equal(out, state.model.image.encoder(*args))
+        np.testing.assert_array_equal(out, encoder(*args))
     grad = nnx.grad(lambda p, module: module(p, *args[1:])["tokens"].sum())(args[0], teacher.module)
     assert not np.asarray(grad).any()  # frozen: no gradient flows through the teacher
     with pytest.raises(FileNotFoundError):

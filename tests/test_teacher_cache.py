@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from glm5v_jax.train import run as run_lib
 from glm5v_jax.data.image_batches import ImageBatchConfig, make_image_batch_iterator
 from glm5v_jax.train import teacher_cache as tc
 from glm5v_jax.train.writers import read_jsonl
@@ -48,10 +49,10 @@ def test_cache_layout_and_training_from_it_matches_live_teachers(built, tmp_path
     assert sig.dtype == np.uint16 and sig.shape == (24, 64, 64)
     assert not list(cache_dir.parent.glob("cache.tmp-*"))
 
-    live = cogvit_mim.train_and_evaluate(cfg, str(tmp_path / "live"))
+    live = run_lib.train_and_evaluate(cfg, str(tmp_path / "live"))
     cfg.teacher_cache = str(cache_dir)
     monkeypatch.setattr(cogvit_mim, "build_teachers", None)  # from the cache, no teacher is built or run
-    cached = cogvit_mim.train_and_evaluate(cfg, str(tmp_path / "cached"))
+    cached = run_lib.train_and_evaluate(cfg, str(tmp_path / "cached"))
     rows = {name: [r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r]
             for name in ("live", "cached")}
     assert [r["step"] for r in rows["cached"]] == list(range(1, STEPS + 1))

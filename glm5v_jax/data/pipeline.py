@@ -6,7 +6,8 @@ Stages (all deterministic given `PipelineConfig.seed`):
       -> per-host shard        ds[process_index::process_count]
       -> shuffle               MapDataset.shuffle(seed), reshuffled every epoch
       -> repeat                num_epochs (None = forever)
-      -> map_with_index        decode PNG (PIL), NaFlex, `templates.build_document`
+      -> map_with_index        decode PNG (PIL), NaFlex, `templates.build_document` (or, with
+                               document_kind "sft", a `conversations` chat)
       -> to_iter_dataset       (+ mp_prefetch when num_workers > 0)
       -> PackedBatchDataset    greedy first-fit packing into `rows_per_batch` rows of
                                `seq_len` tokens, at most `max_images_per_row` images per
@@ -26,6 +27,12 @@ N = max_patches, P = patch_size):
     patches [B*M, N, P*P*3]    (patch_dtype), patch_yx [B*M, N, 2] int32,
     patch_valid [B*M, N] bool, image_grid [B*M, 2] int32, image_valid [B*M] bool
 
+and with `PipelineConfig.document_kind = "sft"` (multi-turn conversations, see
+`glm5v_jax.data.conversations`) also
+
+    task_ids [B, S] int32      (`conversations.TASK_IDS` of the answer a target belongs to, 0 elsewhere)
+    answer_ids [B, S] int32    (1, 2, ... per answer, numbered through the row; 0 = not a target)
+
 Row b owns image slots b*M .. b*M+M-1, filled in order of appearance, unused slots
 invalid, so the valid images in slot order are in the order of the `<|image|>`
 tokens of the row-major flattened batch: the order the model scatters features in.
@@ -38,7 +45,7 @@ the iterator's `.stats` (running totals, part of its checkpoint state):
     skipped/empty_image        kind "image" with no bytes, or width/height 0
     skipped/too_small_image    smaller than one patch per side (NaFlexError), e.g. 1x2000
     skipped/empty_text         no usable caption/QA/box/OCR (image) or empty text (text-only)
-    skipped/too_long           image doc whose image block (+ one answer token) exceeds seq_len
+    skipped/too_long           doc whose first target is past seq_len (an image block, an SFT prompt)
     skipped/error              any other exception while processing the record
     truncated/text             text-only doc cut to seq_len
     truncated/image            image doc whose answer was cut at seq_len
@@ -76,6 +83,8 @@ import numpy as np
 from PIL import Image
 
 from glm5v_jax.data.batch import validate_vlm_batch
+from glm5v_jax.data.conversations import make_conversation, render_conversation
+from glm5v_jax.errors import ConfigError
 # Sources live in their own module; re-exported here because callers build pipelines from them.
 from glm5v_jax.data.sources import (  # noqa: F401
     _as_map_dataset, array_record_source, caption_record, mix_sources, parse_tf_example, tfds_source,
@@ -93,6 +102,8 @@ STAT_KEYS = (
     "examples", "examples/image", "examples/text", "batches", "tokens", "images",
 )
 STATE_VERSION = 1
+DOCUMENT_KINDS = ("pretrain", "sft")
+SFT_KEYS = ("task_ids", "answer_ids")  # extra per-token keys of "sft" documents and batches
 
 
 def empty_stats() -> dict[str, int]:
@@ -131,11 +142,19 @@ class PipelineConfig:
     # Raise (instead of looping forever) after this many skipped records in a row: a source
     # whose records are all bad, e.g. raw bytes without a parser.
     max_consecutive_skips: int = 10_000
+    # "pretrain": `templates.build_document` (one task per image record, text records whole).
+    # "sft": a multi-turn `conversations.make_conversation` per record, and the batch gains
+    # task_ids / answer_ids [B, S] int32 (task_weights and qa_all_prob are then unused).
+    document_kind: str = "pretrain"
+    sft_min_turns: int = 2
+    sft_max_turns: int = 5
+    sft_system_prob: float = 0.5  # probability of a <|system|> message
+    sft_text_turn_prob: float = 0.5  # probability of one text-only turn in an image conversation
 
     def __post_init__(self):
         def need(cond, msg):
             if not cond:
-                raise ValueError(f"PipelineConfig: {msg}")
+                raise ConfigError("PipelineConfig", msg)  # each message names its field
         need(self.seq_len > 0, f"seq_len ({self.seq_len}) must be positive")
         need(self.rows_per_batch > 0, f"rows_per_batch ({self.rows_per_batch}) must be positive")
         need(self.max_images_per_row >= 1, f"max_images_per_row ({self.max_images_per_row}) must be >= 1")
@@ -148,10 +167,18 @@ class PipelineConfig:
         need(0 <= self.seed < 2 ** 32, f"seed ({self.seed}) must lie in [0, 2**32)")
         need(self.pack_lookahead >= 1, f"pack_lookahead ({self.pack_lookahead}) must be >= 1")
         need(self.num_workers >= 0, f"num_workers ({self.num_workers}) must be >= 0")
-        need(self.patch_dtype in ("float32", "bfloat16"), f"patch_dtype ({self.patch_dtype!r}) must be float32 or bfloat16")
-        need(set(self.task_weights) <= set(TASKS), f"task_weights keys {sorted(self.task_weights)} must be among {TASKS}")
+        need(self.patch_dtype in ("float32", "bfloat16"),
+             f"patch_dtype ({self.patch_dtype!r}) must be float32 or bfloat16")
+        need(set(self.task_weights) <= set(TASKS),
+             f"task_weights keys {sorted(self.task_weights)} must be among {TASKS}")
         need(any(w > 0 for w in self.task_weights.values()), "task_weights needs a positive weight")
         need(self.max_consecutive_skips >= 1, f"max_consecutive_skips ({self.max_consecutive_skips}) must be >= 1")
+        need(self.document_kind in DOCUMENT_KINDS,
+             f"document_kind ({self.document_kind!r}) must be one of {DOCUMENT_KINDS}")
+        need(1 <= self.sft_min_turns <= self.sft_max_turns,
+             f"need 1 <= sft_min_turns ({self.sft_min_turns}) <= sft_max_turns ({self.sft_max_turns})")
+        need(0 <= self.sft_system_prob <= 1 and 0 <= self.sft_text_turn_prob <= 1,
+             "sft_system_prob and sft_text_turn_prob must lie in [0, 1]")
 
 
 def _patch_dtype(name: str):
@@ -270,9 +297,10 @@ class ProcessRecord:
     """grain `map_with_index` transform: (index, record) -> packable document or a skip marker.
 
     A document is {"tokens" int32 [L], "loss_mask" bool [L], "n_images": 0|1, "counts": {...}}
-    plus, for image documents, "patches" [1, N, D], "patch_yx" [1, N, 2], "patch_valid" [1, N],
-    "image_grid" [1, 2]. A skip marker is {"skip": reason, "counts": {...}}. Module-level and
-    plain data, so it pickles into grain workers.
+    (plus "task_ids", "answer_ids" int32 [L] with document_kind "sft") plus, for image documents,
+    "patches" [1, N, D], "patch_yx" [1, N, 2], "patch_valid" [1, N], "image_grid" [1, 2]. A skip
+    marker is {"skip": reason, "counts": {...}}. Module-level and plain data, so it pickles into
+    grain workers.
     """
 
     tokenizer: Any
@@ -291,20 +319,47 @@ class ProcessRecord:
             _warn_error(record, e)
             return _skip("skipped/error")
 
-    def _process(self, index: int, record: Mapping[str, Any]) -> dict[str, Any]:
+    def _document(self, record: Mapping[str, Any], n_image_tokens: int | None,
+                  rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """The token arrays of one record; raises SkipSample."""
         cfg, tok = self.config, self.tokenizer
+        if cfg.document_kind == "sft":
+            conv = make_conversation(record, rng, image=n_image_tokens is not None, min_turns=cfg.sft_min_turns,
+                                     max_turns=cfg.sft_max_turns, system_prob=cfg.sft_system_prob,
+                                     text_turn_prob=cfg.sft_text_turn_prob, zh_caption_prob=cfg.zh_caption_prob)
+            return render_conversation(conv, tok, n_image_tokens=n_image_tokens)._asdict()
+        if n_image_tokens is None:
+            ids, mask = build_document(record, tok, n_image_tokens=None, rng=rng)
+        else:
+            ids, mask = build_document(record, tok, n_image_tokens=n_image_tokens, rng=rng,
+                                       task_weights=cfg.task_weights, zh_caption_prob=cfg.zh_caption_prob,
+                                       qa_all_prob=cfg.qa_all_prob)
+        return {"tokens": ids, "loss_mask": mask}
+
+    def _fit(self, doc: dict[str, np.ndarray], kind: str, counts: dict[str, int]) -> dict[str, np.ndarray] | None:
+        """`doc` cut to seq_len (counted as truncated/<kind>), or None when no target is left."""
+        seq_len, mask = self.config.seq_len, doc["loss_mask"]
+        if len(mask) <= seq_len:
+            return doc
+        first_target = int(np.argmax(mask)) if mask.any() else len(mask)
+        if first_target >= seq_len:  # the prompt (image block, ...) alone fills the row
+            return None
+        counts[f"truncated/{kind}"] = 1
+        return {k: v[:seq_len] for k, v in doc.items()}
+
+    def _process(self, index: int, record: Mapping[str, Any]) -> dict[str, Any]:
+        cfg = self.config
         counts: dict[str, int] = {}
         rng = self.rng(index, record)
         if _record_kind(record) == "text":
             try:
-                ids, mask = build_document(record, tok, n_image_tokens=None, rng=rng)
+                doc = self._fit(self._document(record, None, rng), "text", counts)
             except SkipSample as e:
                 return _skip(e.reason)
-            if len(ids) > cfg.seq_len:
-                ids, mask = ids[:cfg.seq_len], mask[:cfg.seq_len]
-                counts["truncated/text"] = 1
+            if doc is None:
+                return _skip("skipped/too_long", counts)
             counts.update({"examples": 1, "examples/text": 1})
-            return {"tokens": ids, "loss_mask": mask, "n_images": 0, "counts": counts}
+            return {**doc, "n_images": 0, "counts": counts}
 
         try:
             w, h = int(np.asarray(record.get("width", -1))), int(np.asarray(record.get("height", -1)))
@@ -313,7 +368,9 @@ class ProcessRecord:
         if w == 0 or h == 0:
             return _skip("skipped/empty_image")
         tasks = available_tasks(record, counts)  # before decoding: no text, no work
-        if not any(cfg.task_weights.get(t, 0.0) > 0 for t in tasks):
+        if cfg.document_kind != "sft":  # a conversation uses every task the record has data for
+            tasks = [t for t in tasks if cfg.task_weights.get(t, 0.0) > 0]
+        if not tasks:
             return _skip("skipped/empty_text", counts)
         try:
             item = preprocess_image(record.get("image"), patch_size=cfg.patch_size, max_patches=cfg.max_patches,
@@ -323,19 +380,14 @@ class ProcessRecord:
         gh, gw = (int(v) for v in item["grid"])
         n_tok = (gh // cfg.merge) * (gw // cfg.merge)
         try:
-            ids, mask = build_document(record, tok, n_image_tokens=n_tok, rng=rng, task_weights=cfg.task_weights,
-                                       zh_caption_prob=cfg.zh_caption_prob, qa_all_prob=cfg.qa_all_prob)
+            doc = self._fit(self._document(record, n_tok, rng), "image", counts)
         except SkipSample as e:
             return _skip(e.reason, counts)
-        if len(ids) > cfg.seq_len:
-            first_target = int(np.argmax(mask)) if mask.any() else len(ids)
-            if first_target >= cfg.seq_len:  # the image block (+ prompt) alone fills the row
-                return _skip("skipped/too_long", counts)
-            ids, mask = ids[:cfg.seq_len], mask[:cfg.seq_len]
-            counts["truncated/image"] = 1
+        if doc is None:
+            return _skip("skipped/too_long", counts)
         counts.update({"examples": 1, "examples/image": 1})
         dt = _patch_dtype(cfg.patch_dtype)
-        return {"tokens": ids, "loss_mask": mask, "n_images": 1, "counts": counts,
+        return {**doc, "n_images": 1, "counts": counts,
                 "patches": item["patches"][None].astype(dt), "patch_yx": item["patch_yx"][None],
                 "patch_valid": item["valid"][None], "image_grid": item["grid"][None]}
 
@@ -360,10 +412,14 @@ class PackLayout:
     patch_dtype: str = "float32"
     validate: bool = True
     max_consecutive_skips: int = 10_000
+    document_kind: str = "pretrain"
 
-    def key(self) -> dict[str, int]:
-        return dict(seq_len=self.seq_len, rows_per_batch=self.rows_per_batch,
-                    max_images_per_row=self.max_images_per_row, max_patches=self.max_patches)
+    def key(self) -> dict[str, Any]:
+        key: dict[str, Any] = dict(seq_len=self.seq_len, rows_per_batch=self.rows_per_batch,
+                                   max_images_per_row=self.max_images_per_row, max_patches=self.max_patches)
+        if self.document_kind != "pretrain":  # pre-training states keep their old layout key
+            key["document_kind"] = self.document_kind
+        return key
 
 
 class _Row:
@@ -457,14 +513,22 @@ class PackedBatchIterator(grain.DatasetIterator):
             image_grid=np.zeros((b * m, 2), np.int32),
             image_valid=np.zeros((b * m,), bool),
         )
+        sft = L.document_kind == "sft"
+        if sft:
+            out.update({key: np.zeros((b, s), np.int32) for key in SFT_KEYS})
         n_images = 0
         for r, row in enumerate(rows):
-            pos, slot = 0, r * m
+            pos, slot, n_answers = 0, r * m, 0
             for seg, doc in enumerate(row.docs, start=1):
                 k = len(doc["tokens"])
                 out["tokens"][r, pos:pos + k] = doc["tokens"]
                 out["segment_ids"][r, pos:pos + k] = seg
                 out["loss_mask"][r, pos:pos + k] = doc["loss_mask"]
+                if sft:  # answers numbered through the row: 1, 2, ... over its documents
+                    out["task_ids"][r, pos:pos + k] = doc["task_ids"]
+                    answers = doc["answer_ids"]
+                    out["answer_ids"][r, pos:pos + k] = np.where(answers > 0, answers + n_answers, 0)
+                    n_answers += int(answers.max(initial=0))
                 pos += k
                 for j in range(doc["n_images"]):
                     out["patches"][slot] = doc["patches"][j]
@@ -572,7 +636,7 @@ def pack_layout(tokenizer, config: PipelineConfig) -> PackLayout:
         patch_dim=config.patch_size * config.patch_size * 3, pad_id=int(tokenizer.pad_id),
         image_token_id=int(tokenizer.image_id), vocab_size=int(tokenizer.vocab_size), merge=config.merge,
         lookahead=config.pack_lookahead, patch_dtype=config.patch_dtype, validate=config.validate,
-        max_consecutive_skips=config.max_consecutive_skips)
+        max_consecutive_skips=config.max_consecutive_skips, document_kind=config.document_kind)
 
 
 def make_batch_dataset(source: Any, tokenizer, config: PipelineConfig) -> PackedBatchDataset:

@@ -16,6 +16,9 @@ last one, `<|user|>` after earlier ones (GLM chat models end a turn by emitting
 the next role token) -- and nothing else (no prompt, role, template or image
 token). Text-only documents: every token.
 
+`chat_document` renders any list of turns (optionally after a `<|system|>` message) and
+also numbers the answers; the SFT conversations of `glm5v_jax.data.conversations` use it.
+
 The task for an image record (caption / qa / grounding / ocr) is drawn from the
 `rng` the caller passes, among the tasks the record has data for, so a caller
 that seeds `rng` from (seed, record id, epoch) gets a deterministic choice.
@@ -24,9 +27,11 @@ NumPy only, so it runs in data workers.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, MutableMapping
+from typing import Any, Mapping, MutableMapping, Sequence
 
 import numpy as np
+
+from glm5v_jax.errors import ConfigError
 
 TASKS = ("caption", "qa", "grounding", "ocr")
 DEFAULT_TASK_WEIGHTS = {"caption": 1.0, "qa": 1.0, "grounding": 0.5, "ocr": 0.5}
@@ -72,18 +77,24 @@ def _json_list(x: Any) -> list:
     return out if isinstance(out, list) else []
 
 
-def qa_pairs(record: Mapping[str, Any], stats: MutableMapping[str, int] | None = None) -> list[tuple[str, str]]:
-    """Usable (question, answer) pairs; pairs with an empty side are dropped and counted."""
-    pairs = []
+def qa_items(record: Mapping[str, Any], stats: MutableMapping[str, int] | None = None) -> list[tuple[str, str, str]]:
+    """Usable (question, answer, kind) triples (kind "" when the record gives none); items with
+    an empty question or answer are dropped and counted."""
+    items = []
     for item in _json_list(record.get("qa_json")):
         if not isinstance(item, Mapping):
             continue
         q, a = as_str(item.get("q")).strip(), as_str(item.get("a")).strip()
         if q and a:
-            pairs.append((q, a))
+            items.append((q, a, as_str(item.get("kind")).strip()))
         else:
             _bump(stats, "dropped/empty_answer")
-    return pairs
+    return items
+
+
+def qa_pairs(record: Mapping[str, Any], stats: MutableMapping[str, int] | None = None) -> list[tuple[str, str]]:
+    """Usable (question, answer) pairs; pairs with an empty side are dropped and counted."""
+    return [(q, a) for q, a, _ in qa_items(record, stats)]
 
 
 def _valid_box(box: Any) -> list[int] | None:
@@ -117,38 +128,64 @@ def format_boxes(boxes: list[list[int]]) -> str:
     return one[0] if len(one) == 1 else "[" + ",".join(one) + "]"
 
 
+def box_answer_ids(tok, boxes: list[list[int]]) -> list[int]:
+    """A grounding answer: `<|begin_of_box|>` + `format_boxes(boxes)` + `<|end_of_box|>` as ids."""
+    return [tok.begin_box_id] + list(tok.encode(format_boxes(boxes))) + [tok.end_box_id]
+
+
 class _Doc:
-    """Accumulates (ids, mask) pieces."""
+    """Accumulates (ids, mask, answer number) pieces."""
 
     def __init__(self):
         self.ids: list[int] = []
         self.mask: list[bool] = []
+        self.answer: list[int] = []
 
-    def add(self, ids, target: bool) -> None:
+    def add(self, ids, target: bool, answer: int = 0) -> None:
         ids = [int(i) for i in ids]
         self.ids += ids
         self.mask += [target] * len(ids)
+        self.answer += [answer] * len(ids)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.ids, np.int32), np.asarray(self.mask, bool)
 
 
-def _chat(tok, n_image_tokens: int, turns: list[tuple[str, list[int]]]) -> tuple[np.ndarray, np.ndarray]:
-    """GLM chat with the image in the first user turn; turns are (prompt, answer ids)."""
+def chat_document(tok, turns: Sequence[tuple[str, Sequence[int]]], *, n_image_tokens: int | None = None,
+                  system: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GLM chat -> (ids int32 [L], loss_mask bool [L], answer_ids int32 [L]).
+
+        [gMASK]<sop>[<|system|>\n{system}]<|user|>\n[<image block>]{prompt}<|assistant|>\n{answer}
+        <|user|>\n{prompt}<|assistant|>\n{answer} ... <|endoftext|>
+
+    turns: (user prompt, answer ids); the image block (`n_image_tokens` `<|image|>` tokens
+      between `<|begin_of_image|>` and `<|end_of_image|>`) opens the first user turn, and is
+      left out when n_image_tokens is None or 0.
+    loss_mask: the answer tokens and the token that closes each answer (the next `<|user|>`,
+      `<|endoftext|>` after the last); answer_ids: k on the targets of answer k (1-based),
+      0 elsewhere.
+    """
+    if not turns:
+        raise ValueError("chat_document needs at least one turn")
     d = _Doc()
     d.add([tok.gmask_id, tok.sop_id], False)
     newline = tok.encode("\n")
-    for t, (prompt, answer_ids) in enumerate(turns):
-        d.add([tok.user_id], t > 0)  # <|user|> after an answer closes that answer: a target
+    if system:
+        d.add([tok.system_id], False)
         d.add(newline, False)
-        if t == 0:
+        d.add(tok.encode(system), False)
+    for t, (prompt, answer_ids) in enumerate(turns):
+        d.add([tok.user_id], t > 0, t)  # <|user|> after an answer closes that answer: a target
+        d.add(newline, False)
+        if t == 0 and n_image_tokens:
             d.add([tok.begin_image_id] + [tok.image_id] * n_image_tokens + [tok.end_image_id], False)
         d.add(tok.encode(prompt), False)
         d.add([tok.assistant_id], False)
         d.add(newline, False)
-        d.add(answer_ids, True)
-    d.add([tok.eos_id], True)
-    return d.arrays()
+        d.add(answer_ids, True, t + 1)
+    d.add([tok.eos_id], True, len(turns))
+    ids, mask = d.arrays()
+    return ids, mask, np.asarray(d.answer, np.int32)
 
 
 def available_tasks(record: Mapping[str, Any], stats: MutableMapping[str, int] | None = None) -> dict[str, Any]:
@@ -200,7 +237,7 @@ def build_document(record: Mapping[str, Any], tokenizer, *, n_image_tokens: int 
     weights = dict(DEFAULT_TASK_WEIGHTS if task_weights is None else task_weights)
     unknown = set(weights) - set(TASKS)
     if unknown:
-        raise ValueError(f"task_weights has unknown tasks {sorted(unknown)}; known: {TASKS}")
+        raise ConfigError("task_weights", f"unknown tasks {sorted(unknown)}; known: {TASKS}")
     data = available_tasks(record, stats)
     names = [t for t in TASKS if t in data and weights.get(t, 0.0) > 0]
     if not names:
@@ -222,14 +259,9 @@ def build_document(record: Mapping[str, Any], tokenizer, *, n_image_tokens: int 
     elif task == "grounding":
         labels = list(data["grounding"])
         label = labels[int(rng.integers(len(labels)))]
-        answer = [tok.begin_box_id] + list(tok.encode(format_boxes(data["grounding"][label]))) + [tok.end_box_id]
-        turns = [(GROUNDING_PROMPT.format(label=label), answer)]
+        turns = [(GROUNDING_PROMPT.format(label=label), box_answer_ids(tok, data["grounding"][label]))]
     else:  # ocr
         turns = [(OCR_PROMPT, tok.encode(data["ocr"]))]
-    return _chat(tok, n_image_tokens, turns)
+    ids, mask, _ = chat_document(tok, turns, n_image_tokens=n_image_tokens)
+    return ids, mask
 
-
-def image_block_end(ids: np.ndarray, tokenizer) -> int:
-    """Index just past `<|end_of_image|>` of the first image block (0 if none)."""
-    hits = np.flatnonzero(np.asarray(ids) == tokenizer.end_image_id)
-    return int(hits[0]) + 1 if hits.size else 0

@@ -9,9 +9,10 @@ turns into, is only known once the TPU compiler has run. With libtpu installed
 slice (`v5p:4x4x4`, `v5e:16x16`, ...), and `jit(...).lower(...).compile()` runs the real
 TPU compiler for them on a CPU host, without allocating anything.
 
-What is compiled is the step of the trainer `config.trainer` names (`tools/aot_programs.py`:
-the VLM's forward, backward, optimizer and router-bias update; CogViT stage 1's teachers,
-student and optimizer) with the mesh of `config.mesh` over the topology's devices and the
+What is compiled is the step of the stage `config.trainer` names (its module's
+`abstract_program`, through the stage registry `glm5v_jax.train.stages`: the VLM's forward,
+backward, optimizer and router-bias update; CogViT stage 1's teachers, student and optimizer;
+stage 2's two towers and sigmoid loss; SFT's step) with the mesh of `config.mesh` over the topology's devices and the
 checks of `preflight` run first. The VLM keeps the preset's vocabulary size (the trainer
 replaces it with the tokenizer's padded size; there is no tokenizer here).
 
@@ -46,7 +47,7 @@ from ml_collections import config_flags
 import jax
 
 from glm5v_jax.errors import ConfigError
-from glm5v_jax.tools.aot_programs import build_train_program
+from glm5v_jax.train.stages import stage_module
 
 GiB = 1024**3
 # HBM per chip in GiB, by generation (the first part of --topology).
@@ -160,7 +161,7 @@ def run(config: Any, topology: str, hbm_gib: float | None = None, update_rms: bo
     devices = topology_devices(topology)
     chips = count_chips(devices)
     hbm = (HBM_GIB_PER_CHIP[gen] if hbm_gib is None else hbm_gib) * GiB * chips / len(devices)
-    program = build_train_program(config, devices, update_rms=update_rms)
+    program = stage_module(config).abstract_program(config, devices, update_rms=update_rms)
     r: dict[str, Any] = dict(
         topology=topology, generation=gen, device_kind=devices[0].device_kind, chips=chips, devices=len(devices),
         trainer=str(config.get("trainer", "vlm_pretrain")),

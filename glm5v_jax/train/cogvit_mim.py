@@ -24,22 +24,20 @@ One readable loop, big_vision style:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import time
-from pathlib import Path
-from typing import Any, Mapping
+import math
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from glm5v_jax.errors import ConfigError
-from glm5v_jax.data.image_batches import ImageBatchConfig, make_image_batch_iterator
+from glm5v_jax.data.image_batches import ImageBatchConfig, make_image_batch_iterator, view_key
 from glm5v_jax.losses.distill import FeatureStandardizer, distill_loss
 from glm5v_jax.models.build import vision_spec_from_config
 from glm5v_jax.models.cogvit import CogViT
@@ -49,15 +47,15 @@ from glm5v_jax.models.teachers.registry import Teacher, build_teacher
 from glm5v_jax.sharding.checks import check_divisibility
 from glm5v_jax.sharding.partition import create_sharded, state_shardings
 from glm5v_jax.sharding.rules import parameter_shardings
-from glm5v_jax.train.checkpoint import Checkpointer
 from glm5v_jax.train.optimizer import transform_from_config
-from glm5v_jax.train.parallel import (MeshPlan, abstract_state, batch_shardings, global_batch, plan_from_config,
-                                       preflight, under_rules)
-from glm5v_jax.train.teacher_cache import (View, cached_tokens, distinct_views, open_cache, step_keys,
+from glm5v_jax.train.run import Job, TrainState
+from glm5v_jax.train.parallel import (MeshPlan, TrainProgram, abstract_state, batch_shardings, global_batch,
+                                       host_batch_shardings,
+                                       plan_from_config, preflight, under_rules)
+from glm5v_jax.train.teacher_cache import (STUDENT_KEYS, View, cached_tokens, distinct_views, open_cache, step_keys,
                                            student_grid_tokens, teacher_views)
 from glm5v_jax.train.vision_data import prepare_image_sources
-from glm5v_jax.train.vision_eval import knn_report, write_eval_table
-from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves
+from glm5v_jax.train.vision_eval import knn_report
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("patches", "patch_yx", "valid")
@@ -75,14 +73,6 @@ def build_teachers(config: ml_collections.ConfigDict, patch_size: int) -> dict[s
     return teachers
 
 
-class MIMState(nnx.Module):
-    """What training changes and checkpoints: student, optimizer, target statistics."""
-
-    def __init__(self, student: MIMStudent, optimizer: nnx.Optimizer, standardizers: Mapping[str, FeatureStandardizer]):
-        self.student, self.optimizer = student, optimizer
-        self.standardizers = nnx.Dict(dict(standardizers))
-
-
 def make_train_step(config: ml_collections.ConfigDict, views: Mapping[str, View | None] | None = None, *,
                     jit: bool = True):
     """`train_step(state, teachers, batch, key) -> metrics`, jitted with `nnx.jit` (one device).
@@ -93,7 +83,7 @@ def make_train_step(config: ml_collections.ConfigDict, views: Mapping[str, View 
     weights = {name: float(t.weight) for name, t in config.teachers.items()}
     views = dict(views or {})
 
-    def train_step(state: MIMState, teachers: nnx.Dict, batch, key):
+    def train_step(state: TrainState, teachers: nnx.Dict, batch, key):
         patches, yx, valid = (batch[k] for k in IMAGE_KEYS)
         mask = mim_mask(key, valid, yx, ratio=m.ratio, layout=m.layout, num_blocks=m.num_blocks)
         targets = {}
@@ -116,8 +106,8 @@ def make_train_step(config: ml_collections.ConfigDict, views: Mapping[str, View 
                 metrics.update({f"{name}/{k}": v for k, v in parts.items()})
             return total, metrics
 
-        (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(state.student)
-        state.optimizer.update(state.student, grads)
+        (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(state.model)
+        state.optimizer.update(state.model, grads)
         metrics.update({"loss": loss, "grad_norm": optax.tree.norm(grads),
                         "masked_fraction": mask.sum() / jnp.maximum(valid.sum(), 1)})
         return metrics
@@ -131,7 +121,7 @@ class ShardedMIM:
     """Student state and frozen teachers placed on the run's mesh, with their shardings."""
 
     graphdef: Any
-    state: Any  # nnx.State of MIMState (student, optimizer, standardisers), sharded
+    state: Any  # nnx.State of a TrainState (model = the student, optimizer, standardizers), sharded
     shardings: Any
     teacher_graphdef: Any
     teacher_state: Any  # nnx.State of the teachers (frozen), sharded by the same rules
@@ -139,17 +129,6 @@ class ShardedMIM:
     schedules: dict
     routing: str | None
     replicated: float  # fraction of student parameter bytes replicated over a non-data axis
-
-
-def mesh_plan(config: ml_collections.ConfigDict) -> MeshPlan:
-    """`config.mesh` over all devices, or the first `config.mesh.num_devices` (one host only)."""
-    n, devices = int(config.mesh.get("num_devices", 0)), jax.devices()
-    if n:
-        if n > len(devices) or jax.process_count() > 1:
-            raise ConfigError("config.mesh.num_devices", f"{n} devices asked for, {len(devices)} exist over "
-                                                         f"{jax.process_count()} hosts (0 uses all; >0 on one host)")
-        devices = devices[:n]
-    return plan_from_config(config.mesh, devices)
 
 
 def place_on_mesh(config: ml_collections.ConfigDict, spec, dims: Mapping[str, int],
@@ -172,7 +151,7 @@ def place_on_mesh(config: ml_collections.ConfigDict, spec, dims: Mapping[str, in
         student = make_student()
         standardizers = {n: FeatureStandardizer(d, config.mim.standardize, momentum=config.mim.stats_momentum)
                          for n, d in dims.items()}
-        return MIMState(student, nnx.Optimizer(student, tx, wrt=nnx.Param), standardizers)
+        return TrainState(student, nnx.Optimizer(student, tx, wrt=nnx.Param), standardizers=nnx.Dict(standardizers))
 
     teachers = nnx.Dict(dict(teacher_modules))
     check_divisibility(teachers, plan.mesh, plan.rules)
@@ -204,13 +183,6 @@ def sharded_train_step(step_fn, placed: ShardedMIM, plan: MeshPlan, batch_sh: Ma
                    out_shardings=(placed.shardings, replicated), donate_argnums=(0,))
 
 
-def host_batch_shardings(host: Mapping[str, np.ndarray], plan: MeshPlan) -> dict[str, NamedSharding]:
-    """Shardings of the global batch whose per-host rows are `host` (leading axis over the batch axes)."""
-    n = jax.process_count()
-    return batch_shardings({k: jax.ShapeDtypeStruct((v.shape[0] * n,) + v.shape[1:], v.dtype)
-                            for k, v in host.items()}, plan)
-
-
 def _batches(source, config, n_images: int, batch_size: int):
     """The first n_images of `source` in a fixed order, as batches (the last one may be smaller)."""
     import grain
@@ -222,11 +194,7 @@ def _batches(source, config, n_images: int, batch_size: int):
     return list(make_image_batch_iterator(ds, cfg))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train (resuming if possible) until `config.total_steps`; returns the last metrics."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan) -> Job:
     spec = vision_spec_from_config(config.model.vision, dtype=config.model.dtype,
                                    attention_impl=config.model.attention_impl, remat=config.model.remat)
     sources = prepare_image_sources(config.data, workdir, seed=config.seed)
@@ -240,14 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         views = teacher_views(config, {n: t.patch_size for n, t in teachers.items()})
         modules = {n: t.module for n, t in teachers.items()}
     keys = step_keys(views, tuple(dims) if attach is not None else ())
-
-    plan = mesh_plan(config)  # the mesh, and every check that can fail, before anything is compiled
     placed = place_on_mesh(config, spec, dims, modules, plan)
-    log.info("%s; %.2f%% of student parameter bytes replicated over a non-data axis", plan.describe(),
-             100 * placed.replicated)
-    schedules, state = placed.schedules, placed.state
-    if placed.routing:
-        (workdir / "routing.txt").write_text(placed.routing + "\n")
 
     hosts = jax.process_count()
     batch_cfg = ImageBatchConfig(batch_size=config.data.batch_size // hosts, patch_size=spec.patch_size,
@@ -255,78 +216,84 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  num_workers=config.data.num_workers, teacher_views=distinct_views(views),
                                  process_index=jax.process_index(), process_count=hosts)
     train_iter = make_image_batch_iterator(sources.train, batch_cfg, attach=attach)
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    start_step = 0
-    restored = ckpt.restore_latest(state)  # resharded onto this run's mesh, whatever it was saved on
-    if restored is not None:
-        start_step, state, data_state, _ = restored
-        train_iter.set_state(data_state)
-        log.info("resuming at step %d", start_step)
+    step_fn, base_key = make_train_step(config, views, jit=False), jax.random.key(config.seed)
+    compiled: dict = {}
 
-    encode = nnx.jit(lambda enc, b: CogViT.pool(enc(*(b[k] for k in IMAGE_KEYS)), b["valid"]))
-    knn_sets = None
+    def train_step(state, batch, step):
+        host = {k: v for k, v in batch.items() if k in keys}
+        if not compiled:  # batch keys are known from the first batch (views, cached features)
+            compiled["sh"] = host_batch_shardings(host, plan)
+            compiled["step"] = sharded_train_step(step_fn, placed, plan, compiled["sh"])
+        return compiled["step"](state, placed.teacher_state, global_batch(host, compiled["sh"]),
+                                jax.random.fold_in(base_key, step))
+
+    evaluate = None
     if sources.eval is not None and config.eval_every:
+        encode = nnx.jit(lambda enc, b: CogViT.pool(enc(*(b[k] for k in IMAGE_KEYS)), b["valid"]))
         bs = config.data.batch_size
         knn_sets = (_batches(sources.knn_train, config, config.data.knn_train_images, bs),
                     _batches(sources.eval, config, config.data.eval_images, bs))
 
-    def evaluate() -> dict:
-        if knn_sets is None:
-            return {}
-        enc = nnx.merge(placed.graphdef, state).student.encoder
-        return {f"eval/{k}": v for k, v in knn_report(lambda b: encode(enc, {k: b[k] for k in IMAGE_KEYS}),
-                                                       *knn_sets, k=config.data.knn_k).items()}
+        def evaluate(state) -> dict:
+            enc = nnx.merge(placed.graphdef, state).model.encoder
+            return {f"eval/{k}": v for k, v in knn_report(lambda b: encode(enc, {k: b[k] for k in IMAGE_KEYS}),
+                                                           *knn_sets, k=config.data.knn_k).items()}
 
-    writer = MultiWriter([TensorBoardWriter(workdir / "tensorboard"), JsonlWriter(workdir / "metrics.jsonl")])
-    step_fn, train_step, batch_sh = make_train_step(config, views, jit=False), None, None
-    base_key = jax.random.key(config.seed)
-    last: dict = {}
-    if start_step == 0 and knn_sets is not None:
-        last = evaluate()  # the random-init student: the baseline training must beat
-        writer.write_scalars(0, last)
-        log.info("step 0 (random init): %s", last)
-    acc: dict = {}
-    t0, window = time.time(), 0
-    step = start_step
-    try:
-        for step in range(start_step + 1, config.total_steps + 1):
-            host = {k: v for k, v in next(train_iter).items() if k in keys}
-            if train_step is None:  # batch keys are known from the first batch (views, cached features)
-                batch_sh = host_batch_shardings(host, plan)
-                train_step = sharded_train_step(step_fn, placed, plan, batch_sh)
-            state, metrics = train_step(state, placed.teacher_state, global_batch(host, batch_sh),
-                                        jax.random.fold_in(base_key, step))
-            for k, v in metrics.items():
-                acc.setdefault(k, []).append(v)
-            window += 1
-            if step % config.log_every == 0 or step == config.total_steps:
-                scalars = {f"train/{k}" if k != "loss" else k: float(np.mean(jax.device_get(v)))
-                           for k, v in acc.items()}
-                elapsed = time.time() - t0
-                scalars["perf/steps_per_s"] = window / max(elapsed, 1e-9)
-                scalars["perf/images_per_s"] = window * config.data.batch_size / max(elapsed, 1e-9)
-                scalars.update({f"lr/{k}": float(s(step - 1)) for k, s in schedules.items()})
-                scalars.update({f"data/{k}": float(v) for k, v in train_iter.stats.items()})
-                writer.write_scalars(step, scalars)
-                log.info("step %d/%d  loss %.4f  %.2f steps/s", step, config.total_steps, scalars["loss"],
-                         scalars["perf/steps_per_s"])
-                last.update(scalars)
-                acc, t0, window = {}, time.time(), 0
-            if knn_sets is not None and (step % config.eval_every == 0 or step == config.total_steps):
-                ev = evaluate()
-                writer.write_scalars(step, ev)
-                log.info("step %d eval: %s", step, ev)
-                last.update(ev)
-                t0 = time.time()
-            if step % config.checkpoint_every == 0 or step == config.total_steps:
-                ckpt.save(step, state, train_iter.get_state(), json.loads(config.to_json_best_effort()),
-                          force=True)
-            writer.flush()
-    finally:
-        ckpt.close()
-        writer.close()
-    if knn_sets is not None and step == config.total_steps:
-        table = write_eval_table(workdir, step)
-        log.info("k-NN, random init vs trained:\n%s", table)
-    plot_curves(workdir / "metrics.jsonl", workdir / "loss_curves.png")
-    return dict(last, step=step)
+    params = sum(x.size for x in jax.tree.leaves(placed.state["model"]))
+    return Job(config=config, plan=plan, state=placed.state, shardings=placed.shardings, train_iter=train_iter,
+               train_step=train_step, schedules=placed.schedules, evaluate=evaluate,
+               work=lambda batch: {"examples": len(batch["valid"])}, routing=placed.routing,
+               replicated=placed.replicated, hparams=dict(preset=config.get("preset", ""), student_values=params,
+                                                          teachers=",".join(dims)))
+
+
+# ----------------------------------------------------------------------------- ahead of time
+def _matmul_params(tree: Any) -> int:
+    """Parameters in arrays of rank >= 2 (the matmul weights; norms and biases left out)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree) if len(x.shape) >= 2)
+
+
+def abstract_program(config: ml_collections.ConfigDict, devices: Sequence[Any], *, update_rms: bool = True):
+    """Student, optimizer, standardisers and the frozen teachers (built abstractly: no checkpoint is
+    read, only each `config.teachers` entry's architecture), with the batch of the student's NaFlex
+    view plus each teacher's own view. Analytic FLOPs: 6 x student matmul parameters x patches +
+    2 x teacher matmul parameters x their patches (attention left out)."""
+    del update_rms  # stage 1 logs no per-group update RMS
+    spec = vision_spec_from_config(config.model.vision, dtype=config.model.dtype,
+                                   attention_impl=config.model.attention_impl, remat=config.model.remat)
+    modules, dims, patch_sizes = {}, {}, {}
+    for name, t in config.teachers.items():
+        def make(name=name, t=t):
+            teacher = build_teacher(name, t.kind, t.variant, overrides=t.overrides.to_dict(), seed=int(t.seed))
+            dims[name], patch_sizes[name] = teacher.dim, teacher.patch_size
+            return teacher.module
+        modules[name] = nnx.eval_shape(make)
+    views = teacher_views(config, patch_sizes)
+    plan = plan_from_config(config.mesh, devices)
+    placed = place_on_mesh(config, spec, dims, modules, plan, abstract=True)
+
+    b, n, p = int(config.data.batch_size), spec.max_patches, spec.patch_size
+    sds = jax.ShapeDtypeStruct
+    batch = dict(patches=sds((b, n, p * p * 3), jnp.float32), patch_yx=sds((b, n, 2), jnp.int32),
+                 valid=sds((b, n), jnp.bool_))
+    for vp, vn in distinct_views(views):
+        batch.update({view_key(k, vp, vn): v for k, v in zip(STUDENT_KEYS, (
+            sds((b, vn, vp * vp * 3), jnp.float32), sds((b, vn, 2), jnp.int32), sds((b, vn), jnp.bool_)))})
+    batch_sh = batch_shardings(batch, plan)
+    step = sharded_train_step(make_train_step(config, views, jit=False), placed, plan, batch_sh)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    replicated = NamedSharding(plan.mesh, P())
+    args = (placed.state, placed.teacher_state,
+            {k: sds(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch.items()},
+            sds(key.shape, key.dtype, sharding=replicated))
+
+    flops = 6.0 * _matmul_params(placed.state["model"]) * b * n
+    for name, module in modules.items():
+        flops += 2.0 * _matmul_params(nnx.state(module, nnx.Param)) * b * (views[name][1] if views[name] else n)
+    teachers = {name: " ".join(filter(None, (t.kind, t.variant, f"(patch {patch_sizes[name]})")))
+                for name, t in config.teachers.items()}
+    facts = dict(global_batch=b, max_patches=n, patch_size=p, teachers=teachers, remat=bool(config.model.remat),
+                 attention_impl=str(config.model.attention_impl), optimizer=str(config.optim.name))
+    summary = (f"{b} images x {n} patches of {p}px (global); teachers {teachers}; remat={config.model.remat}, "
+               f"attention_impl={config.model.attention_impl}, optimizer={config.optim.name}")
+    return TrainProgram(plan, step, args, placed.replicated, facts, summary, flops)

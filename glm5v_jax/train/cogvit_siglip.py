@@ -1,12 +1,13 @@
-"""Stage 2 trainer: CogViT and a text tower trained contrastively with the sigmoid loss (report 2.1).
-
-One readable loop, the sibling of `glm5v_jax.train.cogvit_mim`:
+"""Stage: CogViT stage 2, a text tower and CogViT trained contrastively with the sigmoid loss
+(report 2.1). Reads top to bottom; the run layer (`glm5v_jax.train.run`) does the loop,
+checkpoints, resume, `init_from`, preemption and writers:
   image sources mixed by weight (shapes world built on first use) -> NaFlex batches with their
-  captions as token ids, each batch at one patch budget of `config.data.patch_budgets`
+  captions as token ids, each batch at one patch budget of `config.data.patch_budgets`; each host
+  reads its own rows
   -> TwoTower (models/two_tower.py): CogViT + mean pool + projection, text tower + projection,
-     learnable t' and b -> SigLIP loss: dense on one device, or ring / all-gather over a
-     data-parallel mesh -> Muon (or AdamW) with groups vision / text / projection
-  -> resume from the newest good checkpoint
+     learnable t' and b, created sharded on `config.mesh` (FSDP by default) with Muon (or AdamW)
+     and groups vision / text / projection -> SigLIP loss: dense on the global arrays, or a ring /
+     all-gather over the mesh's batch axes
   -> evaluation on the shapes-world validation split at step 0 (the random-init baseline),
      every eval_every steps and at the end: zero-shot shape and colour of the first object,
      image->text and text->image recall@1/5, k-NN accuracy of the pooled encoder features
@@ -14,10 +15,11 @@ One readable loop, the sibling of `glm5v_jax.train.cogvit_mim`:
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
+import math
 import time
-from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,33 +27,31 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from etils import epath
 
 from glm5v_jax.data import shapes_world
 from glm5v_jax.data.image_batches import ImageBatchConfig, make_image_batch_iterator
 from glm5v_jax.data.tokenizer import Tokenizer, train_tokenizer
 from glm5v_jax.losses.contrastive import l2_normalize, sharded_sigmoid_contrastive_loss, sigmoid_contrastive_loss
-from glm5v_jax.models.two_tower import TwoTower, two_tower_spec_from_config
-from glm5v_jax.train.checkpoint import Checkpointer
+from glm5v_jax.errors import ConfigError
+from glm5v_jax.models.two_tower import TwoTower, TwoTowerSpec, two_tower_spec_from_config
+from glm5v_jax.sharding.partition import create_sharded, state_shardings
+from glm5v_jax.sharding.rules import parameter_shardings
 from glm5v_jax.train.optimizer import transform_from_config
+from glm5v_jax.train.parallel import (MeshPlan, TrainProgram, abstract_state, batch_shardings, global_batch,
+                                       host_batch_shardings, jit_step, plan_from_config, preflight)
+from glm5v_jax.train.run import Job, TrainState
 from glm5v_jax.train.vision_data import prepare_image_sources
-from glm5v_jax.train.vision_eval import knn_report, write_eval_table
-from glm5v_jax.train.writers import (
-    JsonlWriter,
-    MultiWriter,
-    TensorBoardWriter,
-    plot_curves,
-)
+from glm5v_jax.train.vision_eval import knn_report
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("patches", "patch_yx", "valid")
 BATCH_KEYS = IMAGE_KEYS + ("text",)
 LOSS_IMPLS = ("dense", "ring", "all_gather")
-DATA_AXIS = "data"
 
 
 # ----------------------------------------------------------------------------- text
-def prepare_tokenizer(data: ml_collections.ConfigDict, workdir: Path) -> Tokenizer:
+def prepare_tokenizer(data: ml_collections.ConfigDict, workdir: epath.Path) -> Tokenizer:
     """config.data.tokenizer, or a SentencePiece model trained on the texts (captions, QA, OCR) of
     the largest shapes-world source, cached in the data directory."""
     if data.tokenizer:
@@ -62,7 +62,7 @@ def prepare_tokenizer(data: ml_collections.ConfigDict, workdir: Path) -> Tokeniz
         raise ValueError("config.data.tokenizer: no shapes_world source to train a tokenizer on; give the path "
                          "of a SentencePiece model")
     n = min(int(src.train), int(data.tokenizer_images))
-    path = (Path(data.data_dir) if data.data_dir else Path(workdir) / "data") / \
+    path = (epath.Path(data.data_dir) if data.data_dir else epath.Path(workdir) / "data") / \
         f"siglip_tokenizer_seed{src.build_seed}_{n}_{data.tokenizer_vocab_size}.model"
     if path.exists():
         return Tokenizer(str(path))
@@ -129,69 +129,85 @@ def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, ks=(1, 5)) -> 
 
 
 # ----------------------------------------------------------------------------- model, loss, step
-class TrainState(nnx.Module):
-    """What training changes and checkpoints: the two towers and the optimizer."""
+def make_loss_fn(loss_impl: str, plan: MeshPlan | None):
+    """loss_fn(model, batch) -> (SigLIP loss, metrics) of the towers' outputs on the batch: `dense`
+    on the global arrays, or `ring` / `all_gather` in a shard_map over the plan's batch axes."""
+    if loss_impl not in LOSS_IMPLS:
+        raise ConfigError("config.loss_impl", f"unknown {loss_impl!r}; expected one of {LOSS_IMPLS}")
 
-    def __init__(self, model: TwoTower, optimizer: nnx.Optimizer):
-        self.model, self.optimizer = model, optimizer
-
-
-def build_state(config: ml_collections.ConfigDict, tokenizer: Tokenizer):
-    """(TrainState, {"<group>/<kind>": schedule}, Muon routing text or None)."""
-    spec = two_tower_spec_from_config(config.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
-                                      eos_id=tokenizer.eos_id)
-    model = TwoTower(spec, rngs=nnx.Rngs(config.seed))
-    tx, schedules, _, routing = transform_from_config(model, config.optim, config.total_steps)
-    return TrainState(model, nnx.Optimizer(model, tx, wrt=nnx.Param)), schedules, routing
-
-
-def data_mesh(config: ml_collections.ConfigDict) -> Mesh | None:
-    """None for `dense`; else a 1D mesh ('data') over config.mesh.data devices (0 = all)."""
-    if config.loss_impl not in LOSS_IMPLS:
-        raise ValueError(f"config.loss_impl: unknown {config.loss_impl!r}; expected one of {LOSS_IMPLS}")
-    if config.loss_impl == "dense":
-        return None
-    n = int(config.mesh.data) or jax.device_count()
-    if n > jax.device_count() or config.data.batch_size % n:
-        raise ValueError(f"config.mesh.data: {n} devices (of {jax.device_count()}) must divide "
-                         f"config.data.batch_size = {config.data.batch_size}")
-    return Mesh(np.asarray(jax.devices()[:n]), (DATA_AXIS,))
-
-
-def make_loss_fn(loss_impl: str, mesh: Mesh | None):
-    """loss_fn(model, batch) -> (SigLIP loss, metrics) of the towers' outputs on the batch."""
     def loss_fn(model: TwoTower, batch):
         img, txt = model(*(batch[k] for k in IMAGE_KEYS), batch["text"])
         t_prime, b = model.t_prime[...], model.b[...]
         if loss_impl == "dense":
             loss = sigmoid_contrastive_loss(img, txt, t_prime, b)
         else:
-            loss = sharded_sigmoid_contrastive_loss(img, txt, t_prime, b, mesh=mesh, batch_axes=DATA_AXIS,
+            loss = sharded_sigmoid_contrastive_loss(img, txt, t_prime, b, mesh=plan.mesh, batch_axes=plan.batch_axes,
                                                     impl=loss_impl)
         pos_cos = jnp.mean(jnp.sum(l2_normalize(img) * l2_normalize(txt), -1))
         return loss, {"temperature": jnp.exp(t_prime), "bias": b, "positive_cosine": pos_cos}
     return loss_fn
 
 
-def replicate(state: TrainState, mesh: Mesh) -> None:
-    """Every parameter and optimizer slot copied to each device of `mesh` (data parallelism)."""
-    nnx.update(state, jax.device_put(nnx.state(state), NamedSharding(mesh, P())))
+def train_step_fn(graphdef, loss_fn):
+    """`(state, batch) -> (state, metrics)` on the split TrainState (two towers + optimizer)."""
+    def pure_train_step(state, batch):
+        ts = nnx.merge(graphdef, state)
+        (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(ts.model, batch)
+        ts.optimizer.update(ts.model, grads)
+        return nnx.state(ts), dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    return pure_train_step
 
 
-def device_batch(batch, mesh: Mesh | None) -> dict:
-    """A host batch as device arrays; on a mesh split along its leading (batch) axis."""
-    if mesh is None:
-        return {k: jnp.asarray(v) for k, v in batch.items()}
-    return jax.device_put(dict(batch), NamedSharding(mesh, P(DATA_AXIS)))
+@dataclasses.dataclass
+class PlacedTowers:
+    """The two towers and their optimizer created sharded on the run's mesh, and the jitted step."""
+
+    graphdef: Any
+    state: Any
+    shardings: Any
+    step: Callable  # (state, global batch) -> (state, metrics), any patch budget
+    schedules: dict
+    routing: str | None
+    replicated: float
+    params: int
 
 
-def make_train_step(loss_fn):
-    @nnx.jit
-    def train_step(state: TrainState, batch):
-        (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(state.model, batch)
-        state.optimizer.update(state.model, grads)
-        return dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-    return train_step
+def place_on_mesh(config: ml_collections.ConfigDict, spec: TwoTowerSpec, plan: MeshPlan, *,
+                  abstract: bool = False) -> PlacedTowers:
+    """Preflight checks (ConfigError naming the field), then the towers and optimizer created
+    sharded per the rules (FSDP by default) and the step jitted on the mesh. `abstract=True`:
+    nothing is allocated; the state is ShapeDtypeStructs with their shardings (AOT compiles)."""
+    make_model = lambda: TwoTower(spec, rngs=nnx.Rngs(config.seed))  # noqa: E731
+    shapes = nnx.eval_shape(make_model)
+    replicated = preflight(shapes, plan, global_batch=config.data.batch_size, mesh_cfg=config.mesh)
+    param_sh = parameter_shardings(shapes, plan.mesh, plan.rules)
+    tx, schedules, _, routing = transform_from_config(shapes, config.optim, config.total_steps, mesh=plan.mesh,
+                                                      shardings=param_sh)
+
+    def make():
+        model = make_model()
+        return TrainState(model, nnx.Optimizer(model, tx, wrt=nnx.Param))
+
+    if abstract:
+        graphdef, state = nnx.split(nnx.eval_shape(make))
+        state_sh = state_shardings(state, plan.mesh, param_sh)
+        state = abstract_state(state, state_sh)
+    else:
+        graphdef, state, state_sh = create_sharded(make, plan.mesh, param_sh)
+    b, t = int(config.data.batch_size), int(config.data.text_len)
+    n, p = int(config.model.vision.max_patches), int(config.model.vision.patch_size)
+    batch_sh = batch_shardings(dict(batch_contract(b, n, p, t)), plan)
+    step = jit_step(train_step_fn(graphdef, make_loss_fn(config.loss_impl, plan)), plan, state_sh, batch_sh)
+    params = sum(x.size for x in jax.tree.leaves(nnx.state(shapes, nnx.Param)))
+    return PlacedTowers(graphdef, state, state_sh, step, schedules, routing, replicated, params)
+
+
+def batch_contract(batch: int, patches: int, patch_size: int, text_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Global shapes of a stage-2 batch at one patch budget."""
+    sds = jax.ShapeDtypeStruct
+    return dict(patches=sds((batch, patches, patch_size * patch_size * 3), jnp.float32),
+                patch_yx=sds((batch, patches, 2), jnp.int32), valid=sds((batch, patches), jnp.bool_),
+                text=sds((batch, text_len), jnp.int32))
 
 
 # ----------------------------------------------------------------------------- data
@@ -205,10 +221,44 @@ def budget_at(config: ml_collections.ConfigDict, step: int) -> int:
     raise ValueError(f"config.data.budget_schedule: unknown {config.data.budget_schedule!r}; expected cycle | random")
 
 
-def _batch_config(config, budget: int, **kw) -> ImageBatchConfig:
+def _batch_config(config, budget: int, batch_size: int, **kw) -> ImageBatchConfig:
     v = config.model.vision
-    return ImageBatchConfig(batch_size=config.data.batch_size, patch_size=v.patch_size, max_patches=budget,
+    return ImageBatchConfig(batch_size=batch_size, patch_size=v.patch_size, max_patches=budget,
                             merge=v.merge_size, caption_keys=tuple(config.data.caption_keys), **kw)
+
+
+class BudgetBatches:
+    """Training batches, each at the patch budget of its step (`budget_at`): one checkpointable
+    iterator per budget, and the step count, in one iterator state."""
+
+    def __init__(self, config, source, tokenizer):
+        self.config, self.step = config, 0
+        hosts, budgets = jax.process_count(), tuple(int(b) for b in config.data.patch_budgets)
+        self.iters = {b: make_image_batch_iterator(source, _batch_config(
+            config, b, config.data.batch_size // hosts, seed=config.seed + i, text_len=config.data.text_len,
+            num_workers=config.data.num_workers, process_index=jax.process_index(), process_count=hosts), tokenizer)
+            for i, b in enumerate(budgets)}
+
+    def __next__(self) -> dict:
+        self.step += 1
+        budget = budget_at(self.config, self.step)
+        return {k: v for k, v in next(self.iters[budget]).items() if k in BATCH_KEYS}
+
+    @property
+    def stats(self) -> dict:
+        out: dict = {}
+        for it in self.iters.values():
+            for k, v in it.stats.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def get_state(self) -> dict:
+        return {"step": self.step, "budgets": {str(b): it.get_state() for b, it in self.iters.items()}}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state.get("step", 0))
+        for b, it in self.iters.items():
+            it.set_state(state["budgets"][str(b)])
 
 
 def _fixed_batches(source, config, n_images: int, budget: int, text_len: int, tokenizer):
@@ -216,7 +266,7 @@ def _fixed_batches(source, config, n_images: int, budget: int, text_len: int, to
     import grain
 
     ds = source[:n_images] if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)[:n_images]
-    cfg = _batch_config(config, budget, shuffle=False, num_epochs=1, text_len=text_len)
+    cfg = _batch_config(config, budget, config.data.batch_size, shuffle=False, num_epochs=1, text_len=text_len)
     return list(make_image_batch_iterator(ds, cfg, tokenizer if text_len else None))
 
 
@@ -261,96 +311,60 @@ def make_evaluator(config, sources, tokenizer):
     return evaluate
 
 
-# ----------------------------------------------------------------------------- the loop
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train (resuming if possible) until `config.total_steps`; returns the last metrics."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+# ----------------------------------------------------------------------------- the stage
+def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan) -> Job:
     sources = prepare_image_sources(config.data, workdir, seed=config.seed)
     tokenizer = prepare_tokenizer(config.data, workdir)
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked; the tokenizer's ids are recorded
     config.model.text.vocab_size, config.model.text.pad_id = tokenizer.vocab_size, tokenizer.pad_id
     config.model.text.eos_id = tokenizer.eos_id
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-    mesh = data_mesh(config)
     for step in range(1, len(config.data.patch_budgets) + 1):
         budget_at(config, step)  # an unknown schedule fails here, before anything is compiled
+    spec = two_tower_spec_from_config(config.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+                                      eos_id=tokenizer.eos_id)
+    placed = place_on_mesh(config, spec, plan)
+    log.info("loss %s; batch split over %s", config.loss_impl, plan.batch_axes)
+    train_iter = BudgetBatches(config, sources.train, tokenizer)
+    batch_sh: dict = {}
 
-    state, schedules, routing = build_state(config, tokenizer)
-    if routing:
-        (workdir / "routing.txt").write_text(routing + "\n")
-    if mesh is not None:
-        replicate(state, mesh)
-        log.info("loss %s over %d devices (mesh axis %r); batch split, parameters replicated", config.loss_impl,
-                 mesh.size, DATA_AXIS)
+    def train_step(state, batch, step):
+        del step
+        if not batch_sh:  # every budget has the same shardings (leading axis over the batch axes)
+            batch_sh.update(host_batch_shardings(batch, plan))
+        state, metrics = placed.step(state, global_batch(batch, batch_sh))
+        return state, dict(metrics, patch_budget=batch["patches"].shape[1])
 
-    budgets = tuple(int(b) for b in config.data.patch_budgets)
-    iters = {b: make_image_batch_iterator(
-        sources.train, _batch_config(config, b, seed=config.seed + i, text_len=config.data.text_len,
-                                     num_workers=config.data.num_workers), tokenizer)
-        for i, b in enumerate(budgets)}
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    start_step = 0
-    restored = ckpt.restore_latest(nnx.state(state))
-    if restored is not None:
-        start_step, saved, data_state, _ = restored
-        nnx.update(state, saved)
-        for b, it in iters.items():
-            it.set_state(data_state["budgets"][str(b)])
-        log.info("resuming at step %d", start_step)
+    evaluator = make_evaluator(config, sources, tokenizer)
+    evaluate = None if evaluator is None else lambda state: evaluator(nnx.merge(placed.graphdef, state).model)
 
-    evaluate = make_evaluator(config, sources, tokenizer)
-    writer = MultiWriter([TensorBoardWriter(workdir / "tensorboard"), JsonlWriter(workdir / "metrics.jsonl")])
-    train_step = make_train_step(make_loss_fn(config.loss_impl, mesh))
-    last: dict = {}
-    if start_step == 0 and evaluate is not None:
-        last = evaluate(state.model)  # the random-init towers: the baseline training must beat
-        writer.write_scalars(0, last)
-        log.info("step 0 (random init): %s", last)
-    acc: dict = {}
-    t0, window = time.time(), 0
-    step = start_step
-    try:
-        for step in range(start_step + 1, config.total_steps + 1):
-            budget = budget_at(config, step)
-            batch = device_batch({k: v for k, v in next(iters[budget]).items() if k in BATCH_KEYS}, mesh)
-            metrics = train_step(state, batch)
-            for k, v in dict(metrics, patch_budget=budget).items():
-                acc.setdefault(k, []).append(v)
-            window += 1
-            if step % config.log_every == 0 or step == config.total_steps:
-                scalars = {f"train/{k}" if k != "loss" else k: float(np.mean(jax.device_get(v)))
-                           for k, v in acc.items()}
-                elapsed = time.time() - t0
-                scalars["perf/steps_per_s"] = window / max(elapsed, 1e-9)
-                scalars["perf/images_per_s"] = window * config.data.batch_size / max(elapsed, 1e-9)
-                scalars.update({f"lr/{k}": float(s(step - 1)) for k, s in schedules.items()})
-                stats: dict = {}
-                for it in iters.values():
-                    for k, v in it.stats.items():
-                        stats[k] = stats.get(k, 0) + v
-                scalars.update({f"data/{k}": float(v) for k, v in stats.items()})
-                writer.write_scalars(step, scalars)
-                log.info("step %d/%d  loss %.4f  t %.2f  b %.2f  %.2f steps/s", step, config.total_steps,
-                         scalars["loss"], scalars["train/temperature"], scalars["train/bias"],
-                         scalars["perf/steps_per_s"])
-                last.update(scalars)
-                acc, t0, window = {}, time.time(), 0
-            if evaluate is not None and (step % config.eval_every == 0 or step == config.total_steps):
-                ev = evaluate(state.model)
-                writer.write_scalars(step, ev)
-                log.info("step %d eval: %s", step, ev)
-                last.update(ev)
-                t0 = time.time()
-            if step % config.checkpoint_every == 0 or step == config.total_steps:
-                data_state = {"budgets": {str(b): it.get_state() for b, it in iters.items()}}
-                ckpt.save(step, nnx.state(state), data_state, json.loads(config.to_json_best_effort()), force=True)
-            writer.flush()
-    finally:
-        ckpt.close()
-        writer.close()
-    if evaluate is not None and step == config.total_steps:
-        table = write_eval_table(workdir, step)
-        log.info("evaluation, random init vs trained:\n%s", table)
-    plot_curves(workdir / "metrics.jsonl", workdir / "loss_curves.png")
-    return dict(last, step=step)
+
+    return Job(config=config, plan=plan, state=placed.state, shardings=placed.shardings, train_iter=train_iter,
+               train_step=train_step, schedules=placed.schedules, evaluate=evaluate,
+               work=lambda batch: {"examples": len(batch["text"])}, routing=placed.routing,
+               replicated=placed.replicated, hparams=dict(preset=config.get("preset", ""), params=placed.params,
+                                                          loss_impl=config.loss_impl))
+
+
+def abstract_program(config: ml_collections.ConfigDict, devices: Sequence[Any], *, update_rms: bool = True):
+    """The stage-2 step at the largest patch budget, abstract (no tokenizer: the preset's text
+    vocabulary size)."""
+    del update_rms  # stage 2 logs no per-group update RMS
+    config = ml_collections.ConfigDict(config.to_dict())
+    t = config.model.text
+    vocab = int(t.get("vocab_size", 0) or config.data.tokenizer_vocab_size)
+    spec = two_tower_spec_from_config(config.model, vocab_size=vocab, pad_id=int(t.get("pad_id", 0)),
+                                      eos_id=int(t.get("eos_id", 1)))
+    plan = plan_from_config(config.mesh, devices)
+    placed = place_on_mesh(config, spec, plan, abstract=True)
+    b, p, text_len = int(config.data.batch_size), int(config.model.vision.patch_size), int(config.data.text_len)
+    n = max(int(x) for x in config.data.patch_budgets)
+    batch = batch_contract(b, n, p, text_len)
+    batch_sh = batch_shardings(batch, plan)
+    args = (placed.state, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch.items()})
+    matmul = sum(math.prod(x.shape) for x in jax.tree.leaves(placed.state["model"]) if len(x.shape) >= 2)
+    flops = 6.0 * matmul * b * max(n, text_len)  # an upper bound: every weight sees the longer sequence
+    facts = dict(global_batch=b, max_patches=n, text_len=text_len, loss_impl=str(config.loss_impl),
+                 optimizer=str(config.optim.name))
+    summary = (f"{b} image-text pairs x {n} patches of {p}px, captions of {text_len} tokens (global); "
+               f"loss {config.loss_impl}, optimizer {config.optim.name}")
+    return TrainProgram(plan, placed.step, args, placed.replicated, facts, summary, flops)

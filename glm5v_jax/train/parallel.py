@@ -33,6 +33,20 @@ from glm5v_jax.sharding.rules import rules_from_config
 REPLICATION_ACTIONS = ("error", "warn")
 
 
+@dataclasses.dataclass
+class TrainProgram:
+    """A stage's train step with abstract arguments: everything needed to lower it for a topology
+    without allocating anything (each stage module's `abstract_program`, used by `glm5v_jax.tools.aot`)."""
+
+    plan: Any  # MeshPlan
+    step: Callable  # the stage's jitted step, explicit shardings
+    args: tuple  # its abstract arguments (ShapeDtypeStructs with shardings)
+    replicated_fraction: float
+    facts: dict  # report fields: global_batch, optimizer, ... (JSON types)
+    summary: str  # one line on the batch and settings
+    analytic_flops_per_step: float
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshPlan(MeshRules):
     """The run's mesh and normalised logical rules."""
@@ -82,6 +96,14 @@ def batch_sharding(shape: Sequence[int], plan: MeshPlan) -> NamedSharding:
 def batch_shardings(batch: Mapping[str, Any], plan: MeshPlan) -> dict[str, NamedSharding]:
     """{key: NamedSharding} for a (global-shape) batch of arrays or ShapeDtypeStructs."""
     return {k: batch_sharding(tuple(np.shape(v)), plan) for k, v in batch.items()}
+
+
+def host_batch_shardings(host: Mapping[str, np.ndarray], plan: MeshPlan) -> dict[str, NamedSharding]:
+    """Shardings of the global batch whose per-host rows are `host` (for batches whose keys or
+    shapes are known only from the first batch: teacher views, patch budgets)."""
+    n = jax.process_count()
+    return batch_shardings({k: jax.ShapeDtypeStruct((v.shape[0] * n,) + v.shape[1:], v.dtype)
+                            for k, v in host.items()}, plan)
 
 
 def global_batch(host_batch: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:

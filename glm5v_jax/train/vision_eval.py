@@ -56,28 +56,3 @@ def knn_report(encode, train_batches, eval_batches, label_keys=("shape_label", "
     test_x, test_y = embed(encode, eval_batches, label_keys)
     return {f"knn/{key.removesuffix('_label')}": knn_accuracy(train_x, train_y[key], test_x, test_y[key], k)
             for key in label_keys}
-
-
-def eval_table(rows: list[dict], step: int) -> str:
-    """Markdown table of every eval metric at step 0 (random init) and at `step`."""
-    first = next((r for r in rows if r["step"] == 0), {})
-    last = next((r for r in rows if r["step"] == step), {})
-    keys = sorted(k for k in last if k.startswith("eval/"))
-
-    def fmt(v):
-        return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
-
-    lines = [f"| metric | step 0 (random init) | step {step} |", "|---|---|---|"]
-    lines += [f"| {k.removeprefix('eval/')} | {fmt(first.get(k))} | {fmt(last[k])} |" for k in keys]
-    return "\n".join(lines)
-
-
-def write_eval_table(workdir, step: int) -> str:
-    """Writes `<workdir>/eval_table.md` (step 0 vs `step`, from metrics.jsonl) and returns it."""
-    from pathlib import Path
-
-    from glm5v_jax.train.writers import read_jsonl
-
-    table = eval_table(read_jsonl(Path(workdir) / "metrics.jsonl"), step)
-    (Path(workdir) / "eval_table.md").write_text(table + "\n")
-    return table

@@ -1,127 +1,154 @@
-"""Stage 3 trainer: VLM pre-training with MMTP on packed image-text and text-only data.
+"""Stage: VLM pre-training with MMTP on packed image-text and text-only data (report 2.2).
 
-One readable loop, big_vision style:
-  data (shapes world built on first use, SentencePiece tokenizer, grain pipeline)
-  -> model from the config (vocab size and <|image|> id taken from the tokenizer)
-  -> Muon (or AdamW) with per-module groups and schedules -> resume from the newest good checkpoint
-  -> steps: train, router-bias update, log (TensorBoard + metrics.jsonl + progress
-     line with steps/s, tokens/s, ETA, MFU), evaluate, checkpoint (async)
-  -> on SIGTERM: checkpoint the current step and exit cleanly
-  -> at the end: wait for the last checkpoint, plot the loss curves.
+Reads top to bottom; the run layer (`glm5v_jax.train.run`) does the loop, checkpoints, resume,
+`init_from`, preemption and writers:
+  data: shapes world built on first use (with its SentencePiece tokenizer), or a TFDS / ArrayRecord
+     corpus -> grain pipeline of packed rows (segment ids, loss mask, NaFlex patches per image slot)
+  -> model from the config (vocabulary size and <|image|> id from the tokenizer)
+  -> Muon (or AdamW) with per-module groups, created sharded on the mesh (`config.mesh`)
+  -> step: LM loss + lambda x MTP loss (+ balance loss), optimizer, router-bias update
+  -> evaluate: mean validation losses over the first `config.data.eval_batches` batches.
+The SFT stage (`vlm_sft`) reuses `build_model_job` with its own data and evaluation.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
-import hashlib
-import json
 import logging
-import signal
 import time
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from clu import metrics as clu_metrics
+from etils import epath
 from flax import nnx
 
 from glm5v_jax.data import pipeline as pipeline_lib
 from glm5v_jax.data.tokenizer import Tokenizer, train_tokenizer
+from glm5v_jax.errors import ConfigError
 from glm5v_jax.losses.lm import vlm_loss
 from glm5v_jax.models.build import vlm_spec_from_config
 from glm5v_jax.models.vlm import GLM5V
-from glm5v_jax.train import flops as flops_lib
-from glm5v_jax.train.checkpoint import Checkpointer
-from glm5v_jax.sharding.partition import create_sharded
+from glm5v_jax.sharding.partition import create_sharded, state_shardings
 from glm5v_jax.sharding.rules import parameter_shardings
+from glm5v_jax.train import flops as flops_lib
+from glm5v_jax.train import run as run_lib
 from glm5v_jax.train.optimizer import transform_from_config
-from glm5v_jax.train.parallel import (MeshPlan, batch_shardings, global_batch, jit_eval, jit_step,
-                                       plan_from_config, preflight)
+from glm5v_jax.train.parallel import (MeshPlan, TrainProgram, abstract_state, batch_shardings, global_batch,
+                                       jit_eval, jit_step, plan_from_config, preflight)
 from glm5v_jax.train.step import train_step
-from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves
 
 log = logging.getLogger(__name__)
 
+BATCH_KEYS = ("tokens", "segment_ids", "loss_mask", "patches", "patch_yx", "patch_valid", "image_grid",
+              "image_valid")
+
 # ----------------------------------------------------------------------------- data
 DATASETS = ("shapes_world", "tfds", "array_record")
+TOKENIZER_FILE = "tokenizer.model"  # the run's tokenizer, kept in its directory (stages chained by
+                                    # init_from read it from there, so ids and vocabulary match)
 
 
-def _shapes_world(cfg, workdir: Path):
-    from glm5v_jax.data import shapes_world, shapes_world_tfds
+def save_tokenizer(tokenizer: Tokenizer, workdir: epath.Path) -> None:
+    path = epath.Path(workdir) / TOKENIZER_FILE
+    if not path.exists():
+        path.write_bytes(tokenizer.serialized_model_proto)
 
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else workdir / "data"
-    sizes = dict(cfg.split_sizes)
-    t0 = time.time()
-    dataset_dir = Path(shapes_world_tfds.build_shapes_world(str(data_dir), seed=cfg.build_seed, split_sizes=sizes))
-    log.info("shapes world ready at %s (%.1f s)", dataset_dir, time.time() - t0)
+
+def data_dir_of(cfg, workdir: epath.Path) -> epath.Path:
+    return epath.Path(cfg.data_dir) if cfg.data_dir else epath.Path(workdir) / "data"
+
+
+def shapes_world_tokenizer(cfg, dataset_dir: epath.Path) -> Tokenizer:
+    """config.data.tokenizer, or a SentencePiece model trained on the dataset's texts (cached next
+    to it)."""
+    from glm5v_jax.data import shapes_world
+
     if cfg.tokenizer:
-        tokenizer = Tokenizer(cfg.tokenizer)
-    else:
-        path = dataset_dir / f"tokenizer_{cfg.tokenizer_vocab_size}.model"
-        if path.exists():
-            tokenizer = Tokenizer(str(path))
-        else:
-            t0 = time.time()
-            tokenizer = train_tokenizer(shapes_world.iter_texts(cfg.build_seed, sizes), str(path),
-                                        vocab_size=cfg.tokenizer_vocab_size)
-            log.info("trained tokenizer %s (%d pieces) in %.1f s", path, tokenizer.vocab_size, time.time() - t0)
-    weights = {"image": 1.0 - cfg.text_weight, "text": cfg.text_weight}
-    splits = {"train": {"image": "train", "text": "text_train"},
-              "eval": {"image": "validation", "text": "text_validation"}}
-    sources = {part: {kind: shapes_world_tfds.load_split(str(dataset_dir), split) for kind, split in names.items()}
-               for part, names in splits.items()}
-    return sources, weights, tokenizer
+        return Tokenizer(str(cfg.tokenizer))
+    path = epath.Path(dataset_dir) / f"tokenizer_{cfg.tokenizer_vocab_size}.model"
+    if path.exists():
+        return Tokenizer(str(path))
+    t0 = time.time()
+    tokenizer = train_tokenizer(shapes_world.iter_texts(cfg.build_seed, dict(cfg.split_sizes)), str(path),
+                                vocab_size=cfg.tokenizer_vocab_size)
+    log.info("trained tokenizer %s (%d pieces) in %.1f s", path, tokenizer.vocab_size, time.time() - t0)
+    return tokenizer
 
 
-def prepare_data(cfg: ml_collections.ConfigDict, workdir: Path):
+def build_shapes_world(cfg, workdir: epath.Path) -> epath.Path:
+    """The embedded dataset under config.data.data_dir (built once; deterministic by build_seed)."""
+    from glm5v_jax.data import shapes_world_tfds
+
+    t0 = time.time()
+    path = epath.Path(shapes_world_tfds.build_shapes_world(str(data_dir_of(cfg, workdir)), seed=cfg.build_seed,
+                                                           split_sizes=dict(cfg.split_sizes)))
+    log.info("shapes world ready at %s (%.1f s)", path, time.time() - t0)
+    return path
+
+
+def prepare_data(cfg: ml_collections.ConfigDict, workdir: epath.Path, tokenizer: Tokenizer | None = None):
     """({"train": {name: source}, "eval": {...}}, mixture weights, tokenizer) from config.data.
 
-    `shapes_world` is built (with its tokenizer) on first use; `tfds` reads any TFDS
-    dataset with an image and a text feature (`config.data.tfds.*`); `array_record`
-    reads record files (`config.data.array_record.*`). Real corpora need
-    `config.data.tokenizer`.
+    `shapes_world` is built (with its tokenizer, unless `tokenizer` is given) on first use; `tfds`
+    reads any TFDS dataset with an image and a text feature (`config.data.tfds.*`); `array_record`
+    reads record files (`config.data.array_record.*`). Real corpora need `config.data.tokenizer`
+    (or `tokenizer`).
     """
+    from glm5v_jax.data import shapes_world_tfds
+
     if cfg.dataset not in DATASETS:
-        raise ValueError(f"config.data.dataset: unknown dataset {cfg.dataset!r}; expected one of {DATASETS}")
+        raise ConfigError("config.data.dataset", f"unknown dataset {cfg.dataset!r}; expected one of {DATASETS}")
     if cfg.dataset == "shapes_world":
-        return _shapes_world(cfg, workdir)
-    if not cfg.tokenizer:
-        raise ValueError("config.data.tokenizer: a real corpus needs the path of a SentencePiece model "
-                         "with the GLM special tokens (see glm5v_jax.data.tokenizer.train_tokenizer)")
-    tokenizer = Tokenizer(cfg.tokenizer)
+        dataset_dir = build_shapes_world(cfg, workdir)
+        tokenizer = tokenizer or shapes_world_tokenizer(cfg, dataset_dir)
+        splits = {"train": {"image": "train", "text": "text_train"},
+                  "eval": {"image": "validation", "text": "text_validation"}}
+        sources = {part: {kind: shapes_world_tfds.load_split(str(dataset_dir), split) for kind, split in names.items()}
+                   for part, names in splits.items()}
+        return sources, {"image": 1.0 - cfg.text_weight, "text": cfg.text_weight}, tokenizer
+    if tokenizer is None and not cfg.tokenizer:
+        raise ConfigError("config.data.tokenizer", "a real corpus needs the path of a SentencePiece model with the "
+                                                   "GLM special tokens (see glm5v_jax.data.tokenizer.train_tokenizer)")
+    tokenizer = tokenizer or Tokenizer(str(cfg.tokenizer))
     if cfg.dataset == "tfds":
         t = cfg.tfds
         if not t.name:
-            raise ValueError("config.data.tfds.name: set the TFDS dataset name")
+            raise ConfigError("config.data.tfds.name", "set the TFDS dataset name")
         make = lambda split: pipeline_lib.tfds_source(t.name, split, t.data_dir or None,  # noqa: E731
                                                       image_key=t.image_key, text_key=t.text_key)
         sources = {"train": {"corpus": make(t.train_split)}, "eval": {"corpus": make(t.eval_split)}}
     else:
         a = cfg.array_record
-        paths = {part: sorted(p for pattern in getattr(a, f"{part}_paths").split(",") if pattern.strip()
-                              for p in glob.glob(pattern.strip()))
-                 for part in ("train", "eval")}
-        for part, found in paths.items():
-            if not found:
-                raise ValueError(f"config.data.array_record.{part}_paths: no files match "
-                                 f"{getattr(a, f'{part}_paths')!r}")
+        paths = {}
+        for part in ("train", "eval"):
+            patterns = [p.strip() for p in getattr(a, f"{part}_paths").split(",") if p.strip()]
+            paths[part] = sorted(str(f) for pattern in patterns for f in epath.Path(pattern).parent.glob(
+                epath.Path(pattern).name))
+            if not paths[part]:
+                raise ConfigError(f"config.data.array_record.{part}_paths",
+                                  f"no files match {getattr(a, f'{part}_paths')!r}")
         sources = {part: {"corpus": pipeline_lib.array_record_source(found, parse=a.parse)}
                    for part, found in paths.items()}
     return sources, {"corpus": 1.0}, tokenizer
 
 
-def make_iterator(cfg, sources: dict, weights: dict, tokenizer: Tokenizer, spec, *, seed: int, train: bool):
-    source = pipeline_lib.mix_sources(sources, {k: weights[k] for k in sources}, seed)
-    pcfg = pipeline_lib.PipelineConfig(
+def pipeline_config(cfg, spec, *, seed: int, train: bool, **extra) -> pipeline_lib.PipelineConfig:
+    """The packed-row pipeline settings of config.data for this host."""
+    return pipeline_lib.PipelineConfig(
         seq_len=cfg.seq_len, rows_per_batch=cfg.batch_size // jax.process_count(),
         max_images_per_row=cfg.max_images_per_row, patch_size=spec.vision.patch_size,
         max_patches=spec.vision.max_patches, merge=spec.vision.merge_size, seed=seed,
         num_epochs=None if train else 1, shuffle=train, num_workers=cfg.num_workers if train else 0,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    return pipeline_lib.make_batch_iterator(source, tokenizer, pcfg)
+        process_index=jax.process_index(), process_count=jax.process_count(), **extra)
+
+
+def make_iterator(cfg, sources: dict, weights: dict, tokenizer: Tokenizer, spec, *, seed: int, train: bool,
+                  **extra):
+    source = pipeline_lib.mix_sources(sources, {k: weights[k] for k in sources}, seed)
+    return pipeline_lib.make_batch_iterator(source, tokenizer, pipeline_config(cfg, spec, seed=seed, train=train,
+                                                                               **extra))
 
 
 def resolve_model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ml_collections.ConfigDict:
@@ -132,125 +159,9 @@ def resolve_model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer
     return config
 
 
-# ----------------------------------------------------------------------------- optimizer
-def build_optimizer(model: GLM5V, cfg: ml_collections.ConfigDict, total_steps: int, workdir: Path | None = None,
-                    **kwargs):
-    """(nnx.Optimizer, {"<group>/<kind>": schedule}, {param path: "<group>/<kind>"}) from
-    config.optim; logs the Muon routing table (and writes it to <workdir>/routing.txt).
-    `kwargs` (mesh, shardings) go to `transform_from_config`."""
-    tx, schedules, labels, routing = transform_from_config(model, cfg, total_steps, **kwargs)
-    _log_routing(routing, workdir)
-    return nnx.Optimizer(model, tx, wrt=nnx.Param), schedules, labels
-
-
-def _log_routing(routing: str | None, workdir: Path | None) -> None:
-    if routing is None:
-        return
-    log.info("Muon routing:\n%s", routing)
-    if workdir is not None:
-        (workdir / "routing.txt").write_text(routing + "\n")
-
-
-# ----------------------------------------------------------------------------- the run on a mesh
-@dataclasses.dataclass(frozen=True)
-class ShardedSetup:
-    """What the trainer (and the AOT tool) build before any array exists."""
-
-    abstract_model: GLM5V
-    replicated: float  # fraction of parameter bytes replicated over a non-data mesh axis
-    param_shardings: dict
-    make: Callable[[], tuple]  # () -> (model, nnx.Optimizer), to run under create_sharded / eval_shape
-    schedules: dict
-    update_labels: dict
-    routing: str | None
-
-
-def sharded_setup(config: ml_collections.ConfigDict, spec, plan: MeshPlan) -> ShardedSetup:
-    """Preflight checks (ConfigError naming the field), parameter shardings and the
-    optimizer of `config.optim` placed on `plan`'s mesh, all from an abstract model."""
-    abstract_model = nnx.eval_shape(lambda: GLM5V(spec, rngs=nnx.Rngs(config.seed)))
-    replicated = preflight(abstract_model, plan, global_batch=config.data.batch_size, mesh_cfg=config.mesh)
-    param_sh = parameter_shardings(abstract_model, plan.mesh, plan.rules)
-    tx, schedules, labels, routing = transform_from_config(abstract_model, config.optim, config.total_steps,
-                                                           mesh=plan.mesh, shardings=param_sh)
-
-    def make():
-        model = GLM5V(spec, rngs=nnx.Rngs(config.seed))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    return ShardedSetup(abstract_model, replicated, param_sh, make, schedules, labels, routing)
-
-
-def train_step_fn(graphdef, config: ml_collections.ConfigDict, update_labels: dict | None):
-    """`(state, batch) -> (state, metrics)`: the trainer's step on split (model, optimizer)
-    state. `update_labels=None` leaves out the per-group update-RMS metrics."""
-    mtp_w, bal_w = float(config.model.mtp.loss_weight), float(config.model.backbone.balance_loss_weight)
-    bias_rate, tau = float(config.optim.router_bias_update_rate), float(config.optim.qk_clip_tau)
-
-    def pure_train_step(state, batch):
-        m, o = nnx.merge(graphdef, state)
-        metrics = train_step(m, o, batch, mtp_loss_weight=mtp_w, balance_loss_weight=bal_w,
-                             router_bias_rate=bias_rate, update_labels=update_labels, qk_clip_tau=tau)
-        return nnx.state((m, o)), metrics
-
-    return pure_train_step
-
-
-# ----------------------------------------------------------------------------- helpers
-class _Preemption:
-    """SIGTERM or SIGINT (Ctrl-C) -> finish the current step, checkpoint it, exit cleanly."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-    def _handle(self, signum, frame):
-        del frame
-        log.warning("%s received: checkpointing the current step and stopping", signal.Signals(signum).name)
-        self.requested = True
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _average(acc: dict, metrics: dict) -> dict:
-    for k, v in metrics.items():
-        m = clu_metrics.Average.from_model_output(jnp.asarray(v, jnp.float32))
-        acc[k] = m if k not in acc else acc[k].merge(m)
-    return acc
-
-
-def evaluate(eval_fn, state, make_eval_iter, num_batches: int, shardings) -> dict:
-    """Mean losses over the first `num_batches` validation batches (fixed order)."""
-    acc: dict = {}
-    for i, batch in enumerate(make_eval_iter()):
-        if i >= num_batches:
-            break
-        acc = _average(acc, eval_fn(state, global_batch(_batch_arrays(batch), shardings)))
-    return {f"eval/{k}": float(v.compute()) for k, v in acc.items()}
-
-
-_BATCH_KEYS = ("tokens", "segment_ids", "loss_mask", "patches", "patch_yx", "patch_valid", "image_grid",
-               "image_valid")
-
-
-def _batch_arrays(batch: dict) -> dict:
-    return {k: batch[k] for k in _BATCH_KEYS if k in batch}
-
-
 def batch_hash(batch: dict) -> int:
-    """A 48-bit fingerprint of a host batch: the first 12 hex digits of sha256 over each
-    array's name, dtype, shape and bytes in `_BATCH_KEYS` order. An int below 2**53, so it
-    is exact as a float in metrics.jsonl (TensorBoard gets a float32-rounded value)."""
-    h = hashlib.sha256()
-    for k, v in _batch_arrays(batch).items():
-        a = np.ascontiguousarray(np.asarray(v))
-        h.update(f"{k}:{a.dtype.str}:{a.shape}".encode())
-        h.update(a.tobytes())
-    return int(h.hexdigest()[:12], 16)
+    """`run.batch_hash` over the training keys (what the ablation compares across modes)."""
+    return run_lib.batch_hash(batch, BATCH_KEYS)
 
 
 def batch_contract(spec, data_cfg) -> dict[str, jax.ShapeDtypeStruct]:
@@ -264,135 +175,173 @@ def batch_contract(spec, data_cfg) -> dict[str, jax.ShapeDtypeStruct]:
                 image_valid=sds((b * m,), bool))
 
 
-# ----------------------------------------------------------------------------- main loop
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train (resuming if possible) until `config.total_steps`; returns the last metrics."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    sources, weights, tokenizer = prepare_data(config.data, workdir)
-    config = resolve_model_config(config, tokenizer)
-    spec = vlm_spec_from_config(config.model)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+# ----------------------------------------------------------------------------- model, optimizer, step
+def build_optimizer(model: GLM5V, cfg: ml_collections.ConfigDict, total_steps: int, **kwargs):
+    """(nnx.Optimizer, {"<group>/<kind>": schedule}, {param path: "<group>/<kind>"}) from config.optim
+    (for benchmarks and tests that hold a model; `kwargs` (mesh, shardings) go to `transform_from_config`)."""
+    tx, schedules, labels, _ = transform_from_config(model, cfg, total_steps, **kwargs)
+    return nnx.Optimizer(model, tx, wrt=nnx.Param), schedules, labels
 
-    # The mesh, and every check that can fail, before anything is built or compiled.
-    plan = plan_from_config(config.mesh)
-    setup = sharded_setup(config, spec, plan)
-    log.info("%s; %.2f%% of parameter bytes replicated over a non-data axis", plan.describe(),
-             100 * setup.replicated)
-    _log_routing(setup.routing, workdir)
-    schedules, abstract_model = setup.schedules, setup.abstract_model
 
-    # Model and optimizer state are created already sharded: no device holds a full replica.
-    graphdef, state, state_sh = create_sharded(setup.make, plan.mesh, setup.param_shardings)
-    train_iter = make_iterator(config.data, sources["train"], weights, tokenizer, spec, seed=config.seed,
-                               train=True)
+@dataclasses.dataclass(frozen=True)
+class ShardedSetup:
+    """What the stage (and the AOT tool) build before any array exists."""
 
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    start_step = 0
-    restored = ckpt.restore_latest(state)  # resharded onto this run's mesh, whatever it was saved on
-    if restored is not None:
-        start_step, state, data_state, _ = restored
-        train_iter.set_state(data_state)
-        log.info("resuming at step %d", start_step)
+    abstract_model: GLM5V
+    replicated: float  # fraction of parameter bytes replicated over a non-data mesh axis
+    param_shardings: dict
+    make: Callable[[], run_lib.TrainState]  # to run under create_sharded / eval_shape
+    schedules: dict
+    update_labels: dict
+    routing: str | None
 
+
+def sharded_setup(config: ml_collections.ConfigDict, spec, plan: MeshPlan) -> ShardedSetup:
+    """Preflight checks (ConfigError naming the field), parameter shardings and the optimizer of
+    `config.optim` placed on `plan`'s mesh, all from an abstract model."""
+    abstract_model = nnx.eval_shape(lambda: GLM5V(spec, rngs=nnx.Rngs(config.seed)))
+    replicated = preflight(abstract_model, plan, global_batch=config.data.batch_size, mesh_cfg=config.mesh)
+    param_sh = parameter_shardings(abstract_model, plan.mesh, plan.rules)
+    tx, schedules, labels, routing = transform_from_config(abstract_model, config.optim, config.total_steps,
+                                                           mesh=plan.mesh, shardings=param_sh)
+
+    def make():
+        model = GLM5V(spec, rngs=nnx.Rngs(config.seed))
+        return run_lib.TrainState(model, nnx.Optimizer(model, tx, wrt=nnx.Param))
+
+    return ShardedSetup(abstract_model, replicated, param_sh, make, schedules, labels, routing)
+
+
+def train_step_fn(graphdef, config: ml_collections.ConfigDict, update_labels: dict | None):
+    """`(state, batch) -> (state, metrics)` on the split TrainState. `update_labels=None` leaves out
+    the per-group update-RMS metrics."""
     mtp_w, bal_w = float(config.model.mtp.loss_weight), float(config.model.backbone.balance_loss_weight)
-    pure_train_step = train_step_fn(graphdef, config, setup.update_labels)
+    bias_rate, tau = float(config.optim.router_bias_update_rate), float(config.optim.qk_clip_tau)
+
+    def pure_train_step(state, batch):
+        ts = nnx.merge(graphdef, state)
+        metrics = train_step(ts.model, ts.optimizer, batch, mtp_loss_weight=mtp_w, balance_loss_weight=bal_w,
+                             router_bias_rate=bias_rate, update_labels=update_labels, qk_clip_tau=tau)
+        return nnx.state(ts), metrics
+
+    return pure_train_step
+
+
+def eval_step_fn(graphdef, config: ml_collections.ConfigDict):
+    """`(state, batch) -> metrics`: the losses of the training objective, no update."""
+    mtp_w, bal_w = float(config.model.mtp.loss_weight), float(config.model.backbone.balance_loss_weight)
 
     def pure_eval_step(state, batch):
-        m, _ = nnx.merge(graphdef, state)
-        _, metrics = vlm_loss(m(batch), batch, mtp_loss_weight=mtp_w, balance_loss_weight=bal_w)
+        outputs = nnx.merge(graphdef, state).model(batch)
+        _, metrics = vlm_loss(outputs, batch, mtp_loss_weight=mtp_w, balance_loss_weight=bal_w)
         return metrics
 
+    return pure_eval_step
+
+
+@dataclasses.dataclass
+class ModelJob:
+    """The VLM on the mesh with its jitted train and eval steps (shared by pre-training and SFT)."""
+
+    spec: Any
+    setup: ShardedSetup
+    graphdef: Any
+    state: Any
+    shardings: Any
+    batch_shardings: dict
+    train_step: Callable  # (state, global batch) -> (state, metrics)
+    eval_step: Callable  # (state, global batch) -> metrics
+
+    def job(self, config, plan: MeshPlan, train_iter, evaluate, **kw) -> run_lib.Job:
+        """A run-layer Job that feeds host batches of `BATCH_KEYS` (plus `kw`) to the train step."""
+        spec, batch_sh = self.spec, self.batch_shardings
+
+        def step(state, batch, step_num):
+            del step_num
+            return self.train_step(state, global_batch({k: batch[k] for k in BATCH_KEYS if k in batch}, batch_sh))
+
+        def work(batch):
+            images = int(np.asarray(batch["image_valid"]).sum()) if "image_valid" in batch else 0
+            return dict(tokens=int((np.asarray(batch["segment_ids"]) != 0).sum()),
+                        flops=flops_lib.train_flops_per_step(spec, rows=batch["tokens"].shape[0],
+                                                             seq_len=batch["tokens"].shape[1], images=images,
+                                                             patches_per_image=spec.vision.max_patches))
+
+        params = sum(x.size for x in jax.tree.leaves(nnx.state(self.setup.abstract_model, nnx.Param)))
+        return run_lib.Job(config=config, plan=plan, state=self.state, shardings=self.shardings,
+                           train_iter=train_iter, train_step=step, schedules=self.setup.schedules,
+                           evaluate=evaluate, work=work, batch_keys=BATCH_KEYS, routing=self.setup.routing,
+                           replicated=self.setup.replicated,
+                           hparams=dict(preset=config.get("preset", ""), mmtp=config.model.mtp.mode, params=params),
+                           **kw)
+
+
+def build_model_job(config: ml_collections.ConfigDict, plan: MeshPlan) -> ModelJob:
+    """Model and optimizer created sharded on `plan`, with the jitted steps (explicit shardings)."""
+    spec = vlm_spec_from_config(config.model)
+    setup = sharded_setup(config, spec, plan)  # every check that can fail, before anything is built
+    graphdef, state, state_sh = create_sharded(setup.make, plan.mesh, setup.param_shardings)
     batch_sh = batch_shardings(batch_contract(spec, config.data), plan)
-    step_fn = jit_step(pure_train_step, plan, state_sh, batch_sh)
-    eval_fn = jit_eval(pure_eval_step, plan, state_sh, batch_sh)
+    return ModelJob(spec, setup, graphdef, state, state_sh, batch_sh,
+                    jit_step(train_step_fn(graphdef, config, setup.update_labels), plan, state_sh, batch_sh),
+                    jit_eval(eval_step_fn(graphdef, config), plan, state_sh, batch_sh))
 
-    def make_eval_iter():
-        return make_iterator(config.data, sources["eval"], weights, tokenizer, spec, seed=0, train=False)
 
-    writer = MultiWriter([TensorBoardWriter(workdir / "tensorboard"), JsonlWriter(workdir / "metrics.jsonl")])
-    if start_step == 0:
-        writer.write_hparams({"preset": config.preset, "mmtp": config.model.mtp.mode,
-                              "params": sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model, nnx.Param)))})
-    if start_step == 0 and config.get("measure_pipeline_batches", 0):
-        probe = make_iterator(config.data, sources["train"], weights, tokenizer, spec, seed=config.seed + 1,
+def mean_metrics(eval_step: Callable, state, batches: Iterator[dict], num_batches: int, shardings) -> dict:
+    """Means over the first `num_batches` batches of `eval_step(state, batch)`'s scalars."""
+    acc: dict = {}
+    for i, batch in enumerate(batches):
+        if i >= num_batches:
+            break
+        acc = run_lib.average(acc, eval_step(state, global_batch({k: batch[k] for k in BATCH_KEYS if k in batch},
+                                                                 shardings)))
+    return {k: float(v.compute()) for k, v in acc.items()}
+
+
+# ----------------------------------------------------------------------------- the stage
+def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan) -> run_lib.Job:
+    sources, weights, tokenizer = prepare_data(config.data, workdir)
+    config = resolve_model_config(config, tokenizer)
+    save_tokenizer(tokenizer, workdir)
+    mj = build_model_job(config, plan)
+    train_iter = make_iterator(config.data, sources["train"], weights, tokenizer, mj.spec, seed=config.seed,
+                               train=True)
+
+    def evaluate(state) -> dict:
+        batches = make_iterator(config.data, sources["eval"], weights, tokenizer, mj.spec, seed=0, train=False)
+        means = mean_metrics(mj.eval_step, state, batches, config.data.eval_batches, mj.batch_shardings)
+        return {f"eval/{k}": v for k, v in means.items()}
+
+    if config.get("measure_pipeline_batches", 0) and not (workdir / "checkpoints").exists():
+        probe = make_iterator(config.data, sources["train"], weights, tokenizer, mj.spec, seed=config.seed + 1,
                               train=True)
         tput = pipeline_lib.measure_throughput(probe, config.measure_pipeline_batches)
-        writer.write_scalars(0, {"perf/pipeline_examples_per_s": tput["examples_per_s"],
-                                 "perf/pipeline_tokens_per_s": tput["tokens_per_s"]})
-        log.info("input pipeline alone: %.1f examples/s, %.0f tokens/s (%d batches)",
-                 tput["examples_per_s"], tput["tokens_per_s"], config.measure_pipeline_batches)
-    peak, peak_source = flops_lib.device_peak_flops()
-    log.info("device peak %.3g FLOP/s (%s) x %d devices", peak, peak_source, jax.device_count())
-    if start_step == 0 and config.eval_every:
-        ev = evaluate(eval_fn, state, make_eval_iter, config.data.eval_batches, batch_sh)
-        writer.write_scalars(0, ev)
-        log.info("step 0  eval loss %.4f (before training)", ev.get("eval/loss/total", float("nan")))
-    preemption = _Preemption()
+        log.info("input pipeline alone: %.1f examples/s, %.0f tokens/s (%d batches)", tput["examples_per_s"],
+                 tput["tokens_per_s"], config.measure_pipeline_batches)
+    return mj.job(config, plan, train_iter, evaluate if config.eval_every else None)
 
-    acc: dict = {}
-    last: dict = {}
-    examples_mark = train_iter.stats.get("examples", 0)
-    tokens_seen, flops_done, window_start, window_steps = 0, 0.0, time.time(), 0
-    data_time, eval_time = 0.0, 0.0  # eval time is excluded from the throughput window
-    step = start_step
-    try:
-        for step in range(start_step + 1, config.total_steps + 1):
-            t_data = time.time()
-            batch = next(train_iter)
-            data_time += time.time() - t_data
-            if config.get("log_batch_hash", False):  # proves runs saw byte-identical batches
-                writer.write_scalars(step, {"data/batch_hash": batch_hash(batch)})
-            state, metrics = step_fn(state, global_batch(_batch_arrays(batch), batch_sh))
-            acc = _average(acc, metrics)
-            n_images = int(np.asarray(batch["image_valid"]).sum()) if "image_valid" in batch else 0
-            tokens_seen += int((np.asarray(batch["segment_ids"]) != 0).sum())
-            flops_done += flops_lib.train_flops_per_step(
-                spec, rows=batch["tokens"].shape[0] * jax.process_count(), seq_len=batch["tokens"].shape[1],
-                images=n_images, patches_per_image=spec.vision.max_patches)
-            window_steps += 1
 
-            if step % config.log_every == 0 or step == config.total_steps or preemption.requested:
-                scalars = {f"train/{k}": float(v.compute()) for k, v in acc.items()}
-                scalars["loss"] = scalars.pop("train/loss/total")
-                elapsed = max(time.time() - window_start - eval_time, 1e-9)
-                scalars.update({
-                    "perf/steps_per_s": window_steps / elapsed,
-                    "perf/tokens_per_s": tokens_seen / elapsed,
-                    "perf/mfu": flops_done / elapsed / (peak * jax.device_count()),
-                    "perf/data_fraction": data_time / elapsed,
-                    "perf/examples_per_s": (train_iter.stats.get("examples", 0) - examples_mark) / elapsed,
-                })
-                examples_mark = train_iter.stats.get("examples", 0)
-                scalars.update({f"lr/{k}": float(s(step - 1)) for k, s in schedules.items()})
-                scalars.update({f"data/{k}": float(v) for k, v in train_iter.stats.items()})
-                writer.write_scalars(step, scalars)
-                eta = (config.total_steps - step) / max(scalars["perf/steps_per_s"], 1e-9)
-                log.info("step %d/%d  loss %.4f  %.2f steps/s  %.0f tokens/s  MFU %.2f%%  ETA %.0fs",
-                         step, config.total_steps, scalars["loss"], scalars["perf/steps_per_s"],
-                         scalars["perf/tokens_per_s"], 100 * scalars["perf/mfu"], eta)
-                last = scalars
-                acc, tokens_seen, flops_done, window_steps = {}, 0, 0.0, 0
-                window_start, data_time, eval_time = time.time(), 0.0, 0.0
-
-            if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
-                t_eval = time.time()
-                ev = evaluate(eval_fn, state, make_eval_iter, config.data.eval_batches, batch_sh)
-                writer.write_scalars(step, ev)
-                log.info("step %d  eval loss %.4f", step, ev.get("eval/loss/total", float("nan")))
-                last.update(ev)
-                eval_time += time.time() - t_eval
-
-            if step % config.checkpoint_every == 0 or step == config.total_steps or preemption.requested:
-                ckpt.save(step, state, train_iter.get_state(), json.loads(config.to_json_best_effort()),
-                          force=True)
-            writer.flush()
-            if preemption.requested:
-                break
-    finally:
-        ckpt.close()
-        writer.close()
-        preemption.restore()
-    if not preemption.requested:
-        plot_curves(workdir / "metrics.jsonl", workdir / "loss_curves.png")
-    return dict(last, step=step)
+def abstract_program(config: ml_collections.ConfigDict, devices: Sequence[Any], *, update_rms: bool = True):
+    """The train step with abstract model, optimizer and packed batch (`glm5v_jax.tools.aot`). The
+    model keeps the preset's vocabulary size (there is no tokenizer here)."""
+    spec = vlm_spec_from_config(config.model)
+    plan = plan_from_config(config.mesh, devices)
+    setup_ = sharded_setup(config, spec, plan)
+    graphdef, state = nnx.split(nnx.eval_shape(setup_.make))
+    state_sh = state_shardings(state, plan.mesh, setup_.param_shardings)
+    pure_train_step = train_step_fn(graphdef, config, setup_.update_labels if update_rms else None)
+    batch = batch_contract(spec, config.data)
+    batch_sh = batch_shardings(batch, plan)
+    step = jit_step(pure_train_step, plan, state_sh, batch_sh)
+    d, m = config.data, config.model
+    facts = dict(global_batch=int(d.batch_size), seq_len=int(d.seq_len), max_images_per_row=int(d.max_images_per_row),
+                 vocab_size=int(m.backbone.vocab_size), remat=bool(m.remat), attention_impl=str(m.attention_impl),
+                 moe_impl=str(m.moe_impl), optimizer=str(config.optim.name), update_rms=update_rms)
+    summary = (f"{d.batch_size} rows x {d.seq_len} tokens, {d.max_images_per_row} image slots per row (global); "
+               f"remat={m.remat}, attention_impl={m.attention_impl}, moe_impl={m.moe_impl}, "
+               f"optimizer={config.optim.name}; vocab {m.backbone.vocab_size} (the preset's)")
+    flops = flops_lib.train_flops_per_step(spec, rows=d.batch_size, seq_len=d.seq_len,
+                                           images=d.batch_size * d.max_images_per_row,
+                                           patches_per_image=spec.vision.max_patches)
+    return TrainProgram(plan, step, (abstract_state(state, state_sh), abstract_state(batch, batch_sh)),
+                        setup_.replicated, facts, summary, flops)

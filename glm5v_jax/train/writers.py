@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+from etils import epath
 from typing import Any, Mapping
 
 import numpy as np
@@ -94,7 +96,7 @@ class MultiWriter:
 def read_jsonl(path: str | Path) -> list[dict]:
     """Rows of a metrics.jsonl; for a step logged twice (after a resume) the last row wins."""
     by_step: dict[int, dict] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in epath.Path(path).read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
             by_step.setdefault(row["step"], {}).update(row)
@@ -125,3 +127,26 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+
+
+def eval_table(rows: list[dict], step: int) -> str:
+    """Markdown table of every eval metric at step 0 (the starting point: random init, or the
+    `init_from` checkpoint) and at `step`."""
+    first = next((r for r in rows if r["step"] == 0), {})
+    last = next((r for r in rows if r["step"] == step), {})
+    keys = sorted(k for k in last if k.startswith("eval/"))
+
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+    lines = [f"| metric | step 0 (start) | step {step} |", "|---|---|---|"]
+    lines += [f"| {k.removeprefix('eval/')} | {fmt(first.get(k))} | {fmt(last[k])} |" for k in keys]
+    return "\n".join(lines)
+
+
+def write_eval_table(workdir: str | Path, step: int) -> str:
+    """Writes `<workdir>/eval_table.md` (step 0 vs `step`, from metrics.jsonl) and returns it."""
+    workdir = epath.Path(workdir)
+    table = eval_table(read_jsonl(workdir / "metrics.jsonl"), step)
+    (workdir / "eval_table.md").write_text(table + "\n")
+    return table

@@ -1,0 +1,54 @@
+"""Supervised fine-tuning of the VLM on multi-turn chat conversations (after VLM pre-training).
+
+Usage: `--config=configs/vlm_sft.py:<preset>[,option=value,...] --config.init_from=PRETRAIN_RUN`,
+e.g. `configs/vlm_sft.py:tiny` after `configs/vlm_pretrain.py:tiny`. `init_from` copies the whole
+model of the pre-training run (newest good checkpoint; `RUN@STEP` for another) and the run's
+tokenizer comes from that directory; the optimizer starts fresh.
+
+Presets: the model presets of configs/vlm_pretrain.py (`tiny`, `0p5b`) with SFT data, a lower
+learning rate and a shorter schedule. The data are shapes-world records rendered as GLM chats
+(system, user turns with the image, assistant turns on count, colour, position, grounding, OCR,
+captions, and text-only turns); the loss covers assistant tokens only.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+from glm5v_jax.config_args import parse_arg
+
+PRESETS = ("tiny", "0p5b")
+OPTIONS = dict(
+    mmtp="image_token",  # visual_embed | mask | image_token (must match the pre-training run's model)
+    optimizer="muon",  # muon | adamw
+    seed=0,
+)
+
+
+def _pretrain_config(arg: str) -> ml_collections.ConfigDict:
+    """configs/vlm_pretrain.py's get_config(arg), loaded by path (configs are files, not a package)."""
+    spec = importlib.util.spec_from_file_location("_vlm_pretrain_config", Path(__file__).with_name("vlm_pretrain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    opts = parse_arg(arg, PRESETS, "tiny", **OPTIONS)
+    tiny = opts.preset == "tiny"
+    config = _pretrain_config(f"{opts.preset},mmtp={opts.mmtp},optimizer={opts.optimizer},seed={opts.seed}")
+    config.trainer = "vlm_sft"  # glm5v_jax.train.stages.STAGES
+    config.total_steps = 150 if tiny else 5000
+    config.eval_every = 50 if tiny else 500
+    config.checkpoint_every = 50 if tiny else 1000
+    config.measure_pipeline_batches = 0
+    config.data.eval_batches = 8 if tiny else 50
+    # Conversations (glm5v_jax.data.conversations): turns per conversation, chance of a system
+    # message and of one text-only turn in an image conversation.
+    config.data.sft = ml_collections.ConfigDict(dict(min_turns=2, max_turns=5, system_prob=0.5, text_turn_prob=0.5))
+    for group in config.optim.groups.values():
+        group.lr, group.muon_lr = group.lr / 3, group.muon_lr / 3
+        group.warmup_steps = 10 if tiny else 100
+    return config
