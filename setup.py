@@ -41,8 +41,9 @@ setup(
     extras_require={
         # tensorboard: to view the logs and, in tests, to read event files back
         # notebooks: colabs/ are executed by the test suite (nbclient + ipykernel), paired with jupytext
+        # ruff: scripts/test.sh lints first (settings in ruff.toml)
         "test": ["pytest>=8", "pytest-xdist>=3", "tensorboard>=2.18", "nbclient>=0.10", "nbformat>=5.10",
-                 "ipykernel>=6.29", "jupytext>=1.16"],
+                 "ipykernel>=6.29", "jupytext>=1.16", "ruff>=0.5"],
         # tpu: libtpu for the jax that install_requires picks (jax's own `tpu` extra pins the matching
         # jaxlib and libtpu, so adding it does not move jax); also lets a CPU host compile for TPU
         # topologies (glm5v_jax.tools.aot, tests/test_aot.py)

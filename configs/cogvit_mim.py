@@ -32,6 +32,7 @@ from __future__ import annotations
 import ml_collections
 
 from glm5v_jax.config_args import parse_arg
+from glm5v_jax.config_blocks import cogvit_block, optimizer_block, optimizer_group
 from glm5v_jax.sharding.rules import mesh_config
 from glm5v_jax.train.vision_data import report_mixture
 
@@ -48,13 +49,6 @@ OPTIONS = dict(
 )
 
 
-def _vision(embed_dim, depth, num_heads, mlp_dim, max_patches):
-    return ml_collections.ConfigDict(dict(
-        embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, mlp_type="gelu",
-        patch_size=16, max_patches=max_patches, merge_size=2, qk_norm=True, qkv_bias=True,
-        rope_theta=100.0, norm_eps=1e-6))
-
-
 def _teacher(kind, variant, seed, **overrides):
     return ml_collections.ConfigDict(dict(
         kind=kind, variant=variant, checkpoint="", seed=seed, weight=1.0,
@@ -66,10 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opts = parse_arg(arg, PRESETS, "tiny", **OPTIONS)
     tiny = opts.preset == "tiny"
     config = ml_collections.ConfigDict()
-    config.trainer = "cogvit_mim"  # glm5v_jax.main.TRAINERS
+    config.trainer = "cogvit_mim"  # glm5v_jax.train.stages.STAGES
     config.preset, config.seed = opts.preset, opts.seed
     config.model = ml_collections.ConfigDict(dict(
-        vision=_vision(128, 2, 2, 512, 64) if tiny else _vision(768, 12, 12, 3072, 256),
+        vision=cogvit_block("tiny", max_patches=64) if tiny else cogvit_block("B", max_patches=256),
         dtype=opts.dtype, attention_impl="xla", remat=False,
         head_hidden=0,  # adaptor head width; 0: the student's width
     ))
@@ -103,6 +97,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every = 100 if tiny else 5000
     config.checkpoint_every = 100 if tiny else 5000
     config.keep_checkpoints = 3
+    # WORKDIR[@STEP]:SRC=DST[,...]: start from a subtree of another run's model (glm5v_jax.train.init_from)
+    config.init_from = ""
 
     # Data: named image sources mixed by weight (the report: 80% natural, 10% instruction,
     # 10% scientific). Each source: shapes_world (the embedded generator, by build seed and
@@ -125,16 +121,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = mesh_config(num_devices=0)
 
     def group(prefixes, lr):
-        return ml_collections.ConfigDict(dict(prefixes=prefixes, lr=lr, muon_lr=lr, warmup_steps=20 if tiny else 2000,
-                                              decay="cosine", final_fraction=0.05, weight_decay=0.05))
+        return optimizer_group(prefixes, lr, warmup_steps=20 if tiny else 2000, final_fraction=0.05,
+                               weight_decay=0.05)
     lr = 2e-3 if tiny else 5e-4
-    config.optim = ml_collections.ConfigDict(dict(
-        name=opts.optimizer,
-        groups=ml_collections.ConfigDict(dict(encoder=group("encoder", lr), heads=group("heads", lr))),
-        clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8,
-        muon=ml_collections.ConfigDict(dict(beta=0.95, nesterov=True, ns_preset="polar_express", ns_steps=5,
-                                            ns_dtype="bfloat16", scale_mode="rms", layout="stack",
-                                            split_heads=False)),
-        qk_clip_tau=0.0,
-    ))
+    config.optim = optimizer_block(opts.optimizer, dict(encoder=group("encoder", lr), heads=group("heads", lr)))
     return config

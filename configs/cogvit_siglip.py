@@ -27,6 +27,8 @@ from __future__ import annotations
 import ml_collections
 
 from glm5v_jax.config_args import parse_arg
+from glm5v_jax.config_blocks import cogvit_block, optimizer_block, optimizer_group
+from glm5v_jax.sharding.rules import mesh_config
 from glm5v_jax.train.vision_data import report_mixture
 
 PRESETS = ("tiny", "base")
@@ -40,13 +42,6 @@ OPTIONS = dict(
 )
 
 
-def _vision(embed_dim, depth, num_heads, mlp_dim, max_patches):
-    return ml_collections.ConfigDict(dict(
-        embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, mlp_type="gelu",
-        patch_size=16, max_patches=max_patches, merge_size=2, qk_norm=True, qkv_bias=True,
-        rope_theta=100.0, norm_eps=1e-6))
-
-
 def _text(embed_dim, depth, num_heads, mlp_dim):
     # vocab_size, pad_id and eos_id are taken from the tokenizer by the trainer.
     return ml_collections.ConfigDict(dict(
@@ -58,23 +53,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opts = parse_arg(arg, PRESETS, "tiny", **OPTIONS)
     tiny = opts.preset == "tiny"
     config = ml_collections.ConfigDict()
-    config.trainer = "cogvit_siglip"  # glm5v_jax.main.TRAINERS
+    config.trainer = "cogvit_siglip"  # glm5v_jax.train.stages.STAGES
     config.preset, config.seed = opts.preset, opts.seed
     config.model = ml_collections.ConfigDict(dict(
         # vision.max_patches is the evaluation budget; training budgets are config.data.patch_budgets
-        vision=_vision(128, 2, 2, 512, 64) if tiny else _vision(768, 12, 12, 3072, 256),
+        vision=cogvit_block("tiny", max_patches=64) if tiny else cogvit_block("B", max_patches=256),
         text=_text(128, 2, 2, 512) if tiny else _text(512, 12, 8, 2048),
         embed_dim=128 if tiny else 768,  # the shared image-text embedding width
         dtype=opts.dtype or ("float32" if tiny else "bfloat16"), attention_impl="xla", remat=False,
     ))
     config.loss_impl = opts.loss_impl or ("dense" if tiny else "ring")
-    config.mesh = ml_collections.ConfigDict(dict(data=0))  # ring / all_gather: devices on the data axis (0 = all)
+    # The mesh as in every stage (FSDP over all devices by default; num_devices > 0: the first n, one host);
+    # ring / all_gather split the loss over the batch axes of the mesh.
+    config.mesh = mesh_config(num_devices=0)
 
     config.total_steps = 300 if tiny else 100_000
     config.log_every = 10 if tiny else 100
     config.eval_every = 100 if tiny else 5000
     config.checkpoint_every = 100 if tiny else 5000
     config.keep_checkpoints = 3
+    # WORKDIR[@STEP]:SRC=DST[,...]: start from a subtree of another run's model (glm5v_jax.train.init_from)
+    config.init_from = ""
 
     # Data: named image sources mixed by weight, as in configs/cogvit_mim.py, with captions.
     config.data = ml_collections.ConfigDict(dict(
@@ -98,24 +97,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
 
     def group(prefixes, lr, muon_lr, warmup):
-        return ml_collections.ConfigDict(dict(prefixes=prefixes, lr=lr, muon_lr=muon_lr, warmup_steps=warmup,
-                                              decay="cosine", final_fraction=0.05, weight_decay=0.05))
+        return optimizer_group(prefixes, lr, muon_lr=muon_lr, warmup_steps=warmup, final_fraction=0.05,
+                               weight_decay=0.05)
     warm = 20 if tiny else 2000
     base_lr = 2e-3 if tiny else 5e-4
     # Module-specific learning rates. `projection` holds both projection heads and the loss
     # scalars t' and b, which take its AdamW `lr` (no weight decay: not matrices); a short run
     # needs them to move faster than the towers (b starts at -10).
-    config.optim = ml_collections.ConfigDict(dict(
-        name=opts.optimizer,
-        groups=ml_collections.ConfigDict(dict(
-            vision=group("image/encoder", base_lr, base_lr, warm),
-            text=group("text/encoder", base_lr, base_lr, warm),
-            projection=group("image/proj,text/proj,t_prime,b", 1e-2 if tiny else 1e-3, base_lr, warm),
-        )),
-        clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8,
-        muon=ml_collections.ConfigDict(dict(beta=0.95, nesterov=True, ns_preset="polar_express", ns_steps=5,
-                                            ns_dtype="bfloat16", scale_mode="rms", layout="stack",
-                                            split_heads=False)),
-        qk_clip_tau=0.0,
+    config.optim = optimizer_block(opts.optimizer, dict(
+        vision=group("image/encoder", base_lr, base_lr, warm),
+        text=group("text/encoder", base_lr, base_lr, warm),
+        projection=group("image/proj,text/proj,t_prime,b", 1e-2 if tiny else 1e-3, base_lr, warm),
     ))
     return config

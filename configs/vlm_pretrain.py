@@ -17,6 +17,7 @@ from __future__ import annotations
 import ml_collections
 
 from glm5v_jax.config_args import parse_arg
+from glm5v_jax.config_blocks import cogvit_block, optimizer_block, optimizer_group
 from glm5v_jax.sharding.rules import mesh_config
 
 PRESETS = ("tiny", "0p5b", "0p5b_moe", "glm45_air")
@@ -25,7 +26,8 @@ PRESETS = ("tiny", "0p5b", "0p5b_moe", "glm45_air")
 OPTIONS = dict(
     mmtp="image_token",  # visual_embed | mask | image_token
     mtp_depths=-1,  # -1: the preset's
-    trunk_grad="isolate_vision",  # isolate_vision | full | stop (see MTPSpec.trunk_gradient)
+    # full (the report / DeepSeek-V3) | isolate_vision | stop (ablations of ours; MTPSpec.trunk_gradient)
+    trunk_grad="full",
     layers=-1,  # override backbone depth (compile-time studies); -1: the preset's
     dtype="bfloat16",  # compute dtype; parameters stay float32
     attention_impl="xla",  # xla | pallas (flash kernel: TPU Mosaic, GPU Triton) | cudnn (GPU; xla elsewhere)
@@ -36,30 +38,24 @@ OPTIONS = dict(
 )
 
 
-def _vision(embed_dim, depth, num_heads, mlp_dim, max_patches, mlp_type="gelu"):
-    return ml_collections.ConfigDict(dict(
-        embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim, mlp_type=mlp_type,
-        patch_size=16, max_patches=max_patches, merge_size=2, qk_norm=True, qkv_bias=True,
-        rope_theta=100.0, norm_eps=1e-6))
-
-
 def _backbone(**kw):
     base = dict(
         vocab_size=8192, embed_dim=256, num_layers=4, first_k_dense=1, num_heads=4, num_kv_heads=2,
         head_dim=64, mlp_dim=768, num_experts=8, experts_per_token=2, num_shared_experts=1,
         moe_mlp_dim=128, routed_scaling=1.0, qkv_bias=True, qk_norm=True, rotary_fraction=0.5,
         rope_theta=10000.0, mrope_sections=(4, 6, 6), norm_eps=1e-5, balance_loss_weight=0.0,
-        init_std=0.02, track_max_logits=False)
+        init_std=0.02, track_max_logits=False,
+        capacity_factor=0.0)  # > 0: bound the expert-parallel exchange, drop the overflow (BackboneSpec)
     base.update(kw)
     return ml_collections.ConfigDict(base)
 
 
 def _model(preset: str) -> ml_collections.ConfigDict:
     if preset == "tiny":
-        vision = _vision(128, 2, 2, 512, max_patches=64)
+        vision = cogvit_block("tiny", max_patches=64)
         backbone = _backbone()
     elif preset in ("0p5b", "0p5b_moe"):
-        vision = _vision(768, 12, 12, 3072, max_patches=256)
+        vision = cogvit_block("B", max_patches=256)
         common = dict(vocab_size=32768, embed_dim=1024, num_heads=16, num_kv_heads=4, head_dim=128,
                       mlp_dim=3072, mrope_sections=(8, 12, 12))
         if preset == "0p5b":
@@ -69,7 +65,7 @@ def _model(preset: str) -> ml_collections.ConfigDict:
             backbone = _backbone(num_layers=16, first_k_dense=1, num_experts=16, experts_per_token=2,
                                  num_shared_experts=1, moe_mlp_dim=384, **common)
     elif preset == "glm45_air":
-        vision = _vision(1152, 27, 16, 4304, max_patches=4096)
+        vision = cogvit_block("so400m", max_patches=4096)
         backbone = _backbone(vocab_size=151552, embed_dim=4096, num_layers=46, first_k_dense=1,
                              num_heads=96, num_kv_heads=8, head_dim=128, mlp_dim=10944, num_experts=128,
                              experts_per_token=8, num_shared_experts=1, moe_mlp_dim=1408,
@@ -80,8 +76,10 @@ def _model(preset: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         vision=vision,
         backbone=backbone,
+        # h0_norm: final_norm (h^0 after the backbone's final norm, as GLM-4.5's MTP weights are
+        # served) | pre_norm; see glm5v_jax.models.mmtp.
         mtp=ml_collections.ConfigDict(dict(num_depths=1, mode="image_token", loss_weight=0.3,
-                                           trunk_gradient="isolate_vision")),
+                                           trunk_gradient="full", h0_norm="final_norm")),
         image_token_id=10,  # <|image|> in the project tokenizer; the trainer takes it from the tokenizer
         dtype="bfloat16", param_dtype="float32",
         attention_impl="xla", moe_impl="ragged_dot", remat=False,
@@ -91,7 +89,7 @@ def _model(preset: str) -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opts = parse_arg(arg, PRESETS, "tiny", **OPTIONS)
     config = ml_collections.ConfigDict()
-    config.trainer = "vlm_pretrain"  # glm5v_jax.main.TRAINERS
+    config.trainer = "vlm_pretrain"  # glm5v_jax.train.stages.STAGES
     config.preset = opts.preset
     config.seed = opts.seed
     config.model = _model(opts.preset)
@@ -112,6 +110,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every = 100 if tiny else 1000
     config.checkpoint_every = 100 if tiny else 1000
     config.keep_checkpoints = 3
+    # WORKDIR[@STEP]:SRC=DST[,...]: start from a subtree of another run's model (glm5v_jax.train.init_from)
+    config.init_from = ""
     config.measure_pipeline_batches = 20 if tiny else 0  # > 0: time the input pipeline alone first
     config.log_batch_hash = False  # True: log data/batch_hash (48-bit sha256 prefix) every step
 
@@ -140,25 +140,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # with per-module groups (path prefixes; a config may add groups, longest prefix wins).
     # With rms scaling (update RMS 0.2) Muon reuses AdamW's LR and weight decay (Moonlight).
     def group(prefixes, lr):
-        return ml_collections.ConfigDict(dict(prefixes=prefixes, lr=lr, muon_lr=lr,
-                                              warmup_steps=30 if tiny else 1000, decay="cosine",
-                                              final_fraction=0.1, weight_decay=0.1))
+        return optimizer_group(prefixes, lr, warmup_steps=30 if tiny else 1000, final_fraction=0.1,
+                               weight_decay=0.1)
     base_lr = 3e-3 if tiny else 3e-4
-    config.optim = ml_collections.ConfigDict(dict(
-        name=opts.optimizer,  # muon | adamw
-        groups=ml_collections.ConfigDict(dict(
-            vision=group("vision", base_lr * 0.5), projector=group("projector", base_lr),
-            text=group("backbone,mtp", base_lr))),
-        clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8,  # AdamW (and Muon's AdamW branch)
-        muon=ml_collections.ConfigDict(dict(
-            beta=0.95, nesterov=True, ns_preset="polar_express", ns_steps=5, ns_dtype="bfloat16",
-            scale_mode="rms",  # rms | spectral | none
-            layout="stack",  # Newton-Schulz placement on a mesh: stack | replicate | auto
-            split_heads=False,  # orthogonalise q/k/v/o head by head instead of whole
-        )),
-        qk_clip_tau=0.0,  # > 0: QK-Clip (Kimi K2 used 100); needs model.backbone.track_max_logits, no QK-Norm
+    # Muon settings: glm5v_jax.config_blocks.muon_block; qk_clip_tau > 0 (QK-Clip, Kimi K2 used 100)
+    # needs model.backbone.track_max_logits and no QK-Norm.
+    config.optim = optimizer_block(
+        opts.optimizer,  # muon | adamw
+        dict(vision=group("vision", base_lr * 0.5), projector=group("projector", base_lr),
+             text=group("backbone,mtp", base_lr)),
         router_bias_update_rate=1e-3,  # aux-loss-free balancing step size
-    ))
+    )
 
     # Mesh: sizes of (data, fsdp, tensor, expert) within a slice; one -1 takes the rest of the
     # devices. dcn_shape: the same axes across slices (multi-slice), () for one slice.

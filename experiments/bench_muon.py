@@ -315,7 +315,8 @@ def report(timings: list[dict], fractions: list[dict], args, wall_s: float) -> s
             out += [f"### `{t['config']}` (backbone layers {t['backbone_layers']}, vision depth "
                     f"{t['vision_depth']}): {t['params'] / 1e6:.1f}M parameters, {t['muon_matrices']} Muon "
                     f"matrices, {t['ns_flops'] / 1e9:.1f} GFLOP of NS per update; median of {t['repeats']} rounds", "",
-                    "| optimizer | compile (s) | update median (s) | min (s) | vs optax | NS FLOPs / update time (GFLOP/s) |",
+                    "| optimizer | compile (s) | update median (s) | min (s) | vs optax "
+                    "| NS FLOPs / update time (GFLOP/s) |",
                     "|---|---:|---:|---:|---:|---:|"]
             for r in t["rows"]:
                 out.append(f"| {r['name']} | {r['compile_s']:.1f} | {r['median_s']:.3f} | {r['min_s']:.3f} | "
@@ -374,7 +375,8 @@ def closed_form_lines(fractions: list[dict]) -> list[str]:
             tok = f["tokens"] * bb.experts_per_token / bb.num_experts
             lines.append(f"  - expert gate {fi}x{fo} sees B k / E = {tok:,.0f} tokens (E={bb.num_experts}, "
                          f"k={bb.experts_per_token}): {ns_overhead_closed_form(fi, fo, tok):.4%} = "
-                         f"{bb.num_experts / bb.experts_per_token:g} x {ns_overhead_closed_form(fi, fo, f['tokens']):.4%}")
+                         f"{bb.num_experts / bb.experts_per_token:g} x "
+                         f"{ns_overhead_closed_form(fi, fo, f['tokens']):.4%}")
     return lines
 
 

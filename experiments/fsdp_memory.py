@@ -5,7 +5,8 @@
 Builds the config's model and its optimizer (the trainer's, Muon by default) already
 sharded on a (data=1, fsdp=N, tensor=1, expert=1) mesh with the default logical rules,
 and reads each device's bytes from the arrays' shards. On a CPU host the N devices are
-fake (`--devices` sets how many; `--devices 0` uses the real accelerators). Writes `experiments/results/fsdp_memory_cpu.md`.
+fake (`--devices` sets how many; `--devices 0` uses the real accelerators).
+Writes `experiments/results/fsdp_memory_cpu.md`.
 """
 from __future__ import annotations
 

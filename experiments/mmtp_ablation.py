@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "configs"))
 
 import vlm_pretrain  # noqa: E402
-from glm5v_jax.train import run as run_lib
+from glm5v_jax.train import run as run_lib  # noqa: E402
 from glm5v_jax.models.build import vlm_spec_from_config  # noqa: E402
 from glm5v_jax.train import vlm_pretrain as trainer  # noqa: E402
 from glm5v_jax.train.writers import read_jsonl  # noqa: E402

@@ -29,7 +29,8 @@ def _convert(key: str, text: str, default: Any) -> Any:
         raise ConfigError(f"option {key}", f"expected {type(default).__name__}, got {text!r}") from None
 
 
-def parse_arg(arg: str | None, presets: Iterable[str], default_preset: str, **defaults: Any) -> ml_collections.ConfigDict:
+def parse_arg(arg: str | None, presets: Iterable[str], default_preset: str,
+              **defaults: Any) -> ml_collections.ConfigDict:
     """ConfigDict(preset=..., **options) from the `arg` string of `get_config(arg)`."""
     presets = tuple(presets)
     out = dict(defaults, preset=default_preset)

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import logging
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from glm5v_jax.errors import run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vlm_pretrain.py:tiny.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, metrics).", required=True)
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first.")
+
 
 def main(argv) -> None:
     del argv
@@ -41,4 +44,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_cli(main)  # a ConfigError: one line naming the field, exit status 2

@@ -1,6 +1,8 @@
 """Small model specs, batches and configs shared by the tests."""
 from __future__ import annotations
 
+import functools
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -13,6 +15,21 @@ from glm5v_jax.models.specs import BackboneSpec, MTPSpec, ProjectorSpec, VisionS
 
 IMAGE_ID = 4
 IMAGE_SIZES = [(32, 64), (64, 32), (40, 40)]  # three aspect ratios
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@functools.cache
+def config_module(name: str):
+    """The config file `configs/<name>.py` as a module, loaded by path (no `sys.path` entry),
+    once per test process: `config_module("vlm_pretrain").get_config("tiny")`."""
+    path = CONFIGS / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"glm5v_configs.{name}", path)
+    if spec is None or not path.is_file():
+        raise FileNotFoundError(path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import would (dataclasses, pickling look it up)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rel_err(x, ref) -> float:
@@ -103,12 +120,7 @@ def tiny_mim_config(data_dir, steps: int, *, options: str = "", batch_size: int 
     """configs/cogvit_mim.py:tiny shrunk for tests: float32 (plus `options`), depth-1 student and
     teachers, one warm-up step, `train_images` for the natural / instruction / scientific sources,
     logging every step, on the first `num_devices` devices."""
-    configs = str(Path(__file__).parents[1] / "configs")
-    if configs not in sys.path:
-        sys.path.insert(0, configs)
-    import cogvit_mim as mim_config
-
-    cfg = mim_config.get_config(",".join(filter(None, ("tiny,dtype=float32", options))))
+    cfg = config_module("cogvit_mim").get_config(",".join(filter(None, ("tiny,dtype=float32", options))))
     cfg.total_steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = steps, 1, eval_every, checkpoint_every
     cfg.model.vision.depth = 1
     for t in cfg.teachers.values():

@@ -43,6 +43,11 @@ CASES = {
     # mesh, DINOv3 with its own 100-patch view (the base preset's compile: experiments/results)
     "mim": ["--config=configs/cogvit_mim.py:tiny", "--topology=v5p:2x2x1", "--config.data.batch_size=8",
             "--config.teachers.dinov3.max_patches=100"],
+    # CogViT stage 2: the two towers FSDP-sharded, the sigmoid loss as a ring over the batch axes
+    "siglip": ["--config=configs/cogvit_siglip.py:tiny,loss_impl=ring", "--topology=v5p:2x2x1",
+               "--config.data.batch_size=8"],
+    # SFT: the pre-training step on the SFT config (its own stage entry in the registry)
+    "sft": ["--config=configs/vlm_sft.py:tiny,optimizer=adamw", "--topology=v5p:2x2x1", *SMALL],
 }
 
 
@@ -80,10 +85,9 @@ def test_step_compiles_and_fits(runs):
     assert r["hbm"] == 95 * 1024**3
     assert 0 < r["peak"] <= r["hbm"] and r["peak"] == r["argument"] + r["output"] - r["alias"] + r["temp"]
     # parameters and two AdamW moments in f32 (12 bytes each), split 4 ways, plus the batch
-    sys.path.insert(0, str(ROOT / "configs"))
-    import vlm_pretrain
+    from helpers import config_module
 
-    spec = vlm_spec_from_config(vlm_pretrain.get_config("tiny,optimizer=adamw").model)
+    spec = vlm_spec_from_config(config_module("vlm_pretrain").get_config("tiny,optimizer=adamw").model)
     params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: GLM5V(spec, rngs=nnx.Rngs(0))),
                                                               nnx.Param)))
     assert 1.0 < r["argument"] / (params * 12 / 4) < 1.5, (r["argument"], params)
@@ -103,6 +107,18 @@ def test_cogvit_stage1_step_compiles_on_a_mesh(runs):
     assert r["collectives"]["all-gather"] > 0  # FSDP-sharded student and teachers are gathered
     assert r["analytic_flops_per_step"] > 0 and r["flops_per_device"] > 0
     assert "trainer         cogvit_mim" in text
+
+
+@needs_libtpu
+@pytest.mark.parametrize("case, trainer", [("siglip", "cogvit_siglip"), ("sft", "vlm_sft")])
+def test_stage2_and_sft_steps_compile(runs, case, trainer):
+    rc, text, r = runs[case]
+    assert rc == 0, text
+    assert r["compiled"] and r["fits"] and r["chips"] == 4, r
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
+    assert r["trainer"] == trainer
+    if case == "siglip":
+        assert r["loss_impl"] == "ring" and r["collectives"]["collective-permute"] >= 1  # the ring's ppermute
 
 
 @needs_libtpu

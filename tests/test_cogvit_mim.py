@@ -102,7 +102,6 @@ def _tiny_config(tmp_path, steps):
 
 
 def test_tiny_run_logs_baseline_trains_checkpoints_and_resumes(tmp_path):
-    from glm5v_jax.train import cogvit_mim
 
     workdir = tmp_path / "run"
     last = run_lib.train_and_evaluate(_tiny_config(tmp_path, 4), str(workdir))
@@ -194,7 +193,6 @@ def test_teacher_view_budget_defaults_to_the_students_pixel_area():
 
 
 def test_tiny_run_with_a_teacher_of_another_patch_size(tmp_path):
-    from glm5v_jax.train import cogvit_mim
 
     cfg = _tiny_config(tmp_path, 2)
     cfg.eval_every, cfg.optim.name, cfg.mim.layout = 0, "adamw", "random"  # the cheapest step to compile

@@ -41,7 +41,6 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
-    from glm5v_jax.train import cogvit_mim
 
     workdir = tmp_path_factory.mktemp("one_device")
     run_lib.train_and_evaluate(_config(data_dir, 5, (1, 1, 1, 1), 1), str(workdir))

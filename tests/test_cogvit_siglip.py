@@ -17,7 +17,6 @@ import pytest
 from flax import nnx
 
 from glm5v_jax.train import run as run_lib
-from glm5v_jax.data.tokenizer import Tokenizer
 from glm5v_jax.losses.contrastive import sigmoid_contrastive_loss
 from glm5v_jax.models.teachers.registry import build_teacher
 from glm5v_jax.models.text_tower import TextEncoder, TextSpec, caption_mask

@@ -14,9 +14,10 @@ from glm5v_jax.models.build import vlm_spec_from_config
 from glm5v_jax.models.specs import MMTPMode
 from glm5v_jax.tools.summary import count_params
 
+from helpers import config_module
+
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-import vlm_pretrain  # noqa: E402
+vlm_pretrain = config_module("vlm_pretrain")
 
 
 def test_presets_and_options_parse():
@@ -107,3 +108,62 @@ def test_summary_cli_prints_counts():
                            "backbone_active_params_non_embedding", "mtp_params", "total_params"]
     assert int(lines["backbone_params"]) == 8_235_800  # the reference formula, exactly
     assert "backbone/moe_layers/mlp" in out
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError) as info:
+        vlm_pretrain.get_config("huge")
+    assert info.value.field == "preset"
+    assert all(p in str(info.value) for p in vlm_pretrain.PRESETS)
+
+
+def test_config_error_survives_reconstruction_from_its_text():
+    """`type(e)(str(e))` (ml_collections' config_flags re-raises so, with a traceback as the text)
+    and pickling give a ConfigError with the same field."""
+    import pickle
+    import traceback
+
+    e = ConfigError("config.model.backbone.num_kv_heads", "must divide num_heads (4)")
+    again = ConfigError(str(e))
+    assert (again.field, again.detail, str(again)) == (e.field, e.detail, str(e))
+    restored = pickle.loads(pickle.dumps(e))
+    assert (restored.field, restored.detail) == (e.field, e.detail)
+    try:
+        vlm_pretrain.get_config("huge")
+    except ConfigError as original:
+        wrapped = type(original)("Error whilst parsing config file:\n\n" + traceback.format_exc())
+    assert wrapped.field == "preset" and "tiny" in wrapped.detail
+    assert ConfigError("no field named here").field is None
+    assert ConfigError("option mmtp: expected a string").field == "option mmtp"
+
+
+def test_cli_config_error_is_one_line_and_exit_status_2():
+    """A ConfigError raised while the config file is loaded: one stderr line naming the field and
+    the choices, exit status 2, no traceback (glm5v_jax.errors.run_cli)."""
+    proc = subprocess.run([sys.executable, "-m", "glm5v_jax.tools.summary",
+                           "--config=configs/vlm_pretrain.py:huge"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "preset" in lines[0] and "tiny" in lines[0], proc.stderr
+    assert proc.stdout == ""
+    # raised by the entry point's main (the spec check), also one line
+    proc = subprocess.run([sys.executable, "-m", "glm5v_jax.tools.summary", "--config=configs/vlm_pretrain.py:tiny",
+                           "--config.model.backbone.num_kv_heads=3"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "config error: config.model.backbone.num_kv_heads: num_heads (4) must be divisible by num_kv_heads (3)"]
+
+
+def test_config_blocks_are_shared():
+    """Every config's CogViT tower and Muon block come from glm5v_jax.config_blocks."""
+    from glm5v_jax.config_blocks import cogvit_block, muon_block
+
+    mim, siglip = config_module("cogvit_mim"), config_module("cogvit_siglip")
+    assert vlm_pretrain.get_config("tiny").model.vision == cogvit_block("tiny", max_patches=64)
+    assert mim.get_config("base").model.vision == cogvit_block("B", max_patches=256)
+    assert siglip.get_config("tiny").model.vision == mim.get_config("tiny").model.vision
+    for cfg in (vlm_pretrain.get_config("tiny"), mim.get_config("tiny"), siglip.get_config("base")):
+        assert cfg.optim.muon == muon_block()
+    with pytest.raises(ConfigError, match="size"):
+        cogvit_block("XXL", max_patches=64)

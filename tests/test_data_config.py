@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import io
-import sys
-from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -15,8 +13,9 @@ from glm5v_jax.data.tokenizer import train_tokenizer
 from glm5v_jax.models.build import vlm_spec_from_config
 from glm5v_jax.train.vlm_pretrain import make_iterator, prepare_data, resolve_model_config
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
-import vlm_pretrain  # noqa: E402
+from helpers import config_module
+
+vlm_pretrain = config_module("vlm_pretrain")
 
 
 def _png(h, w, k):

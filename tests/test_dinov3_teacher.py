@@ -328,11 +328,18 @@ def test_padding_never_affects_valid_outputs():
     o1, o2 = forward(model, p1, yx1, v1), forward(model, p2, yx2, v2)
     _, p3, yx3, v3 = naflex_batch(n=24)  # more padding
     o3 = forward(model, p3, yx3, v3)
+    # Same shapes: bit-identical. Another length: the masked key sums are float32 reductions over a
+    # different number of terms, which XLA may fuse and order differently per machine; compare at
+    # float32 rounding relative to the outputs' scale, not at a fixed absolute 1e-6.
+    def close(a, b):
+        scale = float(np.abs(np.asarray(a)).max())
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+
     for k in ("cls", "registers"):
         np.testing.assert_array_equal(o1[k], o2[k])
-        np.testing.assert_allclose(o1[k], o3[k], atol=1e-6)
+        close(o1[k], o3[k])
     np.testing.assert_array_equal(o1["tokens"], o2["tokens"])
-    np.testing.assert_allclose(o1["tokens"], o3["tokens"][:, :N], atol=1e-6)
+    close(o1["tokens"], o3["tokens"][:, :N])
     assert np.all(np.asarray(o3["tokens"])[~np.asarray(v3)] == 0)
 
 

@@ -1,14 +1,17 @@
 """The expert-parallel MoE dispatch (glm5v_jax.layers.moe_expert_parallel) on 8 fake CPU
 devices: exact against the dense reference (values and gradients), lowers to all-to-all,
-falls back to ragged_dot without a mesh, and trains the tiny VLM like one device does."""
+falls back to ragged_dot without a mesh, drops (and the MoE layer reports) exactly the slots
+past a bounded capacity, and trains the tiny VLM like one device does."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from glm5v_jax.layers.moe import get_moe_impl
-from glm5v_jax.layers.moe_expert_parallel import expert_parallel_dispatch_with_stats
+from glm5v_jax.errors import ConfigError
+from glm5v_jax.layers.moe import MoE, get_moe_impl, route
+from glm5v_jax.layers.moe_expert_parallel import expert_parallel_dispatch
+from glm5v_jax.models.specs import BackboneSpec
 from glm5v_jax.sharding.context import use_mesh_rules
 from glm5v_jax.sharding.mesh import MeshSpec, make_mesh
 from glm5v_jax.sharding.partition import create_sharded, state_shardings
@@ -32,7 +35,7 @@ def _jit_impl(name):
     """A freshly traced jit of a dispatch: jit's trace cache is keyed on the function, not on the
     active `use_mesh_rules`, so a shared function object would reuse a trace made under another mesh."""
     fn = get_moe_impl(name)
-    return jax.jit(lambda *a: fn(*a))
+    return jax.jit(lambda *a: fn(*a)[0])
 
 
 def _value_and_grads(name):
@@ -41,7 +44,7 @@ def _value_and_grads(name):
     ct = jnp.asarray(np.random.default_rng(1).standard_normal((T, H)).astype(np.float32))
 
     def value_and_grads(x, idx, weights, gate, up, down):
-        out, vjp = jax.vjp(lambda x, w, g, u, d: fn(x, idx, w, g, u, d), x, weights, gate, up, down)
+        out, vjp = jax.vjp(lambda x, w, g, u, d: fn(x, idx, w, g, u, d)[0], x, weights, gate, up, down)
         return out, vjp(ct)
 
     return jax.jit(value_and_grads)
@@ -83,18 +86,67 @@ def test_capacity_factor_drops_overflow_slots_in_order():
     factor, n_shards, ep = 0.5, 8, 4
     capacity = int(np.ceil(factor * (T // n_shards) * K / ep))
     with use_mesh_rules(mesh, rules):
-        y, dropped = jax.jit(lambda *a: expert_parallel_dispatch_with_stats(*a, capacity_factor=factor))(*args)
-    keep = np.ones((T, K), bool)
-    for shard in np.split(np.arange(T), n_shards):  # slot order within a shard: token-major, then k
+        y, dropped = jax.jit(lambda *a: expert_parallel_dispatch(*a, capacity_factor=factor))(*args)
+    keep = _kept_slots(np.asarray(idx), n_shards, ep, capacity)
+    assert int(dropped) == int((~keep).sum()) > 0
+    want, _ = get_moe_impl("dense")(x, idx, jnp.where(keep, w, 0.0), g, u, d)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def _kept_slots(idx, n_shards, ep, capacity):
+    """[T, K] bool by hand: per token shard and destination expert rank, the first `capacity`
+    slots in slot order (token-major, then k) are kept."""
+    keep = np.ones(idx.shape, bool)
+    for shard in np.split(np.arange(idx.shape[0]), n_shards):
         seen = np.zeros(ep, int)
         for t in shard:
-            for j in range(K):
+            for j in range(idx.shape[1]):
                 rank = int(idx[t, j]) // (E // ep)
                 keep[t, j] = seen[rank] < capacity
                 seen[rank] += 1
-    assert int(dropped) == int((~keep).sum()) > 0
-    want = get_moe_impl("dense")(x, idx, jnp.where(keep, w, 0.0), g, u, d)
-    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    return keep
+
+
+def _moe_layer(impl, capacity_factor):
+    """An MoE layer of the dispatch tests' sizes, random router, shared expert."""
+    return MoE(H, MLP, E, K, impl=impl, capacity_factor=capacity_factor, rngs=nnx.Rngs(0))
+
+
+def _moe_forward(moe, x):
+    """A fresh jit per call (see `_jit_impl`): (y, aux)."""
+    return nnx.jit(lambda m, x: m(x))(moe, x)
+
+
+@pytest.mark.parametrize("factor", [0.5, 0.0])
+def test_moe_layer_reports_dropped_fraction(factor):
+    """The MoE layer's aux `dropped_fraction` is the hand-counted share of the T*k slots past the
+    capacity C = ceil(f*S/ep) (expert-parallel exchange); dropless (f = 0) reports 0."""
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((4, T // 4, H)).astype(np.float32))
+    mesh, rules = _mesh_rules((1, 2, 1, 4))  # 8 token shards of 4 tokens, ep = 4
+    n_shards, ep = 8, 4
+    moe = _moe_layer("expert_parallel", factor)
+    with use_mesh_rules(mesh, rules):
+        _, aux = _moe_forward(moe, x)
+    logits = x.reshape(T, H) @ moe.router[...]
+    idx, _, _ = route(logits, moe.correction_bias[...], K, 1.0)
+    capacity = int(np.ceil(factor * (T // n_shards) * K / ep)) if factor else T // n_shards * K
+    want = float((~_kept_slots(np.asarray(idx), n_shards, ep, capacity)).sum()) / (T * K)
+    assert (want > 0) == (factor > 0)
+    np.testing.assert_allclose(float(aux["dropped_fraction"]), want, rtol=1e-6)
+
+
+def test_dispatch_without_an_exchange_drops_nothing():
+    """A capacity factor bounds only the expert-parallel exchange: `ragged_dot` keeps every slot."""
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((4, T // 4, H)).astype(np.float32))
+    _, aux = _moe_forward(_moe_layer("ragged_dot", 0.5), x)
+    assert float(aux["dropped_fraction"]) == 0.0
+
+
+def test_negative_capacity_factor_is_refused():
+    with pytest.raises(ConfigError, match="capacity_factor"):
+        _moe_layer("expert_parallel", -1.0)
+    with pytest.raises(ConfigError, match="capacity_factor"):
+        BackboneSpec(capacity_factor=-0.5)
 
 
 def test_falls_back_to_ragged_dot_without_a_mesh():

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from glm5v_jax.layers.mlp import SwiGLU
-from glm5v_jax.layers.moe import MoE, route, update_router_bias
+from glm5v_jax.layers.moe import MoE, route, sequence_balance_loss, update_router_bias
 
 
 def _sigmoid(x):
@@ -207,3 +207,61 @@ def test_bias_balancing_reduces_imbalance():
     np.testing.assert_allclose(j_w, chosen / chosen.sum(-1, keepdims=True), rtol=1e-5)
     chosen_b = np.take_along_axis(scores + bias, j_idx, -1)
     assert not np.allclose(j_w, chosen_b / chosen_b.sum(-1, keepdims=True), rtol=1e-3)
+
+
+def test_sequence_balance_loss_golden_by_hand():
+    """E=4, k=2, one row of 2 counted tokens plus 1 padding token (DeepSeek-V3 eq. 17-20):
+    top-2 of t0 = {0, 1}, of t1 = {1, 2}, so f = E/(k T) * counts = [1, 2, 1, 0];
+    P = mean of s/sum(s) = [111/420, 307/840, 93/420, ...]; L = sum f P = 511/420."""
+    scores = jnp.asarray([[[0.9, 0.8, 0.3, 0.1],
+                           [0.2, 0.7, 0.6, 0.5],
+                           [0.9, 0.05, 0.9, 0.9]]], jnp.float32)  # the padding token
+    mask = jnp.asarray([[True, True, False]])
+    np.testing.assert_allclose(float(sequence_balance_loss(scores, mask, 2)), 511 / 420, rtol=1e-6)
+    # Rows are sequences: the loss is the mean of the rows' losses.
+    row2 = jnp.asarray([[[0.5, 0.5 + 1e-3, 0.1, 0.2]] * 3], jnp.float32)  # always experts 1, 0
+    two = sequence_balance_loss(jnp.concatenate([scores, row2]), jnp.concatenate([mask, jnp.ones((1, 3), bool)]), 2)
+    l2 = 2 * (0.5 + 0.501) / 1.301  # f = [2, 2, 0, 0], P = s / sum(s)
+    np.testing.assert_allclose(float(two), (511 / 420 + l2) / 2, rtol=1e-5)
+
+
+def _np_balance(scores, mask, k, selection):
+    """NumPy reference: f from the given selection scores' top-k, P from the normalised scores."""
+    b, s, e = scores.shape
+    flat_sel = _np_topk(selection.reshape(b * s, e), k).reshape(b, s, k)
+    counts = np.zeros((b, e))
+    for i in range(b):
+        for t in range(s):
+            if mask[i, t]:
+                counts[i, flat_sel[i, t]] += 1
+    n = np.maximum(mask.sum(-1), 1)[:, None]
+    f = counts * e / (k * n)
+    p = ((scores / scores.sum(-1, keepdims=True)) * mask[..., None]).sum(1) / n
+    return float(np.mean(np.sum(f * p, -1)))
+
+
+def test_correction_bias_does_not_change_the_balance_loss():
+    """The balance loss's indicator is the top-k of the *un-biased* scores (DeepSeek-V3):
+    a correction bias that changes which experts tokens are routed to (expert_load moves)
+    leaves the balance loss unchanged, and it matches the NumPy reference built from the
+    un-biased top-k, not the one built from the biased selection."""
+    rng = np.random.default_rng(5)
+    e, k, d = 6, 2, 8
+    moe = _build(lambda: MoE(d, 4, e, k, num_shared_experts=0, impl="dense", rngs=nnx.Rngs(0)), rng, 0.5)
+    x_np = rng.standard_normal((2, 9, d)).astype(np.float32)
+    mask = np.ones((2, 9), bool)
+    mask[1, 6:] = False
+    x, m = jnp.asarray(x_np), jnp.asarray(mask)
+    _, aux0 = _forward(moe, x, m)
+    bias = np.array([0.0, 0.0, 0.0, 0.0, 0.4, 0.8], np.float32)
+    moe.correction_bias[...] = jnp.asarray(bias)
+    _, aux1 = _forward(moe, x, m)
+    # Precondition: the bias changes the routing.
+    assert not np.array_equal(np.asarray(aux0["expert_load"]), np.asarray(aux1["expert_load"]))
+    assert float(aux1["balance_loss"]) == float(aux0["balance_loss"])
+    scores = _sigmoid(x_np.reshape(-1, d).astype(np.float64) @ np.asarray(moe.router[...], np.float64))
+    scores = scores.reshape(2, 9, e)
+    want = _np_balance(scores, mask, k, scores)
+    np.testing.assert_allclose(float(aux1["balance_loss"]), want, rtol=1e-5)
+    biased = _np_balance(scores, mask, k, scores + bias)
+    assert abs(biased - want) > 1e-3  # the check tells the two indicators apart

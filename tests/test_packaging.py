@@ -124,3 +124,115 @@ def test_wheel_contains_kernels(tmp_path):
     assert "glm5v_jax/kernels/reference.py" in names
     assert "glm5v_jax/__init__.py" in names
     assert not any(n.startswith("kernels/") for n in names)  # only under glm5v_jax/
+
+
+def _module_name(path: Path) -> str:
+    """Dotted module name of a library file (`kernels/` is installed as glm5v_jax.kernels)."""
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] == "kernels":
+        parts = ["glm5v_jax", *parts]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _load_time_imports(tree, module: str, is_package: bool):
+    """Modules a file imports when it is loaded: top-level statements (also inside top-level
+    if / try blocks), not inside functions or classes, which run later."""
+    package = module if is_package else module.rpartition(".")[0]
+
+    def walk(stmts):
+        for node in stmts:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    yield alias.name, ()
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                yield base, tuple(alias.name for alias in node.names)
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                inner = getattr(node, field, None)
+                if isinstance(inner, list):
+                    yield from walk(inner)
+
+    yield from walk(tree.body)
+
+
+def _import_graph():
+    """{module: set of glm5v_jax modules it imports at load time} over glm5v_jax/ and kernels/."""
+    files = sorted((REPO / "glm5v_jax").rglob("*.py")) + sorted((REPO / "kernels").rglob("*.py"))
+    modules = {_module_name(p): p for p in files}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for base, names in _load_time_imports(ast.parse(path.read_text(), filename=str(path)), name,
+                                              path.name == "__init__.py"):
+            targets = [f"{base}.{n}" for n in names if f"{base}.{n}" in modules] or [base]
+            for target in targets:
+                while target and target != name:  # importing a.b.c also runs a and a.b
+                    if target in modules and not name.startswith(target + "."):
+                        edges.add(target)
+                    target = target.rpartition(".")[0]
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph):
+    """Strongly connected components with more than one module (or a self-import)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or v in graph[v]:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_import_graph_has_no_cycles():
+    """No glm5v_jax module imports (at load time, directly or through others) a module that
+    imports it back: implementation tables are filled where they are defined, never by a
+    side-effect import at the bottom of another module."""
+    graph = _import_graph()
+    assert "glm5v_jax.layers.moe" in graph and "glm5v_jax.kernels.reference" in graph
+    assert "glm5v_jax.layers.attention_kernels" in graph["glm5v_jax.layers.attention"]
+    assert _cycles(graph) == []
+
+
+def test_import_cycle_check_finds_a_cycle():
+    """The check above can fail: a two-module and a three-module cycle are reported."""
+    graph = {"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"e"}, "e": {"c"}, "f": {"a"}}
+    assert _cycles(graph) == [["a", "b"], ["c", "d", "e"]]
+
+
+def test_implementation_tables_are_complete():
+    """The attention and MoE tables list every implementation without a side-effect import."""
+    from glm5v_jax.layers.attention import ATTENTION_IMPLS
+    from glm5v_jax.layers.moe import MOE_IMPLS
+
+    assert set(ATTENTION_IMPLS) >= {"xla", "pallas", "cudnn"}
+    assert set(MOE_IMPLS) == {"dense", "ragged_dot", "expert_parallel", "pallas"}

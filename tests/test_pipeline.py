@@ -153,7 +153,8 @@ def test_build_document_caption_mask_and_layout():
 
 def test_build_document_tasks():
     rec = image_record(1, 32, 32, zh="一张图片", ocr="HELLO",
-                       boxes=[{"label": "red circle", "box": [1, 2, 3, 4]}, {"label": "red circle", "box": [5, 6, 7, 8]}])
+                       boxes=[{"label": "red circle", "box": [1, 2, 3, 4]},
+                              {"label": "red circle", "box": [5, 6, 7, 8]}])
     seen = {}
     for t in ("caption", "qa", "grounding", "ocr"):
         for s in range(12):

@@ -41,7 +41,8 @@ def test_golden_two_turn_conversation(tok):
     grid = preprocess_image(record["image"], patch_size=16, max_patches=16)["grid"]
     n_img = int((grid[0] // 2) * (grid[1] // 2))
     assert n_img == 2  # 32x64 px -> 2x4 patches -> 1x2 merged tokens
-    system, q1, q2 = "You are a helpful assistant.", "How many shapes are there?", "Locate every red circle in the image."
+    system, q1 = "You are a helpful assistant.", "How many shapes are there?"
+    q2 = "Locate every red circle in the image."
     conv = Conversation(turns=(Turn(q1, "2", "count"),
                                Turn(q2, "[10,20,300,400]", "grounding", boxes=((10, 20, 300, 400),))),
                         system=system)

@@ -1,7 +1,6 @@
 """Mesh from config, logical rules, and the checks run before compiling (each bad case
 refused with the config field named). Abstract models only: nothing is compiled."""
 import dataclasses
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ from glm5v_jax.sharding.checks import check_batch, check_divisibility, check_rep
 from glm5v_jax.sharding.mesh import MeshSpec, make_mesh, resolve_shape
 from glm5v_jax.sharding.rules import DEFAULT_RULES, check_rules, logical_to_spec, parameter_specs
 
-from helpers import small_spec
+from helpers import config_module, small_spec
 
 
 @pytest.fixture(scope="module")
@@ -162,14 +161,9 @@ def test_activation_constraints_follow_the_rules_and_are_identity_outside():
 
 def test_trainer_config_refusals_name_the_field():
     """The real config path: plan_from_config + preflight refuse before anything compiles."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
-    import vlm_pretrain
-
     from glm5v_jax.train.parallel import plan_from_config, preflight
 
-    config = vlm_pretrain.get_config("tiny")
+    config = config_module("vlm_pretrain").get_config("tiny")
     model = nnx.eval_shape(lambda: GLM5V(small_spec(), rngs=nnx.Rngs(0)))
     cases = [
         (dict(shape=(3, -1, 1, 1)), 8, "config.mesh.shape"),  # 3 does not divide 8 devices

@@ -1,5 +1,6 @@
-"""The main job end to end: determinism, SIGTERM checkpoint, SIGKILL resume exactness,
-TensorBoard event files and metrics.jsonl. Runs `python -m glm5v_jax.main` as a user would."""
+"""Every stage end to end through the run layer: determinism, SIGTERM checkpoint, SIGKILL resume
+exactness; for the main job also TensorBoard event files and metrics.jsonl. Runs
+`python -m glm5v_jax.main` as a user would."""
 from __future__ import annotations
 
 import os
@@ -18,35 +19,53 @@ from glm5v_jax.train.writers import read_jsonl
 ROOT = Path(__file__).parents[1]
 STEPS = 12
 
+_VLM_DATA = ["--config.data.batch_size=2", "--config.data.seq_len=128", "--config.data.split_sizes.train=48",
+             "--config.data.split_sizes.validation=8", "--config.data.split_sizes.text_train=24",
+             "--config.data.split_sizes.text_validation=4", "--config.data.tokenizer_vocab_size=1024"]
+_VISION_DATA = ["--config.data.batch_size=4", "--config.data.sources.natural.train=24",
+                "--config.data.sources.instruction.train=8", "--config.data.sources.scientific.train=8",
+                "--config.mesh.num_devices=1"]
+# Every stage, as a user runs it, shrunk: (config argument, flags).
+STAGE_RUNS = {
+    "vlm_pretrain": ("configs/vlm_pretrain.py:tiny", _VLM_DATA + [
+        f"--config.optim.groups.{g}.warmup_steps=2" for g in ("text", "vision", "projector")]),
+    "vlm_sft": ("configs/vlm_sft.py:tiny", _VLM_DATA + [
+        f"--config.optim.groups.{g}.warmup_steps=2" for g in ("text", "vision", "projector")]),
+    "cogvit_mim": ("configs/cogvit_mim.py:tiny,dtype=float32", _VISION_DATA + [
+        "--config.model.vision.depth=1", "--config.teachers.siglip2.overrides.depth=1",
+        "--config.teachers.dinov3.overrides.depth=1"] + [
+        f"--config.optim.groups.{g}.warmup_steps=1" for g in ("encoder", "heads")]),
+    "cogvit_siglip": ("configs/cogvit_siglip.py:tiny", _VISION_DATA + [
+        "--config.data.text_len=40", "--config.data.patch_budgets=(32, 16)", "--config.model.vision.depth=1",
+        "--config.model.text.depth=1"] + [f"--config.optim.groups.{g}.warmup_steps=1"
+                                          for g in ("vision", "text", "projection")]),
+}
 
-def _command(workdir: Path, data_dir: Path, steps: int = STEPS) -> list[str]:
-    return [sys.executable, "-m", "glm5v_jax.main", "--config=configs/vlm_pretrain.py:tiny",
-            f"--workdir={workdir}", f"--config.total_steps={steps}", "--config.log_every=1",
-            "--config.checkpoint_every=4", "--config.eval_every=0", f"--config.data.data_dir={data_dir}",
-            "--config.data.batch_size=2", "--config.data.seq_len=128", "--config.data.split_sizes.train=48",
-            "--config.data.split_sizes.validation=8", "--config.data.split_sizes.text_train=24",
-            "--config.data.split_sizes.text_validation=4", "--config.data.tokenizer_vocab_size=1024",
-            "--config.optim.groups.text.warmup_steps=2", "--config.optim.groups.vision.warmup_steps=2",
-            "--config.optim.groups.projector.warmup_steps=2"]
+
+def _command(stage: str, workdir: Path, data_dir: Path, steps: int = STEPS) -> list[str]:
+    config, flags = STAGE_RUNS[stage]
+    return [sys.executable, "-m", "glm5v_jax.main", f"--config={config}", f"--workdir={workdir}",
+            f"--config.total_steps={steps}", "--config.log_every=1", "--config.checkpoint_every=4",
+            "--config.eval_every=0", f"--config.data.data_dir={data_dir}"] + flags
 
 
 def _env(data_dir: Path):
-    """The same job starts four times (reference, SIGTERM, SIGKILL, resume): a persistent
+    """Each stage's job starts four times (reference, SIGTERM, SIGKILL, resume): a persistent
     compilation cache next to their data compiles its steps once. XLA_FLAGS: conftest's."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env["JAX_COMPILATION_CACHE_DIR"] = str(data_dir.parent / f"{data_dir.name}_jit_cache")
     return env
 
 
-def _run(workdir, data_dir, steps=STEPS):
-    out = subprocess.run(_command(workdir, data_dir, steps), cwd=ROOT, env=_env(data_dir), capture_output=True,
-                         text=True, timeout=600)
+def _run(stage, workdir, data_dir, steps=STEPS):
+    out = subprocess.run(_command(stage, workdir, data_dir, steps), cwd=ROOT, env=_env(data_dir),
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     return out
 
 
-def _start(workdir, data_dir):
-    return subprocess.Popen(_command(workdir, data_dir), cwd=ROOT, env=_env(data_dir), stdout=subprocess.DEVNULL,
+def _start(stage, workdir, data_dir):
+    return subprocess.Popen(_command(stage, workdir, data_dir), cwd=ROOT, env=_env(data_dir), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -78,11 +97,21 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("shapes_world")
 
 
+_REFERENCES: dict[str, Path] = {}
+
+
+def _reference(stage: str, tmp_path_factory, data_dir) -> Path:
+    """The uninterrupted run of `stage` (once per module)."""
+    if stage not in _REFERENCES:
+        workdir = tmp_path_factory.mktemp(f"uninterrupted_{stage}")
+        _run(stage, workdir, data_dir)
+        _REFERENCES[stage] = workdir
+    return _REFERENCES[stage]
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, data_dir):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    _run(workdir, data_dir)
-    return workdir
+    return _reference("vlm_pretrain", tmp_path_factory, data_dir)
 
 
 def test_uninterrupted_run_logs_and_learns(reference_run):
@@ -113,13 +142,15 @@ def test_tensorboard_events_read_back(reference_run):
     np.testing.assert_allclose([e.value for e in events], [jsonl[s] for s in range(1, STEPS + 1)], rtol=1e-6)
 
 
-def test_sigterm_checkpoint_then_sigkill_resume_is_exact(tmp_path, data_dir, reference_run):
-    """SIGTERM leaves a complete checkpoint of the step it was on; a later SIGKILL at a
-    random step and a restart reach the same per-step losses and final parameters as
-    the uninterrupted run (which also shows two runs give identical losses)."""
+@pytest.mark.parametrize("stage", sorted(STAGE_RUNS))
+def test_sigterm_checkpoint_then_sigkill_resume_is_exact(stage, tmp_path, tmp_path_factory, data_dir):
+    """For every stage: SIGTERM leaves a complete checkpoint of the step it was on and exits 0;
+    a later SIGKILL at a random step and a restart reach the same per-step losses and final
+    parameters as the uninterrupted run (which also shows two runs give identical losses)."""
+    reference_run = _reference(stage, tmp_path_factory, data_dir)
     rng = np.random.default_rng(int(time.time()))
     workdir = tmp_path / "interrupted"
-    proc = _start(workdir, data_dir)
+    proc = _start(stage, workdir, data_dir)
     _wait_for_step(proc, workdir, 3)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
@@ -129,12 +160,12 @@ def test_sigterm_checkpoint_then_sigkill_resume_is_exact(tmp_path, data_dir, ref
     assert mngr.latest_step() == last  # the step it was on, complete (finalized)
     mngr.close()
 
-    proc = _start(workdir, data_dir)
+    proc = _start(stage, workdir, data_dir)
     kill_at = int(rng.integers(last + 2, STEPS - 1))
     _wait_for_step(proc, workdir, kill_at)
     proc.kill()
     proc.wait()
-    _run(workdir, data_dir)
+    _run(stage, workdir, data_dir)
 
     ref, got = _losses(reference_run), _losses(workdir)
     assert sorted(got) == list(range(1, STEPS + 1))

@@ -1,8 +1,7 @@
 """Model-level acceptance tests: forward/backward, MMTP modes, causality, packing, NaFlex."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -10,16 +9,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from glm5v_jax.losses.lm import per_segment_mean, target_weights, token_cross_entropy, vlm_loss
+from glm5v_jax.losses.lm import moe_balance_loss, per_segment_mean, target_weights, token_cross_entropy, vlm_loss
 from glm5v_jax.models.build import vlm_spec_from_config
 from glm5v_jax.models.mmtp import shift_left
+from glm5v_jax.models.specs import H0Norm, MTPSpec, TrunkGradient
 from glm5v_jax.models.vlm import GLM5V
 from glm5v_jax.train.step import jit_train_step, make_optimizer
 
-from helpers import IMAGE_ID, small_batch, small_spec
+from helpers import IMAGE_ID, config_module, small_batch, small_spec
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
-import vlm_pretrain  # noqa: E402
+vlm_pretrain = config_module("vlm_pretrain")
 
 
 def _flat_grads(grads, prefix):
@@ -56,20 +55,20 @@ def _mtp_loss(model, batch):
 
 
 @pytest.mark.parametrize("mode,trunk,expect_zero", [
-    ("image_token", "isolate_vision", True),  # the default
+    ("image_token", "isolate_vision", True),  # an ablation option of ours
     ("mask", "isolate_vision", True),
     ("visual_embed", "isolate_vision", False),
     ("image_token", "stop", True),
     ("mask", "stop", True),
     ("visual_embed", "stop", False),
-    ("image_token", "full", False),  # plain DeepSeek-V3: through the trunk into vision
+    ("image_token", "full", False),  # the default, plain DeepSeek-V3: through the trunk into vision
     ("visual_embed", "full", False),
 ])
 def test_mtp_loss_gradient_reaching_vision(mode, trunk, expect_zero):
     """image_token / mask: no gradient of the MTP loss reaches CogViT or the projector
-    (exactly zero) with the default trunk_gradient='isolate_vision' (and with 'stop');
-    visual_embed sends gradient straight through the MTP input. With 'full', MTP gradients
-    reach vision through the trunk in every mode."""
+    (exactly zero) with the ablation options trunk_gradient='isolate_vision' and 'stop';
+    visual_embed sends gradient straight through the MTP input. With 'full' (the default,
+    the report's design), MTP gradients reach vision through the trunk in every mode."""
     model = GLM5V(small_spec(mode=mode, trunk=trunk), rngs=nnx.Rngs(1))
     batch = small_batch()
     grads = nnx.jit(nnx.grad(_mtp_loss))(model, batch)
@@ -147,7 +146,7 @@ def test_mask_mode_ignores_visual_positions():
     def mtp_logits(h, embeds):
         logits, segs, _, _ = model.mtp(model.backbone, h, batch["tokens"], embeds, model.positions(batch),
                                        batch["segment_ids"], out["is_visual"])
-        return [np.where(np.asarray(s)[..., None] != 0, np.asarray(l), 0) for l, s in zip(logits, segs)]
+        return [np.where(np.asarray(s)[..., None] != 0, np.asarray(lg), 0) for lg, s in zip(logits, segs)]
 
     embeds = model.backbone.embed_tokens(batch["tokens"])
     base = mtp_logits(h0, embeds)
@@ -209,10 +208,10 @@ def test_packing_matches_documents_run_alone():
     rng = np.random.default_rng(2)
     s, la, lb = 40, 17, 15
     a, b = rng.integers(16, 128, la), rng.integers(16, 128, lb)
-    packed = np.zeros((1, s), np.int32); seg_p = np.zeros((1, s), np.int32)
+    packed, seg_p = np.zeros((1, s), np.int32), np.zeros((1, s), np.int32)
     packed[0, :la], packed[0, la:la + lb] = a, b
     seg_p[0, :la], seg_p[0, la:la + lb] = 1, 2
-    alone = np.zeros((2, s), np.int32); seg_a = np.zeros((2, s), np.int32)
+    alone, seg_a = np.zeros((2, s), np.int32), np.zeros((2, s), np.int32)
     alone[0, :la], alone[1, :lb] = a, b
     seg_a[0, :la], seg_a[1, :lb] = 1, 1
 
@@ -263,3 +262,99 @@ def test_moe_impls_agree_in_the_model():
         model = GLM5V(small_spec(moe_impl=impl), rngs=nnx.Rngs(8))
         losses.append(float(vlm_loss(_forward(model, batch), batch)[0]))
     assert abs(losses[0] - losses[1]) < 1e-5
+
+
+def test_mtp_defaults_are_the_reports():
+    """MTPSpec and the vlm_pretrain config default to trunk_gradient='full' (the report /
+    DeepSeek-V3) and h^0 after the final norm (as GLM-4.5's MTP weights are served)."""
+    assert MTPSpec().trunk_gradient == TrunkGradient.FULL and MTPSpec().h0_norm == H0Norm.FINAL_NORM
+    for preset in vlm_pretrain.PRESETS:
+        spec = vlm_spec_from_config(vlm_pretrain.get_config(preset).model)
+        assert spec.mtp.trunk_gradient == TrunkGradient.FULL, preset
+        assert spec.mtp.h0_norm == H0Norm.FINAL_NORM, preset
+    cfg = vlm_pretrain.get_config("tiny,trunk_grad=isolate_vision")
+    cfg.model.mtp.h0_norm = "pre_norm"
+    spec = vlm_spec_from_config(cfg.model)
+    assert spec.mtp.trunk_gradient == TrunkGradient.ISOLATE_VISION and spec.mtp.h0_norm == H0Norm.PRE_NORM
+
+
+def _with_h0_norm(h0_norm):
+    spec = small_spec(depths=2)
+    return dataclasses.replace(spec, mtp=dataclasses.replace(spec.mtp, h0_norm=h0_norm))
+
+
+def test_h0_norm_reads_the_final_norm_only_when_asked():
+    """Perturbing the backbone's final-norm scale changes the MTP logits with
+    h0_norm='final_norm' and leaves them bit-identical with 'pre_norm' (the main logits
+    change in both). 'final_norm' equals 'pre_norm' fed the normed h^0."""
+    batch = small_batch()
+    rng = np.random.default_rng(11)
+    out, perturbed = {}, {}
+    for h0_norm in ("final_norm", "pre_norm"):
+        model = GLM5V(_with_h0_norm(h0_norm), rngs=nnx.Rngs(12))
+        out[h0_norm] = _forward(model, batch)
+        scale = model.backbone.final_norm.scale
+        scale[...] = scale[...] * jnp.asarray(rng.uniform(0.5, 1.5, scale.shape), scale.dtype)
+        perturbed[h0_norm] = _forward(model, batch)
+        assert not np.allclose(np.asarray(out[h0_norm]["logits"]), np.asarray(perturbed[h0_norm]["logits"]))
+    for a, b in zip(out["pre_norm"]["mtp_logits"], perturbed["pre_norm"]["mtp_logits"]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for k, (a, b) in enumerate(zip(out["final_norm"]["mtp_logits"], perturbed["final_norm"]["mtp_logits"])):
+        in_stream = np.asarray(out["final_norm"]["mtp_segments"][k]) != 0
+        assert np.abs(np.asarray(a) - np.asarray(b))[in_stream].max() > 1e-4, k
+    # The option changes exactly which h^0 enters: final_norm(h) vs h.
+    model = GLM5V(_with_h0_norm("final_norm"), rngs=nnx.Rngs(13))
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    is_visual = tokens == IMAGE_ID
+    embeds = model.backbone.embed_tokens(tokens)
+    positions = model.positions(batch)
+    h, _ = model.backbone.run_layers(embeds, positions, seg)
+    args = (tokens, embeds, positions, seg, is_visual)
+    got = model.mtp(model.backbone, h, *args)[0]
+    model.mtp.spec = dataclasses.replace(model.mtp.spec, h0_norm="pre_norm")
+    want = model.mtp(model.backbone, model.backbone.final_norm(h), *args)[0]
+    unnormed = model.mtp(model.backbone, h, *args)[0]
+    for g, w, u in zip(got, want, unnormed):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(np.asarray(g), np.asarray(u))
+
+
+def test_moe_balance_loss_averages_backbone_and_mtp_layers():
+    """Each MoE layer counts once: (L * backbone mean + sum of MTP blocks) / (L + D_moe)."""
+    outputs = {"aux": {"balance_loss": jnp.float32(2.0), "expert_load": jnp.zeros((3, 4))},
+               "mtp_aux": [{"balance_loss": jnp.float32(6.0)}, {"balance_loss": jnp.float32(10.0)}]}
+    balance, metrics = moe_balance_loss(outputs)
+    np.testing.assert_allclose(float(balance), (3 * 2.0 + 6.0 + 10.0) / 5, rtol=1e-6)
+    assert float(metrics["loss/balance_mtp_2"]) == 10.0 and float(metrics["loss/balance_backbone"]) == 2.0
+    dense_mtp = dict(outputs, mtp_aux=[{}])  # a dense MTP block adds nothing
+    assert float(moe_balance_loss(dense_mtp)[0]) == 2.0
+    assert moe_balance_loss({"aux": {}, "mtp_aux": [{}]})[0] is None  # no MoE anywhere
+
+
+def test_mtp_block_balance_loss_enters_the_total():
+    """With balance_loss_weight > 0 and an MoE MTP block, the total's balance term is the
+    weight times the mean over backbone and MTP MoE layers, and it moves when only the MTP
+    block's router changes."""
+    batch = small_batch()
+    model = GLM5V(small_spec(), rngs=nnx.Rngs(14))
+    assert model.mtp.depths[0].block.is_moe
+    weight = 0.5
+
+    def terms():
+        out = _forward(model, batch)
+        with_bal, metrics = vlm_loss(out, batch, balance_loss_weight=weight)
+        without, _ = vlm_loss(out, batch, balance_loss_weight=0.0)
+        return float(with_bal) - float(without), metrics
+
+    term0, m0 = terms()
+    layers = model.spec.backbone.num_moe_layers
+    want = (layers * float(m0["loss/balance_backbone"]) + float(m0["loss/balance_mtp_1"])) / (layers + 1)
+    np.testing.assert_allclose(float(m0["loss/balance"]), want, rtol=1e-6)
+    np.testing.assert_allclose(term0, weight * want, rtol=1e-4)
+    router = model.mtp.depths[0].block.mlp.router
+    router[...] = router[...] * 5.0 + 0.3 * jnp.arange(router.shape[-1], dtype=router.dtype)
+    term1, m1 = terms()
+    assert float(m1["loss/balance_backbone"]) == float(m0["loss/balance_backbone"])
+    assert abs(float(m1["loss/balance_mtp_1"]) - float(m0["loss/balance_mtp_1"])) > 1e-3
+    assert abs(term1 - term0) > 1e-4
+    np.testing.assert_allclose(term1, weight * float(m1["loss/balance"]), rtol=1e-4)

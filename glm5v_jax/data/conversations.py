@@ -123,7 +123,8 @@ def image_turns(record: Mapping[str, Any], rng: np.random.Generator, *, zh_capti
     en, zh = as_str(record.get("caption_en")).strip(), as_str(record.get("caption_zh")).strip()
     if en or zh:
         use_zh = bool(zh) and (not en or rng.random() < zh_caption_prob)
-        pools["caption"] = [Turn(CAPTION_PROMPT_ZH, zh, "caption") if use_zh else Turn(CAPTION_PROMPT_EN, en, "caption")]
+        prompt, caption = (CAPTION_PROMPT_ZH, zh) if use_zh else (CAPTION_PROMPT_EN, en)
+        pools["caption"] = [Turn(prompt, caption, "caption")]
     elif stats is not None:
         stats["dropped/empty_caption"] = stats.get("dropped/empty_caption", 0) + 1
     return {t: pools[t] for t in TASKS if t in pools}

@@ -34,6 +34,7 @@ from glm5v_jax.data.pipeline import _ImageSkip, _mark_absl_flags_parsed, preproc
 from glm5v_jax.data.shapes_world import COLOURS, SHAPES
 from glm5v_jax.data.sources import _as_map_dataset
 from glm5v_jax.data.templates import as_str
+from glm5v_jax.errors import ConfigError
 
 STATE_VERSION = 1
 LABELS = {"shape": tuple(SHAPES), "colour": tuple(COLOURS)}
@@ -68,13 +69,13 @@ class ImageBatchConfig:
 
     def __post_init__(self):
         if self.batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+            raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
         views = [tuple(v) for v in self.teacher_views]
         if any(len(v) != 2 or min(v) < 1 for v in views) or len(set(views)) != len(views):
-            raise ValueError(f"teacher_views: expected distinct (patch_size, max_patches) pairs of positive "
-                             f"integers, got {self.teacher_views}")
+            raise ConfigError("teacher_views", f"expected distinct (patch_size, max_patches) pairs of positive "
+                                               f"integers, got {self.teacher_views}")
         if self.text_len < 0:
-            raise ValueError(f"text_len: must be >= 0, got {self.text_len}")
+            raise ConfigError("text_len", f"must be >= 0, got {self.text_len}")
 
 
 def labels_of(record: Mapping[str, Any]) -> dict[str, int]:

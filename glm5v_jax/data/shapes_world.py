@@ -245,17 +245,17 @@ def generate_image_example(seed: int, split: str, index: int, *, encode: bool = 
                      cx=(box[0] + box[2]) / 2, cy=(box[1] + box[3]) / 2))
     if i == 0 and word:  # place the word after the first shape, so there is always one shape
       font = _font(int(np.clip(round(min_side * rng.uniform(0.12, 0.2)), 9, 48)))
-      l, t, r, b = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), word, font=font)
-      pos = _place(rng, r - l, b - t, W, H, taken)
+      left, t, r, b = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), word, font=font)
+      pos = _place(rng, r - left, b - t, W, H, taken)
       if pos is None:
         word = ""
       else:
-        text_box = (pos[0], pos[1], pos[0] + r - l, pos[1] + b - t)
+        text_box = (pos[0], pos[1], pos[0] + r - left, pos[1] + b - t)
         taken.append(text_box)
         region = _region((text_box[0] + text_box[2]) / 2, (text_box[1] + text_box[3]) / 2, W, H)
         if img is not None:
           ink = (10, 10, 10) if bg_rgb.mean() > 128 else (250, 250, 250)
-          ImageDraw.Draw(img).text((pos[0] - l, pos[1] - t), word, fill=ink, font=font)
+          ImageDraw.Draw(img).text((pos[0] - left, pos[1] - t), word, fill=ink, font=font)
   if not objs:
     raise AssertionError("unreachable: the first shape always fits")  # min 8px shape, >= 32px image
   cap_en, cap_zh = _captions(rng, objs, bg, word, region)

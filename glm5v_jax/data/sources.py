@@ -15,6 +15,7 @@ import grain
 import numpy as np
 
 from glm5v_jax.data.templates import as_str
+from glm5v_jax.errors import ConfigError
 
 
 def _as_map_dataset(source: Any) -> grain.MapDataset:
@@ -183,7 +184,7 @@ def array_record_source(paths: str | Sequence[str],
     absent), or a picklable callable bytes -> dict.
     """
     if isinstance(parse, str) and parse not in _PARSERS:
-        raise ValueError(f"array_record_source: parse must be one of {sorted(_PARSERS)} or a callable")
+        raise ConfigError("parse", f"array_record_source: must be one of {sorted(_PARSERS)} or a callable")
     paths = [paths] if isinstance(paths, str) else list(paths)
     return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).map(_Parse(parse))
 

@@ -264,4 +264,3 @@ def build_document(record: Mapping[str, Any], tokenizer, *, n_image_tokens: int 
         turns = [(OCR_PROMPT, tok.encode(data["ocr"]))]
     ids, mask, _ = chat_document(tok, turns, n_image_tokens=n_image_tokens)
     return ids, mask
-

@@ -1,12 +1,12 @@
 """Multi-head attention with GQA, optional q/k/v bias, QK-Norm and rotary embeddings.
 
-The attention core is picked by name from `ATTENTION_IMPLS` (`xla` is the pure-jnp
-reference in `glm5v_jax.kernels`); the kernels issue registers `pallas` and
-`cudnn` there, so layers never branch on the implementation.
+The attention core is picked by name from the table `ATTENTION_IMPLS` (`xla` is the
+pure-jnp reference in `glm5v_jax.kernels`; `pallas` and `cudnn` live in
+`attention_kernels.py`), so layers never branch on the implementation.
 
 On request (`return_max_logits=True`) the layer also reports each head's maximum
 pre-softmax logit over the visible pairs, the statistic QK-Clip reads
-(`glm5v_jax.optim.qk_clip`). Cores registered with `returns_max_logits=True`
+(`glm5v_jax.optim.qk_clip`). Cores listed with `returns_max_logits=True`
 produce it alongside the output; for the others it is computed separately from q
 and k by `attention_max_logits`. Either way it carries no gradient and leaves the
 output unchanged; without the request nothing extra is computed.
@@ -14,40 +14,51 @@ output unchanged; without the request nothing extra is computed.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm5v_jax.errors import ConfigError
 from glm5v_jax.kernels.reference import attention_max_logits, attention_reference
+from glm5v_jax.layers.attention_kernels import cudnn_attention, pallas_attention
 from glm5v_jax.layers.norms import rms_normalize
 from glm5v_jax.layers.params import normal, ones, param, zeros
 from glm5v_jax.layers.rope import apply_rotary
 from glm5v_jax.sharding.context import RESIDUAL, constrain
 
-# name -> fn(q, k, v, *, causal, q_segment_ids, kv_segment_ids, scale) -> out
-ATTENTION_IMPLS: dict[str, Callable[..., jax.Array]] = {"xla": attention_reference}
-# Cores that also accept `return_max_logits=True` and then return (out, max_logits [H]).
-MAX_LOGIT_IMPLS: set[str] = {"xla"}
+
+class AttentionCore(NamedTuple):
+    """One attention implementation.
+
+    fn(q [B,S,H,D], k/v [B,T,KV,D], *, causal, q_segment_ids, kv_segment_ids, scale) -> [B,S,H,D];
+    with `returns_max_logits`, fn also accepts `return_max_logits=True` and then returns
+    `(out, max_logits [H])` (per-head max of scale * q.k over the visible pairs).
+    """
+
+    fn: Callable[..., jax.Array]
+    returns_max_logits: bool = False
+
+
+# The attention cores, by `attention_impl` name.
+ATTENTION_IMPLS: dict[str, AttentionCore] = {
+    "xla": AttentionCore(attention_reference, returns_max_logits=True),
+    "pallas": AttentionCore(pallas_attention),
+    "cudnn": AttentionCore(cudnn_attention),
+}
 
 
 def register_attention_impl(name: str, fn: Callable[..., jax.Array], *, returns_max_logits: bool = False) -> None:
-    """Make an attention core selectable as `attention_impl=name`.
-
-    `returns_max_logits`: the core accepts `return_max_logits=True` and then returns
-    `(out, max_logits [H])` (per-head max of scale * q.k over visible pairs).
-    """
-    ATTENTION_IMPLS[name] = fn
-    if returns_max_logits:
-        MAX_LOGIT_IMPLS.add(name)
-    else:
-        MAX_LOGIT_IMPLS.discard(name)
+    """Add an attention core of your own to `ATTENTION_IMPLS` (selectable as `attention_impl=name`)."""
+    ATTENTION_IMPLS[name] = AttentionCore(fn, returns_max_logits)
 
 
 def get_attention_impl(name: str) -> Callable[..., jax.Array]:
+    """The core function listed as `name`; ConfigError naming `attention_impl` otherwise."""
     if name not in ATTENTION_IMPLS:
-        raise ValueError(f"unknown attention_impl {name!r}; known: {sorted(ATTENTION_IMPLS)}")
-    return ATTENTION_IMPLS[name]
+        raise ConfigError("attention_impl", f"unknown implementation {name!r}; known: {sorted(ATTENTION_IMPLS)}")
+    return ATTENTION_IMPLS[name].fn
 
 
 class Attention(nnx.Module):
@@ -74,7 +85,8 @@ class Attention(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+            raise ConfigError("num_kv_heads",
+                              f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.norm_eps, self.dtype, self.impl = norm_eps, dtype, impl
         get_attention_impl(impl)  # fail early on an unknown name
@@ -145,7 +157,7 @@ class Attention(nnx.Module):
         max_logits = None
         if not return_max_logits:
             out = core(q, k, v, **masking)
-        elif self.impl in MAX_LOGIT_IMPLS:
+        elif ATTENTION_IMPLS[self.impl].returns_max_logits:
             out, max_logits = core(q, k, v, return_max_logits=True, **masking)
         else:  # generic fallback: one extra pass over the (masked) logits
             out = core(q, k, v, **masking)
@@ -155,7 +167,3 @@ class Attention(nnx.Module):
         if return_max_logits:
             return out, jax.lax.stop_gradient(max_logits.astype(jnp.float32))
         return out
-
-
-# Registers "pallas" and "cudnn" (imported last: it uses `register_attention_impl`).
-from glm5v_jax.layers import attention_kernels  # noqa: E402, F401

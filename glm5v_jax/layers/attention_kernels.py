@@ -1,5 +1,7 @@
 """Kernel-backed attention cores: `attention_impl = "pallas" | "cudnn"`.
 
+Listed in `glm5v_jax.layers.attention.ATTENTION_IMPLS` (this module does not import it).
+
 `pallas`: `glm5v_jax.kernels.flash_attention` (TPU Mosaic kernel, GPU Triton kernel,
 interpreted TPU kernel on CPU; picked per platform at lowering time). A Pallas kernel
 is a custom call the SPMD partitioner cannot split, so under an active mesh it runs
@@ -20,7 +22,6 @@ from jax.sharding import PartitionSpec as P
 
 from glm5v_jax.kernels.flash_attention import flash_attention
 from glm5v_jax.kernels.reference import attention_reference
-from glm5v_jax.layers.attention import register_attention_impl
 from glm5v_jax.sharding import context
 
 
@@ -61,7 +62,3 @@ def cudnn_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids
     if q_segment_ids is not None:
         out = jnp.where((q_segment_ids != 0)[:, :, None, None], out, 0).astype(out.dtype)
     return out
-
-
-register_attention_impl("pallas", pallas_attention)
-register_attention_impl("cudnn", cudnn_attention)

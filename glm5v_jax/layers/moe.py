@@ -8,12 +8,18 @@ Routing (GLM-4.5 / DeepSeek-V3 `noaux_tc`):
 
 The correction bias is a `RouterBias` variable (not an `nnx.Param`): the trainer
 moves it with `update_router_bias` from the step's expert load, outside the
-optimizer. The expert dispatch is picked by name from `MOE_IMPLS` (`dense`
-computes every expert on every token, the exact reference; `ragged_dot` sorts
-token slots by expert and runs grouped matmuls; `expert_parallel`, in
-`moe_expert_parallel.py`, moves token slots to the devices holding their experts with
-all_to_all under the active mesh; `pallas`, in `moe_pallas.py`, runs the grouped
-matmuls with the Pallas kernel `glm5v_jax.kernels.gmm`).
+optimizer. The expert dispatch is picked by name from the table `MOE_IMPLS`
+(`dense` computes every expert on every token, the exact reference; `ragged_dot`
+sorts token slots by expert and runs grouped matmuls; both in `moe_dispatch.py`;
+`expert_parallel`, in `moe_expert_parallel.py`, moves token slots to the devices
+holding their experts with all_to_all under the active mesh; `pallas`, in
+`moe_pallas.py`, runs the grouped matmuls with the Pallas kernel `glm5v_jax.kernels.gmm`).
+
+Capacity: `capacity_factor` 0 is dropless. A factor f > 0 bounds the expert-parallel
+exchange (`expert_parallel`, and `pallas` on a mesh with expert axes) at ceil(f * S / ep)
+slots per destination; slots past it are dropped (they contribute zero). The dispatches
+without an exchange drop nothing. The layer reports the dropped share of the T*k token-expert
+slots (padding included) as `aux["dropped_fraction"]`.
 """
 from __future__ import annotations
 
@@ -23,54 +29,29 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm5v_jax.errors import ConfigError
 from glm5v_jax.layers.mlp import SwiGLU
+from glm5v_jax.layers.moe_dispatch import dense_dispatch, dropless, ragged_dot_dispatch
+from glm5v_jax.layers.moe_expert_parallel import expert_parallel_dispatch
+from glm5v_jax.layers.moe_pallas import pallas_dispatch
 from glm5v_jax.layers.params import RouterBias, normal, param, zeros
 
-# name -> fn(x [T,H], idx [T,k], weights [T,k] f32, gate [E,H,I], up [E,H,I], down [E,I,H]) -> [T,H]
-MOE_IMPLS: dict[str, Callable[..., jax.Array]] = {}
+# The expert dispatches, by `moe_impl` name:
+# fn(x [T,H], idx [T,k], weights [T,k] f32, gate [E,H,I], up [E,H,I], down [E,I,H], *, capacity_factor)
+#   -> (y [T,H], dropped token slots [] int32)
+MOE_IMPLS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
+    "dense": dropless(dense_dispatch),
+    "ragged_dot": dropless(ragged_dot_dispatch),
+    "expert_parallel": expert_parallel_dispatch,
+    "pallas": pallas_dispatch,
+}
 
 
-def register_moe_impl(name: str):
-    def deco(fn):
-        MOE_IMPLS[name] = fn
-        return fn
-    return deco
-
-
-def get_moe_impl(name: str) -> Callable[..., jax.Array]:
+def get_moe_impl(name: str) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """The dispatch listed as `name`; ConfigError naming `moe_impl` otherwise."""
     if name not in MOE_IMPLS:
-        raise ValueError(f"unknown moe_impl {name!r}; known: {sorted(MOE_IMPLS)}")
+        raise ConfigError("moe_impl", f"unknown implementation {name!r}; known: {sorted(MOE_IMPLS)}")
     return MOE_IMPLS[name]
-
-
-@register_moe_impl("dense")
-def dense_dispatch(x, idx, weights, gate, up, down):
-    """Every expert on every token, combined with a dense [T, E] weight matrix."""
-    num_experts = gate.shape[0]
-    combine = jnp.zeros((x.shape[0], num_experts), jnp.float32)
-    combine = combine.at[jnp.arange(x.shape[0])[:, None], idx].add(weights)
-    h = jax.nn.silu(jnp.einsum("th,ehi->tei", x, gate)) * jnp.einsum("th,ehi->tei", x, up)
-    out = jnp.einsum("tei,eih->teh", h, down)
-    return jnp.einsum("te,teh->th", combine.astype(out.dtype), out)
-
-
-@register_moe_impl("ragged_dot")
-def ragged_dot_dispatch(x, idx, weights, gate, up, down, *, grouped_matmul=jax.lax.ragged_dot):
-    """Sort the T*k token slots by expert, grouped matmuls, unsort and combine.
-
-    `grouped_matmul(lhs [m,k], rhs [G,k,n], group_sizes [G]) -> [m,n]`: `jax.lax.ragged_dot`
-    here; the `pallas` dispatch passes the Pallas kernel `glm5v_jax.kernels.gmm`.
-    """
-    t, k = idx.shape
-    num_experts = gate.shape[0]
-    flat = idx.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # slot positions grouped by expert
-    xs = x[order // k]  # [T*k, H]
-    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    h = jax.nn.silu(grouped_matmul(xs, gate, group_sizes)) * grouped_matmul(xs, up, group_sizes)
-    out_sorted = grouped_matmul(h, down, group_sizes)  # [T*k, H]
-    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(t, k, -1)
-    return jnp.einsum("tk,tkh->th", weights.astype(out.dtype), out)
 
 
 def route(logits32: jax.Array, bias: jax.Array, top_k: int, routed_scaling: float):
@@ -93,6 +74,30 @@ def update_router_bias(bias: jax.Array, expert_load: jax.Array, rate: float) -> 
     return (bias.astype(jnp.float32) + rate * jnp.sign(mean - load)).astype(bias.dtype)
 
 
+def sequence_balance_loss(scores: jax.Array, mask: jax.Array, top_k: int) -> jax.Array:
+    """DeepSeek-V3's complementary sequence-wise balance loss (unweighted), mean over rows.
+
+    scores `[B, S, E]`: the router's un-biased affinities s (sigmoid, float32); mask
+    `[B, S]`: tokens that count (padding 0). Per row (a packed row is the sequence) with
+    T counted tokens:
+        f_i = E / (k T) * sum_t 1(s_{i,t} in TopK({s_{j,t}}_j, k))    (un-biased top-k)
+        P_i = 1/T * sum_t s_{i,t} / sum_j s_{j,t}
+        L   = sum_i f_i P_i
+    The indicator uses top-k of the un-biased scores s, as the paper writes it, not the
+    bias-adjusted selection that routes the tokens: the correction bias never enters it.
+    f carries no gradient (an indicator); P does.
+    """
+    num_experts = scores.shape[-1]
+    mask = mask.astype(jnp.float32)
+    _, top = jax.lax.top_k(scores, top_k)
+    chosen = jax.nn.one_hot(top, num_experts, dtype=jnp.float32).sum(-2)  # [B, S, E]
+    n_tok = jnp.maximum(mask.sum(-1), 1.0)[:, None]  # [B, 1]
+    f = jnp.einsum("bse,bs->be", chosen, mask) * (num_experts / top_k) / n_tok
+    probs = scores / scores.sum(-1, keepdims=True)
+    p = jnp.einsum("bse,bs->be", probs, mask) / n_tok
+    return jnp.mean(jnp.sum(f * p, axis=-1))
+
+
 class MoE(nnx.Module):
     """Routed SwiGLU experts plus always-on shared experts: `[B, S, E] -> [B, S, E]`."""
 
@@ -106,14 +111,19 @@ class MoE(nnx.Module):
         num_shared_experts: int = 1,
         routed_scaling: float = 1.0,
         impl: str = "ragged_dot",
+        capacity_factor: float = 0.0,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         init_std: float = 0.02,
         rngs: nnx.Rngs,
     ):
         if not 1 <= experts_per_token <= num_experts:
-            raise ValueError(f"experts_per_token ({experts_per_token}) must be in [1, num_experts={num_experts}]")
+            raise ConfigError("experts_per_token",
+                              f"experts_per_token ({experts_per_token}) must be in [1, num_experts={num_experts}]")
+        if capacity_factor < 0:
+            raise ConfigError("capacity_factor", f"must be >= 0 (0 = dropless), got {capacity_factor}")
         get_moe_impl(impl)
+        self.capacity_factor = capacity_factor
         self.num_experts, self.top_k = num_experts, experts_per_token
         self.routed_scaling, self.impl, self.dtype = routed_scaling, impl, dtype
         init = normal(init_std)
@@ -133,7 +143,8 @@ class MoE(nnx.Module):
         """x `[B, S, E]`, token_mask `[B, S]` (padding excluded from load statistics).
 
         Returns (y, aux) with aux = {expert_load [E] (slots per expert, f32),
-        balance_loss (DeepSeek-V3 sequence-wise loss, unweighted)}.
+        balance_loss (DeepSeek-V3 sequence-wise loss per row, unweighted, counting the
+        un-biased top-k: `sequence_balance_loss`)}.
         """
         b, s, e = x.shape
         x = x.astype(self.dtype)
@@ -141,8 +152,8 @@ class MoE(nnx.Module):
         logits = flat.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
         idx, weights, scores = route(logits, self.correction_bias[...], self.top_k, self.routed_scaling)
         c = self.dtype
-        y = get_moe_impl(self.impl)(flat, idx, weights, self.gate[...].astype(c),
-                                    self.up[...].astype(c), self.down[...].astype(c))
+        y, dropped = get_moe_impl(self.impl)(flat, idx, weights, self.gate[...].astype(c), self.up[...].astype(c),
+                                             self.down[...].astype(c), capacity_factor=self.capacity_factor)
         y = y.reshape(b, s, e)
         if self.shared is not None:
             y = y + self.shared(x)
@@ -150,16 +161,7 @@ class MoE(nnx.Module):
         mask = jnp.ones((b, s), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
         onehot = jax.nn.one_hot(idx, self.num_experts, dtype=jnp.float32).sum(1).reshape(b, s, -1)
         expert_load = jnp.einsum("bse,bs->e", onehot, mask)
-        # Sequence-wise balance loss: E/(k T) * sum_i f_i P_i per row, averaged over rows.
-        n_tok = jnp.maximum(mask.sum(-1), 1.0)  # [B]
-        f = jnp.einsum("bse,bs->be", onehot, mask) * (self.num_experts / (self.top_k * n_tok[:, None]))
-        probs = (scores / scores.sum(-1, keepdims=True)).reshape(b, s, -1)
-        p = jnp.einsum("bse,bs->be", probs, mask) / n_tok[:, None]
-        balance = jnp.mean(jnp.sum(f * p, axis=-1))
-        return y.astype(self.dtype), {"expert_load": expert_load, "balance_loss": balance}
-
-
-# Register "expert_parallel" and "pallas" (imported last: they use `ragged_dot_dispatch` and
-# `register_moe_impl`).
-from glm5v_jax.layers import moe_expert_parallel  # noqa: E402, F401
-from glm5v_jax.layers import moe_pallas  # noqa: E402, F401
+        balance = sequence_balance_loss(scores.reshape(b, s, -1), mask, self.top_k)
+        dropped_fraction = dropped.astype(jnp.float32) / idx.size
+        return y.astype(self.dtype), {"expert_load": expert_load, "balance_loss": balance,
+                                      "dropped_fraction": dropped_fraction}

@@ -1,7 +1,8 @@
 """Expert-parallel MoE dispatch: token slots travel to the devices that hold their experts.
 
-Registered as `MOE_IMPLS["expert_parallel"]` (same signature as the other dispatches:
-`fn(x [T,H], idx [T,k], weights [T,k] f32, gate [E,H,I], up [E,H,I], down [E,I,H]) -> [T,H]`).
+Listed as `MOE_IMPLS["expert_parallel"]` in `glm5v_jax.layers.moe` (same signature as the other
+dispatches: `fn(x [T,H], idx [T,k], weights [T,k] f32, gate [E,H,I], up [E,H,I], down [E,I,H], *,
+capacity_factor) -> (y [T,H], dropped token slots [] int32)`).
 
 Why: under plain GSPMD an expert-sharded `ragged_dot` makes the compiler gather the
 expert weights (or all tokens) onto every device. Here the expert weights stay put and
@@ -22,12 +23,12 @@ Inside `jax.shard_map` over the active mesh (`glm5v_jax.sharding.context.use_mes
     zero), sent back with the reverse `all_to_all`, unpacked and combined with the
     routing weights.
 
-Buffers and cost: dropless by default, C = S, so the send and receive buffers are
-`[ep, S, H]` each (ep times the slots' size) and the grouped matmuls run over ep*S rows,
-most of them padding; exact, but memory and FLOPs grow with ep. A capacity factor f
-(argument `capacity_factor`, or the module-level `CAPACITY_FACTOR` when the argument is
-None) bounds C = ceil(f * S / ep); slots beyond C for a destination rank are dropped
-(they contribute zero) and `expert_parallel_dispatch_with_stats` reports how many.
+Buffers and cost: dropless by default (`capacity_factor=0`), C = S, so the send and receive
+buffers are `[ep, S, H]` each (ep times the slots' size) and the grouped matmuls run over ep*S
+rows, most of them padding; exact, but memory and FLOPs grow with ep. A capacity factor f > 0
+(`BackboneSpec.capacity_factor`, `config.model.backbone.capacity_factor`) bounds
+C = ceil(f * S / ep); slots beyond C for a destination rank are dropped (they contribute zero)
+and the dispatch returns how many (the MoE layer reports the fraction as `dropped_fraction`).
 `jax.lax.ragged_all_to_all` would avoid the padding but is not implemented by XLA:CPU
 in this jax (0.10.2), so the padded `all_to_all` is used everywhere.
 
@@ -42,19 +43,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from glm5v_jax.layers.moe import ragged_dot_dispatch, register_moe_impl
+from glm5v_jax.errors import ConfigError
+from glm5v_jax.layers.moe_dispatch import ragged_dot_dispatch
 from glm5v_jax.sharding import context
 
-# Default capacity factor when `capacity_factor` is not given: None = dropless (C = S).
-CAPACITY_FACTOR: float | None = None
 
-
-def _capacity(slots: int, ep: int, factor: float | None) -> int:
-    """Rows per destination rank in the send buffer."""
-    if factor is None:
+def _capacity(slots: int, ep: int, factor: float) -> int:
+    """Rows per destination rank in the send buffer (factor 0: dropless, all `slots`)."""
+    if factor == 0:
         return slots
-    if factor <= 0:
-        raise ValueError(f"capacity_factor must be positive, got {factor}")
     return max(1, min(slots, math.ceil(factor * slots / ep)))
 
 
@@ -105,13 +102,15 @@ def _local_dispatch(x, idx, weights, gate, up, down, *, exp_axes, mlp_axes, batc
     return y, dropped
 
 
-def expert_parallel_dispatch_with_stats(x, idx, weights, gate, up, down, *, capacity_factor: float | None = None,
-                                        grouped_matmul=jax.lax.ragged_dot):
-    """(y [T,H], number of dropped token slots []) — see the module docstring.
+def expert_parallel_dispatch(x, idx, weights, gate, up, down, *, capacity_factor: float = 0.0,
+                             grouped_matmul=jax.lax.ragged_dot):
+    """(y [T,H], number of dropped token slots [] int32) — see the module docstring.
 
-    capacity_factor: None uses `CAPACITY_FACTOR` (None there = dropless, exact).
+    capacity_factor: 0 = dropless (exact); f > 0 bounds each send buffer at ceil(f * S / ep) rows.
     grouped_matmul: the local expert matmul (`jax.lax.ragged_dot`, or the Pallas `gmm`).
     """
+    if capacity_factor < 0:
+        raise ConfigError("capacity_factor", f"must be >= 0 (0 = dropless), got {capacity_factor}")
     ctx = context.active()
     exp_axes = ctx.mesh_axes("exp") if ctx is not None else ()
     ep = ctx.axis_size("exp") if ctx is not None else 1
@@ -122,24 +121,26 @@ def expert_parallel_dispatch_with_stats(x, idx, weights, gate, up, down, *, capa
     batch_axes = ctx.mesh_axes("activation_batch")
     missing = [a for a in exp_axes if a not in batch_axes]
     if missing:
-        raise ValueError(f"moe_impl='expert_parallel' splits tokens over config.mesh.rules.activation_batch "
-                         f"{batch_axes}, which must contain the expert axes of rule 'exp' {exp_axes}; "
-                         f"missing {tuple(missing)}")
+        raise ConfigError("config.mesh.rules.activation_batch",
+                          f"moe_impl='expert_parallel' splits tokens over config.mesh.rules.activation_batch "
+                          f"{batch_axes}, which must contain the expert axes of rule 'exp' {exp_axes}; "
+                          f"missing {tuple(missing)}")
     n_batch = ctx.axis_size("activation_batch")
     t, k = idx.shape
     num_experts = gate.shape[0]
     if t % n_batch:
-        raise ValueError(f"moe_impl='expert_parallel': the {t} tokens (batch*seq) are not divisible by the "
-                         f"{n_batch} devices of config.mesh.rules.activation_batch {batch_axes}")
+        raise ConfigError("config.mesh.rules.activation_batch",
+                          f"moe_impl='expert_parallel': the {t} tokens (batch*seq) are not divisible by the "
+                          f"{n_batch} devices of config.mesh.rules.activation_batch {batch_axes}")
     if num_experts % ep:
-        raise ValueError(f"moe_impl='expert_parallel': {num_experts} experts are not divisible by the "
-                         f"{ep} devices of rule 'exp' {exp_axes}")
+        raise ConfigError("config.model.backbone.num_experts",
+                          f"moe_impl='expert_parallel': {num_experts} experts are not divisible by the "
+                          f"{ep} devices of rule 'exp' {exp_axes}")
     mlp_axes = tuple(a for a in ctx.mesh_axes("mlp") if a not in batch_axes)
     n_mlp = math.prod(ctx.mesh.shape[a] for a in mlp_axes)
     if gate.shape[-1] % n_mlp:
         mlp_axes = ()  # width not divisible: no tensor parallelism inside the experts
-    factor = CAPACITY_FACTOR if capacity_factor is None else capacity_factor
-    capacity = _capacity(t // n_batch * k, ep, factor)
+    capacity = _capacity(t // n_batch * k, ep, capacity_factor)
 
     tok = P(context.axes_entry(batch_axes), None)
     e_spec, m_spec = context.axes_entry(exp_axes), context.axes_entry(mlp_axes)
@@ -156,9 +157,3 @@ def expert_parallel_dispatch_with_stats(x, idx, weights, gate, up, down, *, capa
         check_vma=grouped_matmul is jax.lax.ragged_dot,
     )
     return fn(x, idx, weights, gate, up, down)
-
-
-@register_moe_impl("expert_parallel")
-def expert_parallel_dispatch(x, idx, weights, gate, up, down, *, capacity_factor: float | None = None):
-    """Expert-parallel dispatch (all_to_all over the `exp` axes); [T,H]. See the module docstring."""
-    return expert_parallel_dispatch_with_stats(x, idx, weights, gate, up, down, capacity_factor=capacity_factor)[0]

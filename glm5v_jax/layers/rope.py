@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glm5v_jax.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Rotary:
@@ -32,10 +34,10 @@ class Rotary:
 
     def __post_init__(self):
         if self.rotary_dim % 2:
-            raise ValueError(f"rotary_dim ({self.rotary_dim}) must be even")
+            raise ConfigError("rotary_dim", f"rotary_dim ({self.rotary_dim}) must be even")
         if self.sections is not None and sum(self.sections) != self.rotary_dim // 2:
-            raise ValueError(
-                f"rope sections {self.sections} must sum to rotary_dim/2 = {self.rotary_dim // 2}"
+            raise ConfigError(
+                "sections", f"rope sections {self.sections} must sum to rotary_dim/2 = {self.rotary_dim // 2}"
             )
 
     @property

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from glm5v_jax.errors import ConfigError
+
 T_PRIME_INIT = math.log(10.0)  # t' : the temperature t = exp(t') starts at 10
 BIAS_INIT = -10.0  # b: strongly negative at first, since negatives outnumber positives B - 1 to 1
 NORM_EPS = 1e-12
@@ -189,11 +191,11 @@ def sharded_sigmoid_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, 
     """The SigLIP loss of global `[B, D]` embeddings whose batch is split over `batch_axes` of
     `mesh`: `shard_map` around the ring (`impl="ring"`) or all-gather form. Differentiable."""
     if impl not in DISTRIBUTED:
-        raise ValueError(f"impl: unknown sigmoid loss implementation {impl!r}; expected one of {tuple(DISTRIBUTED)}")
+        raise ConfigError("impl", f"unknown sigmoid loss implementation {impl!r}; expected one of {tuple(DISTRIBUTED)}")
     axes = tuple(batch_axes) if isinstance(batch_axes, (tuple, list)) else (batch_axes,)
     missing = [a for a in axes if a not in mesh.axis_names]
     if missing:
-        raise ValueError(f"batch_axes: {missing} not in the mesh axes {mesh.axis_names}")
+        raise ConfigError("batch_axes", f"{missing} not in the mesh axes {mesh.axis_names}")
     devices = math.prod(mesh.shape[a] for a in axes)
     if image_emb.shape[0] % devices:
         raise ValueError(f"the batch of {image_emb.shape[0]} pairs does not split over {devices} devices "

@@ -7,6 +7,10 @@ visual position, and is marked in `loss_mask` (when given). Losses are means
 over counted targets.
 
     total = L_main + loss_weight / D * sum_k L_mtp^k  (+ balance_weight * balance_loss)
+
+balance_loss is the DeepSeek-V3 sequence-wise balance loss averaged over every MoE
+layer of the model: the backbone's MoE layers and the MoE blocks of the MTP depths
+(`moe_balance_loss`).
 """
 from __future__ import annotations
 
@@ -46,6 +50,34 @@ def per_segment_mean(values: jax.Array, weights: jax.Array, segment_ids: jax.Arr
     return sums / jnp.maximum(counts, 1.0)
 
 
+def moe_balance_loss(outputs) -> tuple[jax.Array | None, dict]:
+    """(balance loss of all MoE layers, metrics) from `GLM5V.__call__` outputs; None without MoE.
+
+    Every MoE layer counts once, whether in the backbone or in an MTP depth's block: as in
+    Megatron-Core, where an MTP layer's MoE router adds its auxiliary loss with the same
+    coefficient as a decoder layer's (its aux-loss tracker has num_layers + mtp_num_layers
+    slots), and not scaled by the MTP loss weight. Megatron sums the layers' losses; this
+    averages them (the backbone reports its mean over `L` layers), so `balance_loss_weight`
+    keeps the meaning it has without MTP:
+        (L * mean_backbone + sum_k balance_mtp_k) / (L + number of MoE MTP blocks).
+    """
+    parts, counts, metrics = [], [], {}
+    aux = outputs["aux"]
+    if aux.get("balance_loss") is not None:
+        layers = aux["expert_load"].shape[0]  # [L_moe, E]
+        parts.append(aux["balance_loss"] * layers)
+        counts.append(layers)
+        metrics["loss/balance_backbone"] = aux["balance_loss"]
+    for k, depth_aux in enumerate(outputs.get("mtp_aux") or (), start=1):
+        if depth_aux.get("balance_loss") is not None:
+            parts.append(depth_aux["balance_loss"])
+            counts.append(1)
+            metrics[f"loss/balance_mtp_{k}"] = depth_aux["balance_loss"]
+    if not parts:
+        return None, metrics
+    return sum(parts) / sum(counts), metrics
+
+
 def vlm_loss(outputs, batch, *, mtp_loss_weight: float = 0.3, balance_loss_weight: float = 0.0):
     """(total loss, metrics) from `GLM5V.__call__` outputs and the batch."""
     tokens, seg = batch["tokens"], batch["segment_ids"]
@@ -65,10 +97,13 @@ def vlm_loss(outputs, batch, *, mtp_loss_weight: float = 0.3, balance_loss_weigh
         mtp = sum(mtp_losses) / len(mtp_losses)
         metrics["loss/mtp"] = mtp
         total = total + mtp_loss_weight * mtp
-    balance = outputs["aux"].get("balance_loss")
+    balance, balance_metrics = moe_balance_loss(outputs)
     if balance is not None:
+        metrics.update(balance_metrics)
         metrics["loss/balance"] = balance
         if balance_loss_weight:
             total = total + balance_loss_weight * balance
+    if outputs["aux"].get("dropped_fraction") is not None:  # token-expert slots over the MoE capacity
+        metrics["moe/dropped_fraction"] = outputs["aux"]["dropped_fraction"]
     metrics["loss/total"] = total
     return total, metrics

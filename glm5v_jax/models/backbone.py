@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm5v_jax.errors import ConfigError
 from glm5v_jax.layers.attention import Attention
 from glm5v_jax.layers.mlp import SwiGLU
 from glm5v_jax.layers.moe import MoE, update_router_bias
@@ -42,7 +43,8 @@ class DecoderBlock(nnx.Module):
         if moe:
             self.mlp = MoE(h, spec.moe_mlp_dim, spec.num_experts, spec.experts_per_token,
                            num_shared_experts=spec.num_shared_experts, routed_scaling=spec.routed_scaling,
-                           impl=spec.moe_impl, dtype=dt, param_dtype=pdt, init_std=std, rngs=rngs)
+                           impl=spec.moe_impl, capacity_factor=spec.capacity_factor, dtype=dt, param_dtype=pdt,
+                           init_std=std, rngs=rngs)
         else:
             self.mlp = SwiGLU(h, spec.mlp_dim, dtype=dt, param_dtype=pdt, init_std=std, rngs=rngs)
 
@@ -91,7 +93,8 @@ class GLMBackbone(nnx.Module):
     def run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array):
         """The decoder stack on embeddings x `[B, S, H]`; returns (h before the final norm, aux).
 
-        aux: `expert_load [L_moe, E]` and `balance_loss` (mean over MoE layers); with
+        aux: `expert_load [L_moe, E]`, `balance_loss` and `dropped_fraction` (token-expert slots
+        dropped by a bounded expert-parallel capacity; both means over MoE layers); with
         `spec.track_max_logits` also `attn_max_logits` {stack name: `[L, H]`}.
         """
         rotary = self.rotary_tables(positions)
@@ -107,7 +110,8 @@ class GLMBackbone(nnx.Module):
                 max_logits["dense_layers"] = dense_aux["attn_max_logits"]
         if self.moe_layers is not None:
             x, moe_aux = scan_layers(self.moe_layers, x, body, remat=remat)
-            aux = {"expert_load": moe_aux["expert_load"], "balance_loss": jnp.mean(moe_aux["balance_loss"])}
+            aux = {"expert_load": moe_aux["expert_load"], "balance_loss": jnp.mean(moe_aux["balance_loss"]),
+                   "dropped_fraction": jnp.mean(moe_aux["dropped_fraction"])}
             if "attn_max_logits" in moe_aux:
                 max_logits["moe_layers"] = moe_aux["attn_max_logits"]
         if self.spec.track_max_logits:
@@ -121,8 +125,9 @@ class GLMBackbone(nnx.Module):
         with `prefix` + "/" in front), so the dict is the `max_logits` QK-Clip takes.
         """
         if "attn_max_logits" not in aux:
-            raise ValueError("no attn_max_logits in the aux output: build the backbone with "
-                             "BackboneSpec.track_max_logits=True (config.model.backbone.track_max_logits)")
+            raise ConfigError("config.model.backbone.track_max_logits",
+                              "no attn_max_logits in the aux output: build the backbone with "
+                              "BackboneSpec.track_max_logits=True (config.model.backbone.track_max_logits)")
         head = f"{prefix}/" if prefix else ""
         return {f"{head}{stack}/attn": v for stack, v in aux["attn_max_logits"].items()}
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm5v_jax.errors import ConfigError
 from glm5v_jax.layers.norms import LayerNorm
 from glm5v_jax.layers.params import param, zeros
 from glm5v_jax.models.cogvit import CogViT
@@ -48,7 +49,7 @@ class MIMStudent(nnx.Module):
     def __init__(self, spec: VisionSpec, teacher_dims: Mapping[str, int], *, head_hidden: int = 0,
                  rngs: nnx.Rngs):
         if not teacher_dims:
-            raise ValueError("teacher_dims: stage 1 needs at least one teacher")
+            raise ConfigError("teacher_dims", "stage 1 needs at least one teacher")
         self.encoder = CogViT(spec, rngs=rngs)
         hidden = head_hidden or spec.embed_dim
         self.heads = nnx.Dict({name: AdaptorHead(spec.embed_dim, hidden, dim, dtype=spec.dtype, rngs=rngs)

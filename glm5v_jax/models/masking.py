@@ -20,6 +20,8 @@ import enum
 import jax
 import jax.numpy as jnp
 
+from glm5v_jax.errors import ConfigError
+
 
 class MaskLayout(str, enum.Enum):
     RANDOM = "random"
@@ -67,8 +69,12 @@ def mim_mask(key: jax.Array, valid: jax.Array, patch_yx: jax.Array | None = None
     valid `[B, N]`; patch_yx `[B, N, 2]` (grid row, col; needed for `block`); ratio in [0, 1].
     """
     if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio: the masked fraction must be in [0, 1], got {ratio}")
-    layout = MaskLayout(layout)
+        raise ConfigError("ratio", f"the masked fraction must be in [0, 1], got {ratio}")
+    try:
+        layout = MaskLayout(layout)
+    except ValueError:
+        raise ConfigError("layout", f"unknown mask layout {layout!r}; expected one of "
+                                    f"{[m.value for m in MaskLayout]}") from None
     valid = valid.astype(bool)
     count = masked_count(valid, ratio)
     if layout == MaskLayout.RANDOM:
@@ -77,6 +83,6 @@ def mim_mask(key: jax.Array, valid: jax.Array, patch_yx: jax.Array | None = None
         if patch_yx is None:
             raise ValueError("patch_yx: block masking needs each patch's grid position")
         if num_blocks < 1:
-            raise ValueError(f"num_blocks: need at least one block, got {num_blocks}")
+            raise ConfigError("num_blocks", f"need at least one block, got {num_blocks}")
         scores = _block_scores(key, valid, patch_yx, min(num_blocks, valid.shape[1]))
     return _top_k_mask(scores, valid, count)

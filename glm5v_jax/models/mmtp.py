@@ -1,7 +1,7 @@
 """Multimodal multi-token prediction (MMTP), DeepSeek-V3-style with GLM naming.
 
 Depth k (1..D) at position i combines the previous depth's hidden state h^{k-1}_i
-(h^0 = the main model's last hidden state) with the embedding of token t_{i+k}:
+with the embedding of token t_{i+k}:
 
     h'_i = eh_proj [enorm(e_{i+k}); hnorm(h^{k-1}_i)]      (embedding first, as GLM)
     h^k  = DecoderBlock_k(h')                              (causal, packed segments)
@@ -12,6 +12,28 @@ positions is the MMTP mode (`MMTPMode`): the backbone's merged input embeddings
 (`visual_embed`), the shared `<|image|>` row of the embedding table
 (`image_token`), or nothing at all: visual positions leave the stream, neither
 attended to nor used as input (`mask`).
+
+h^0, the main model's last hidden state, is read *after* the backbone's final RMSNorm
+by default (`MTPSpec.h0_norm="final_norm"`; `"pre_norm"` reads the trunk's output
+before it). That is what the released GLM-4.5 MTP weights (`model.layers.{N}.enorm /
+hnorm / eh_proj / shared_head`) are served with. Settled from sglang
+(github.com/sgl-project/sglang):
+  * `python/sglang/srt/models/glm4_moe.py`, `Glm4MoeModel.forward` ends with
+    `hidden_states, _ = self.norm(hidden_states, residual)` and returns that, and
+    `Glm4MoeForCausalLM.forward` hands exactly this tensor to
+    `self.logits_processor(input_ids, hidden_states, self.lm_head, forward_batch, ...)`;
+  * `python/sglang/srt/layers/logits_processor.py` stores that argument as the captured
+    hidden state for speculative decoding (`hidden_states_to_store = hidden_states`),
+    which the EAGLE/MTP worker puts in `spec_info.hidden_states`;
+  * `python/sglang/srt/models/glm4_moe_nextn.py` (lines 93-97 at commit 008b79d2),
+    `Glm4MoeModelNextN.forward` reads it as `self.hnorm(forward_batch.spec_info.hidden_states)` in
+    `self.eh_proj(torch.cat((self.enorm(hidden_states), self.hnorm(...)), dim=-1))`.
+vLLM agrees (`vllm/model_executor/models/glm4_moe.py`: `Glm4MoeModel.forward` returns
+`self.norm(hidden_states, residual)`, the runner passes it on as `target_hidden_states`,
+and `glm4_moe_mtp.py` applies `self.hnorm(previous_hidden_states)`). So hnorm
+normalises an already-normalised h^0. For k > 1 (GLM-4.5 ships one depth, so no
+checkpoint decides it) the state passed on is h^k before `head_norm`, as vLLM's
+`Glm4MoeMultiTokenPredictorLayer.forward` returns it (sglang's NextN passes the normed one).
 """
 from __future__ import annotations
 
@@ -22,7 +44,7 @@ from flax import nnx
 from glm5v_jax.layers.norms import RMSNorm
 from glm5v_jax.layers.params import normal, param
 from glm5v_jax.models.backbone import DecoderBlock, GLMBackbone
-from glm5v_jax.models.specs import BackboneSpec, MMTPMode, MTPSpec, TrunkGradient
+from glm5v_jax.models.specs import BackboneSpec, H0Norm, MMTPMode, MTPSpec, TrunkGradient
 
 
 def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
@@ -85,13 +107,17 @@ class MMTP(nnx.Module):
     ):
         """Per-depth logits and stream masks.
 
-        h0 `[B, S, H]`: main hidden states; tokens `[B, S]`; input_embeds `[B, S, H]`:
-        the backbone's merged input (vision features at image positions);
-        is_visual `[B, S]`: image positions. Returns (list of logits `[B, S, V]`,
-        list of stream segment ids `[B, S]`, list of MTP-stream inputs `[B, S, H]`
-        (e_{i+k}, for inspection), aux of the MoE blocks).
+        h0 `[B, S, H]`: the trunk's last hidden states *before* the backbone's final norm
+        (`GLMBackbone.run_layers`); with `h0_norm="final_norm"` the norm is applied here.
+        tokens `[B, S]`; input_embeds `[B, S, H]`: the backbone's merged input (vision
+        features at image positions); is_visual `[B, S]`: image positions. Returns (list of
+        logits `[B, S, V]`, list of stream segment ids `[B, S]`, list of MTP-stream inputs
+        `[B, S, H]` (e_{i+k}, for inspection), list of the blocks' aux (MoE load and
+        balance loss)).
         """
         mode = self.spec.mode
+        if self.spec.h0_norm == H0Norm.FINAL_NORM:
+            h0 = backbone.final_norm(h0)
         if self.spec.trunk_gradient == TrunkGradient.STOP:
             h0 = jax.lax.stop_gradient(h0)
         if mode == MMTPMode.VISUAL_EMBED:

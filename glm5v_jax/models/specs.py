@@ -42,15 +42,36 @@ class MMTPMode(str, enum.Enum):
 
 
 class TrunkGradient(str, enum.Enum):
-    """Where the MTP loss back-propagates through the main model's hidden states h^0."""
+    """Where the MTP loss back-propagates through the main model's hidden states h^0.
 
-    # MTP gradients train the trunk (as in DeepSeek-V3) but are not passed on through the
-    # trunk into the vision features: only the MTP stream's own input can reach the vision
-    # tower (it does in `visual_embed`, never in `image_token` or `mask`). Costs one extra
-    # activation-only backward pass through the trunk on batches with images.
-    ISOLATE_VISION = "isolate_vision"
+    `full` (the default) is the report's design: it changes only what enters the MTP head
+    at image positions, and, as in DeepSeek-V3 / Megatron MTP, the MTP loss trains
+    everything upstream of h^0, vision tower included. `isolate_vision` and `stop` are
+    ablation options of this project, not from the report.
+    """
+
     FULL = "full"  # DeepSeek-V3 / Megatron as is: through the trunk into vision as well
-    STOP = "stop"  # h^0 detached: the MTP loss trains the MTP blocks and shared head only
+    # Ablation (ours, not the report's): MTP gradients train the trunk but are not passed on
+    # through the trunk into the vision features: only the MTP stream's own input can reach
+    # the vision tower (it does in `visual_embed`, never in `image_token` or `mask`). Costs
+    # one extra activation-only backward pass through the trunk on batches with images.
+    ISOLATE_VISION = "isolate_vision"
+    # Ablation (ours, not the report's): h^0 detached, the MTP loss trains the MTP blocks and
+    # the shared head only.
+    STOP = "stop"
+
+
+class H0Norm(str, enum.Enum):
+    """Which main-model hidden state the first MTP depth reads as h^0.
+
+    `final_norm` (the default): the trunk's output after the backbone's final RMSNorm, which
+    is what the released GLM-4.5 MTP weights see in sglang / vLLM (see
+    `glm5v_jax.models.mmtp`); the depth's `hnorm` then normalises it again. `pre_norm`: the
+    trunk's output before the final norm.
+    """
+
+    FINAL_NORM = "final_norm"
+    PRE_NORM = "pre_norm"
 
 
 def _enum(cls, value, field):
@@ -144,6 +165,10 @@ class BackboneSpec:
     init_std: float = 0.02
     attention_impl: str = "xla"
     moe_impl: str = "ragged_dot"
+    # Expert-parallel exchange capacity: 0 = dropless; f > 0 bounds what each device sends to
+    # each expert rank at ceil(f * slots / ep) token slots and drops the rest (aux
+    # `dropped_fraction`). Only `moe_impl` expert_parallel (and pallas with expert axes) exchange.
+    capacity_factor: float = 0.0
     remat: bool = False
     # Report each attention head's max pre-softmax logit in the aux outputs
     # (`attn_max_logits`), the statistic QK-Clip needs (`glm5v_jax.optim.qk_clip`).
@@ -162,7 +187,8 @@ class BackboneSpec:
                 f"must be in [0, num_layers={self.num_layers}], got {self.first_k_dense}")
         rot = self.head_dim * self.rotary_fraction
         require(0 < self.rotary_fraction <= 1 and rot == int(rot) and int(rot) % 2 == 0, "rotary_fraction",
-                f"rotary dims head_dim*rotary_fraction = {rot} must be an even integer in (0, head_dim={self.head_dim}]")
+                f"rotary dims head_dim*rotary_fraction = {rot} must be an even integer "
+                f"in (0, head_dim={self.head_dim}]")
         if self.mrope_sections is not None:
             require(all(s > 0 for s in self.mrope_sections) and sum(self.mrope_sections) == int(rot) // 2,
                     "mrope_sections",
@@ -174,6 +200,8 @@ class BackboneSpec:
                     f"top-k ({self.experts_per_token}) must be in [1, num_experts={self.num_experts}]")
             require(self.moe_mlp_dim > 0, "moe_mlp_dim", f"must be positive, got {self.moe_mlp_dim}")
             require(self.num_shared_experts >= 0, "num_shared_experts", "must be >= 0")
+            require(self.capacity_factor >= 0, "capacity_factor",
+                    f"must be >= 0 (0 = dropless), got {self.capacity_factor}")
 
     @property
     def num_moe_layers(self) -> int:
@@ -191,12 +219,14 @@ class MTPSpec:
     num_depths: int = 1
     mode: MMTPMode = MMTPMode.IMAGE_TOKEN
     loss_weight: float = 0.3
-    trunk_gradient: TrunkGradient = TrunkGradient.ISOLATE_VISION
+    trunk_gradient: TrunkGradient = TrunkGradient.FULL
+    h0_norm: H0Norm = H0Norm.FINAL_NORM
     moe_block: bool | None = None  # None: MoE block iff the backbone has MoE layers
 
     def __post_init__(self):
         object.__setattr__(self, "mode", _enum(MMTPMode, self.mode, "mode"))
         object.__setattr__(self, "trunk_gradient", _enum(TrunkGradient, self.trunk_gradient, "trunk_gradient"))
+        object.__setattr__(self, "h0_norm", _enum(H0Norm, self.h0_norm, "h0_norm"))
         require(self.num_depths >= 0, "num_depths", f"must be >= 0, got {self.num_depths}")
         require(self.loss_weight >= 0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
 

@@ -64,9 +64,11 @@ _trunk_two_streams.defvjp(_trunk_two_streams_fwd, _trunk_two_streams_bwd)
 
 
 def trunk_isolating_vision(backbone: GLMBackbone, embeds, positions, segment_ids, is_visual):
-    """Run the decoder stack once; return (h, aux, h_for_mtp).
+    """Run the decoder stack once; return (h, aux, h_for_mtp) (`trunk_gradient="isolate_vision"`).
 
-    Forward values are identical. In the backward pass, gradient arriving at
+    An ablation option of this project, not from the report (whose MTP loss, as in
+    DeepSeek-V3, trains everything upstream of h^0, vision tower included). Forward values
+    are identical. In the backward pass, gradient arriving at
     `h_for_mtp` trains the trunk's parameters and the text inputs, but is dropped at
     the image positions of the input, so it never reaches the vision tower.
     """
@@ -120,7 +122,7 @@ class GLM5V(nnx.Module):
             h, aux = self.backbone.run_layers(embeds, positions, segment_ids)
             h_mtp = h
         out = {"logits": self.backbone.logits(h), "is_visual": is_visual, "aux": aux}
-        if self.mtp is not None:
+        if self.mtp is not None:  # h_mtp before the final norm: MMTP applies spec.mtp.h0_norm
             logits, segments, inputs, mtp_aux = self.mtp(
                 self.backbone, h_mtp, tokens, embeds, positions, segment_ids, is_visual)
             out.update(mtp_logits=logits, mtp_segments=segments, mtp_inputs=inputs, mtp_aux=mtp_aux)

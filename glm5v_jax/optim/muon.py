@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from glm5v_jax.errors import ConfigError
 from glm5v_jax.optim.newton_schulz import newton_schulz
 from glm5v_jax.optim.routing import MatrixSpec, path_key, tree_of_specs
 from glm5v_jax.optim.sharded_ns import LAYOUTS, orthogonalize_matrices
@@ -106,7 +107,7 @@ def orthogonalize(table: Table, ns_fn: Callable[[jax.Array], jax.Array] = newton
     `orthogonality_error` is measured (an SVD of one matrix) and kept in the state.
     """
     if scale_mode not in SCALE_MODES:
-        raise ValueError(f"unknown scale_mode {scale_mode!r}; expected one of {sorted(SCALE_MODES)}")
+        raise ConfigError("scale_mode", f"unknown scale_mode {scale_mode!r}; expected one of {sorted(SCALE_MODES)}")
     scale_fn = SCALE_MODES[scale_mode]
 
     def init_fn(params):
@@ -192,7 +193,7 @@ def grouped_muon(
     cast to the parameter dtype. `group_of(path)` names each parameter's group.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown Newton-Schulz layout {layout!r}; expected one of {LAYOUTS}")
+        raise ConfigError("layout", f"unknown Newton-Schulz layout {layout!r}; expected one of {LAYOUTS}")
 
     def ns_fn(x):
         return newton_schulz(x, ns_preset, ns_steps, dtype=ns_dtype)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from glm5v_jax.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class NSPreset:
@@ -61,7 +63,7 @@ def get_preset(preset: str | NSPreset) -> NSPreset:
     if isinstance(preset, NSPreset):
         return preset
     if preset not in PRESETS:
-        raise ValueError(f"unknown Newton-Schulz preset {preset!r}; expected one of {sorted(PRESETS)}")
+        raise ConfigError("ns_preset", f"unknown Newton-Schulz preset {preset!r}; expected one of {sorted(PRESETS)}")
     return PRESETS[preset]
 
 

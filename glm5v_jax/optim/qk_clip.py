@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from glm5v_jax.errors import ConfigError
 from glm5v_jax.layers.attention import Attention
 
 MaxLogits = Mapping[str, jax.Array]
@@ -123,7 +124,7 @@ def _leaf(name: str, leaf: str) -> str:
 
 def _check_tau(tau: float) -> float:
     if not tau > 0:
-        raise ValueError(f"qk_clip: tau must be > 0, got {tau}")
+        raise ConfigError("tau", f"the QK-Clip threshold must be > 0, got {tau}")
     return float(tau)
 
 

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from glm5v_jax.errors import ConfigError
+
 LAYOUTS = ("stack", "replicate", "auto")
 
 
@@ -53,7 +55,7 @@ def orthogonalize_matrices(mats: Sequence[jax.Array], ns_fn: Callable[[jax.Array
                            layout: str = "stack", mesh: Mesh | None = None) -> list[jax.Array]:
     """`ns_fn` applied to every `[B_i, m_i, n_i]` of `mats`, laid out per `layout`."""
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown Newton-Schulz layout {layout!r}; expected one of {LAYOUTS}")
+        raise ConfigError("layout", f"unknown Newton-Schulz layout {layout!r}; expected one of {LAYOUTS}")
     mesh = _mesh_or_none(mesh)
     if layout == "auto" or mesh is None:
         return [ns_fn(m) for m in mats]

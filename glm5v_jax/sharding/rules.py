@@ -36,6 +36,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "norm": None,
     "patch": "tensor",
     "mtp_concat": "tensor",
+    "proj": "tensor",  # the contrastive towers' output projection width (stage 2)
     # activations
     "activation_batch": ("data", "fsdp", "expert"),
     "activation_length": None,

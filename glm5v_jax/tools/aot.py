@@ -41,12 +41,12 @@ import time
 import traceback
 from typing import Any, Sequence
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 import jax
 
-from glm5v_jax.errors import ConfigError
+from glm5v_jax.errors import ConfigError, run_cli
 from glm5v_jax.train.stages import stage_module
 
 GiB = 1024**3
@@ -259,4 +259,4 @@ if __name__ == "__main__":
     _FLAGS = define_flags()
     flags.mark_flag_as_required("config")
     jax.config.update("jax_platforms", "cpu")  # nothing runs locally; never take a real TPU
-    app.run(lambda argv: main(argv, _FLAGS))
+    run_cli(lambda argv: main(argv, _FLAGS))

@@ -86,10 +86,11 @@ def main(argv) -> None:  # pragma: no cover - exercised through the CLI test
 
 
 if __name__ == "__main__":
-    from absl import app
     from ml_collections import config_flags
+
+    from glm5v_jax.errors import run_cli
 
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/vlm_pretrain.py:tiny.",
                                               lock_config=True)
     jax.config.update("jax_platforms", "cpu")
-    app.run(main)
+    run_cli(main)  # a ConfigError: one line on stderr, exit status 2

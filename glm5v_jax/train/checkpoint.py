@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from glm5v_jax.train.paths import as_path
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ class Checkpointer:
     """Save and restore (state pytree, data-iterator state, config) by step."""
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._max_to_keep = max_to_keep
         self._async = async_save
@@ -62,7 +64,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
-    def _quarantine(self, step: int) -> Path:
+    def _quarantine(self, step: int) -> epath.Path:
         src = self.directory / str(step)
         n = 0
         while (dst := self.directory / f"{step}.bad-{n}").exists():

@@ -31,7 +31,6 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from etils import epath
 from flax import nnx

@@ -59,7 +59,7 @@ def prepare_tokenizer(data: ml_collections.ConfigDict, workdir: epath.Path) -> T
     worlds = [s for s in data.sources.values() if s.kind == "shapes_world"]
     src = max(worlds, key=lambda s: int(s.train)) if worlds else None
     if src is None:
-        raise ValueError("config.data.tokenizer: no shapes_world source to train a tokenizer on; give the path "
+        raise ConfigError("config.data.tokenizer", "no shapes_world source to train a tokenizer on; give the path "
                          "of a SentencePiece model")
     n = min(int(src.train), int(data.tokenizer_images))
     path = (epath.Path(data.data_dir) if data.data_dir else epath.Path(workdir) / "data") / \
@@ -218,7 +218,8 @@ def budget_at(config: ml_collections.ConfigDict, step: int) -> int:
         return budgets[(step - 1) % len(budgets)]
     if config.data.budget_schedule == "random":
         return budgets[int(np.random.default_rng([config.seed, step]).integers(len(budgets)))]
-    raise ValueError(f"config.data.budget_schedule: unknown {config.data.budget_schedule!r}; expected cycle | random")
+    raise ConfigError("config.data.budget_schedule",
+                      f"unknown {config.data.budget_schedule!r}; expected cycle | random")
 
 
 def _batch_config(config, budget: int, batch_size: int, **kw) -> ImageBatchConfig:
@@ -278,7 +279,8 @@ def make_evaluator(config, sources, tokenizer):
     knn_train = _fixed_batches(sources.knn_train, config, d.knn_train_images, budget, 0, None)
     evals = _fixed_batches(sources.eval, config, d.eval_images, budget, d.text_len, tokenizer)
     if not knn_train or not evals:
-        raise ValueError(f"config.data.knn_train_images / eval_images: the evaluation sets give {len(knn_train)} and "
+        raise ConfigError("config.data.knn_train_images / eval_images",
+                          f"the evaluation sets give {len(knn_train)} and "
                          f"{len(evals)} full batches of {bs} images; each needs at least one")
     texts, colour_of, shape_of = class_prompts()
     prompts = tokenize(tokenizer, texts, d.text_len)

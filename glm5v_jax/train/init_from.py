@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from glm5v_jax.errors import ConfigError
+from glm5v_jax.train.paths import as_path
 
 log = logging.getLogger(__name__)
 FIELD = "config.init_from"
@@ -120,7 +121,7 @@ def apply_init_from(text: str, state: Any, shardings: Any) -> Any:
     """`state` (an nnx.State with a `model` subtree, sharded as `shardings`) with the subtrees named
     by `text` replaced by the other run's arrays, placed with this run's shardings."""
     spec = parse_init_from(text)
-    ckpt_dir = epath.Path(spec.workdir) / "checkpoints"
+    ckpt_dir = as_path(spec.workdir) / "checkpoints"
     steps = _steps(ckpt_dir)
     if spec.step is not None:
         if spec.step not in steps:

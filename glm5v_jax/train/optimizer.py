@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from glm5v_jax.errors import ConfigError
 from glm5v_jax.optim.muon import SCALE_MODES, GroupHyperparams, grouped_muon, matrices_only
 from glm5v_jax.optim.qk_clip import qk_clip, qk_clip_targets
 from glm5v_jax.optim.routing import MatrixSpec, format_table, path_key, route
@@ -64,12 +65,12 @@ def groups_from_config(cfg: Mapping[str, Mapping[str, Any]]) -> dict[str, GroupS
         fields = dict(g)
         prefixes = tuple(p.strip().strip("/") for p in str(fields.pop("prefixes", "")).split(",") if p.strip())
         if not prefixes:
-            raise ValueError(f"config.optim.groups.{name}.prefixes: give the parameter path prefixes of the "
+            raise ConfigError(f"config.optim.groups.{name}.prefixes", "give the parameter path prefixes of the "
                              "group, comma-separated (e.g. 'backbone,mtp')")
         known = {f.name for f in dataclasses.fields(GroupSettings)} - {"prefixes"}
         unknown = sorted(set(fields) - known)
         if unknown:
-            raise ValueError(f"config.optim.groups.{name}: unknown field(s) {unknown}; expected {sorted(known)}")
+            raise ConfigError(f"config.optim.groups.{name}", f"unknown field(s) {unknown}; expected {sorted(known)}")
         out[name] = GroupSettings(prefixes=prefixes, **fields)
     return out
 
@@ -80,7 +81,7 @@ def group_assigner(groups: Mapping[str, GroupSettings]):
     for name, g in groups.items():
         for p in g.prefixes:
             if p in owner and owner[p] != name:
-                raise ValueError(f"config.optim.groups: prefix {p!r} is claimed by both {owner[p]!r} and "
+                raise ConfigError("config.optim.groups", f"prefix {p!r} is claimed by both {owner[p]!r} and "
                                  f"{name!r}; remove it from one (a longer prefix may refine a group)")
             owner[p] = name
     prefixes = sorted(((tuple(p.split("/")), name) for p, name in owner.items()), key=lambda item: -len(item[0]))
@@ -105,7 +106,7 @@ def make_tx(params: nnx.State, *, total_steps: int, groups: Mapping[str, GroupSe
     mesh, shardings).
     """
     if name not in OPTIMIZERS:
-        raise ValueError(f"config.optim.name: unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+        raise ConfigError("config.optim.name", f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
     group_of = group_assigner(groups)
     jax.tree_util.tree_map_with_path(lambda path, _: group_of(path_key(path)), params)  # every leaf has a group
     schedules = {}
@@ -150,9 +151,9 @@ def transform_from_config(model: nnx.Module, cfg: Any, total_steps: int, *, mesh
                             clip_norm=cfg.clip_norm, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, muon_kwargs=muon_kwargs)
     if cfg.qk_clip_tau > 0:  # MuonClip: cap per-head logits after each update
         if not model.spec.backbone.track_max_logits:
-            raise ValueError("config.optim.qk_clip_tau > 0 needs config.model.backbone.track_max_logits=True")
+            raise ConfigError("config.optim.qk_clip_tau", "> 0 needs config.model.backbone.track_max_logits=True")
         if model.spec.backbone.qk_norm:
-            raise ValueError("config.optim.qk_clip_tau > 0 needs config.model.backbone.qk_norm=False "
+            raise ConfigError("config.optim.qk_clip_tau", "> 0 needs config.model.backbone.qk_norm=False "
                              "(with QK-Norm the projection scale does not reach the logits)")
         tx = optax.chain(tx, qk_clip(cfg.qk_clip_tau, targets=qk_clip_targets(model, prefixes=("backbone", "mtp"))))
     muon_on = cfg.name == "muon"

@@ -40,6 +40,7 @@ from glm5v_jax.train import flops as flops_lib
 from glm5v_jax.train.checkpoint import Checkpointer
 from glm5v_jax.train.init_from import apply_init_from
 from glm5v_jax.train.parallel import MeshPlan, plan_from_config
+from glm5v_jax.train.paths import as_path
 from glm5v_jax.train.stages import stage_module
 from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves, write_eval_table
 
@@ -80,6 +81,7 @@ class Job:
     evaluate: Callable[[Any], dict] | None = None  # state -> {"eval/...": value}
     work: Callable[[dict], dict] | None = None  # host batch -> {"tokens": n, "flops": f} of this host's rows
     hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    start_scalars: Callable[[], dict] | None = None  # measured once on a fresh start, logged at step 0
     finish: Callable[[epath.Path, int], None] | None = None  # (workdir, last step) at the end of a full run
     batch_keys: tuple[str, ...] | None = None  # what `batch_hash` fingerprints (None: every key)
     routing: str | None = None  # Muon routing table, written to routing.txt
@@ -163,21 +165,27 @@ def run(job: Job, workdir: epath.Path) -> dict:
         (workdir / "routing.txt").write_text(job.routing + "\n")
 
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    start_step = 0
-    restored = ckpt.restore_latest(state)  # resharded onto this run's mesh, whatever it was saved on
-    if restored is not None:
-        start_step, state, data_state, _ = restored
-        job.train_iter.set_state(data_state)
-        log.info("resuming at step %d%s", start_step,
-                 " (config.init_from is ignored: the checkpoint already holds the copied weights)"
-                 if config.get("init_from", "") else "")
-    elif config.get("init_from", ""):
-        state = apply_init_from(config.init_from, state, job.shardings)
+    try:
+        start_step = 0
+        restored = ckpt.restore_latest(state)  # resharded onto this run's mesh, whatever it was saved on
+        if restored is not None:
+            start_step, state, data_state, _ = restored
+            job.train_iter.set_state(data_state)
+            log.info("resuming at step %d%s", start_step,
+                     " (config.init_from is ignored: the checkpoint already holds the copied weights)"
+                     if config.get("init_from", "") else "")
+        elif config.get("init_from", ""):
+            state = apply_init_from(config.init_from, state, job.shardings)
+    except BaseException:
+        ckpt.close()
+        raise
 
     writer = MultiWriter([TensorBoardWriter(workdir / "tensorboard"), JsonlWriter(workdir / "metrics.jsonl")])
     last: dict = {}
     if start_step == 0:
         writer.write_hparams(dict(job.hparams, trainer=config.get("trainer", "")))
+        if job.start_scalars is not None:
+            writer.write_scalars(0, job.start_scalars())
         if job.evaluate is not None and config.eval_every:
             last = job.evaluate(state)  # the starting point (random init or init_from) training must beat
             writer.write_scalars(0, last)
@@ -259,7 +267,7 @@ def run(job: Job, workdir: epath.Path) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> dict:
     """Run the stage named by `config.trainer` in `workdir` (resuming if it holds checkpoints)."""
-    workdir = epath.Path(workdir)
+    workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     stage = stage_module(config)
     plan = mesh_plan(config)  # the mesh, and every check on it, before anything is built

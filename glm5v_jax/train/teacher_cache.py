@@ -58,6 +58,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from glm5v_jax.errors import ConfigError, run_cli
 from glm5v_jax.data.image_batches import ImageBatchConfig, ProcessImageRecord, view_key
 from glm5v_jax.data.sources import TagSource
 from glm5v_jax.data.templates import as_str
@@ -76,7 +77,7 @@ def teacher_view(config: ml_collections.ConfigDict, name: str, teacher_patch: in
     v = config.model.vision
     setting = int(config.teachers[name].get("max_patches", 0))
     if setting < 0:
-        raise ValueError(f"config.teachers.{name}.max_patches: must be >= 0 (0: the student's pixel area), "
+        raise ConfigError(f"config.teachers.{name}.max_patches", f"must be >= 0 (0: the student's pixel area), "
                          f"got {setting}")
     if teacher_patch == v.patch_size and setting in (0, v.max_patches):
         return None
@@ -226,7 +227,7 @@ def named_train_sources(data: ml_collections.ConfigDict, workdir: str | Path | N
     from glm5v_jax.train.vision_data import prepare_image_sources
 
     if not data.data_dir and not workdir:
-        raise ValueError("config.data.data_dir is empty and no workdir was given: the shapes-world sources live "
+        raise ConfigError("config.data.data_dir", "is empty and no workdir was given: the shapes-world sources live "
                          "under <workdir>/data (pass --workdir=<the run directory>)")
     named = prepare_image_sources(data, Path(workdir or "."), seed=0).named
     return {name: (ds if isinstance(ds, grain.MapDataset) else grain.MapDataset.source(ds)).map(TagSource(name))
@@ -278,7 +279,7 @@ def _fill(arrays: Mapping[str, np.ndarray], sources: Mapping[str, grain.MapDatas
                 skipped[el["skip"]] = skipped.get(el["skip"], 0) + 1
                 continue
             if el["id"] in rows_of:
-                raise ValueError(f"config.data.sources.{name}: record id {el['id']!r} occurs twice (rows "
+                raise ConfigError(f"config.data.sources.{name}", f"record id {el['id']!r} occurs twice (rows "
                                  f"{rows_of[el['id']]} and {el['row']}); the cache looks records up by id")
             rows_of[el["id"]], ids[el["row"]] = el["row"], el["id"]
             pending.append(el)
@@ -353,7 +354,7 @@ def build_cache(config: ml_collections.ConfigDict, cache_dir: str | Path, *, wor
 
 
 def _cli() -> None:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config = config_flags.DEFINE_config_file("config", None, "Stage-1 config, e.g. configs/cogvit_mim.py:tiny.",
@@ -373,7 +374,7 @@ def _cli() -> None:
         build_cache(config.value, cache_dir.value, workdir=workdir.value or None, batch_size=batch_size.value,
                     overwrite=overwrite.value)
 
-    app.run(main)
+    run_cli(main)
 
 
 if __name__ == "__main__":

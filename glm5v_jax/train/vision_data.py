@@ -13,15 +13,15 @@ and the k-NN reference set (the first `knn_train_images` of its train split).
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import ml_collections
 
+from glm5v_jax.errors import ConfigError
 from glm5v_jax.data.sources import array_record_source, mix_sources
+from glm5v_jax.train.paths import as_path, expand_globs
 
 log = logging.getLogger(__name__)
 SOURCE_KINDS = ("shapes_world", "array_record")
@@ -36,7 +36,7 @@ class ImageSources:
     eval: Any | None  # labelled evaluation images (shapes world validation split), or None
 
 
-def _shapes_world(data_dir: Path, build_seed: int, train: int, validation: int):
+def _shapes_world(data_dir, build_seed: int, train: int, validation: int):
     from glm5v_jax.data import shapes_world_tfds
 
     sizes = {"train": int(train), "validation": max(int(validation), 1), "text_train": 1, "text_validation": 1}
@@ -46,23 +46,23 @@ def _shapes_world(data_dir: Path, build_seed: int, train: int, validation: int):
     return shapes_world_tfds.load_split(path, "train"), shapes_world_tfds.load_split(path, "validation")
 
 
-def prepare_image_sources(data: Any, workdir: Path, *, seed: int) -> ImageSources:
+def prepare_image_sources(data: Any, workdir, *, seed: int) -> ImageSources:
     """Builds or opens every named source of `config.data.sources` and mixes them by weight."""
-    data_dir = Path(data.data_dir) if data.data_dir else Path(workdir) / "data"
+    data_dir = as_path(data.data_dir) if data.data_dir else as_path(workdir) / "data"
     trains, weights, knn_train, evals = {}, {}, None, None
     if not data.sources:
-        raise ValueError("config.data.sources: give at least one named image source")
+        raise ConfigError("config.data.sources", "give at least one named image source")
     shapes = {name: int(src.train) for name, src in data.sources.items() if src.kind == "shapes_world"}
     eval_source = data.get("eval_source", "") or (max(shapes, key=shapes.get) if shapes else "")
     if eval_source and eval_source not in shapes:
-        raise ValueError(f"config.data.eval_source: {eval_source!r} is not a shapes_world source; "
+        raise ConfigError("config.data.eval_source", f"{eval_source!r} is not a shapes_world source; "
                          f"those are {sorted(shapes)}")
     for name, src in data.sources.items():
         field = f"config.data.sources.{name}"
         if src.kind not in SOURCE_KINDS:
-            raise ValueError(f"{field}.kind: unknown source kind {src.kind!r}; expected one of {SOURCE_KINDS}")
+            raise ConfigError(f"{field}.kind", f"unknown source kind {src.kind!r}; expected one of {SOURCE_KINDS}")
         if float(src.weight) < 0:
-            raise ValueError(f"{field}.weight: must be >= 0, got {src.weight}")
+            raise ConfigError(f"{field}.weight", f"must be >= 0, got {src.weight}")
         if src.kind == "shapes_world":
             is_eval = name == eval_source
             train, val = _shapes_world(data_dir, src.build_seed, src.train, data.eval_images if is_eval else 1)
@@ -70,10 +70,7 @@ def prepare_image_sources(data: Any, workdir: Path, *, seed: int) -> ImageSource
             if is_eval:
                 knn_train, evals = train, val
         else:
-            paths = sorted(p for pattern in str(src.paths).split(",") if pattern.strip()
-                           for p in glob.glob(pattern.strip()))
-            if not paths:
-                raise ValueError(f"{field}.paths: no files match {src.paths!r}")
+            paths = expand_globs(src.paths, f"{field}.paths")
             trains[name] = array_record_source(paths)
         weights[name] = float(src.weight)
     return ImageSources(mix_sources(trains, weights, seed), weights, trains, knn_train, evals)

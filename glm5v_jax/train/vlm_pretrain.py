@@ -37,6 +37,7 @@ from glm5v_jax.train import run as run_lib
 from glm5v_jax.train.optimizer import transform_from_config
 from glm5v_jax.train.parallel import (MeshPlan, TrainProgram, abstract_state, batch_shardings, global_batch,
                                        jit_eval, jit_step, plan_from_config, preflight)
+from glm5v_jax.train.paths import as_path, expand_globs
 from glm5v_jax.train.step import train_step
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,12 @@ TOKENIZER_FILE = "tokenizer.model"  # the run's tokenizer, kept in its directory
 def save_tokenizer(tokenizer: Tokenizer, workdir: epath.Path) -> None:
     path = epath.Path(workdir) / TOKENIZER_FILE
     if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(tokenizer.serialized_model_proto)
 
 
 def data_dir_of(cfg, workdir: epath.Path) -> epath.Path:
-    return epath.Path(cfg.data_dir) if cfg.data_dir else epath.Path(workdir) / "data"
+    return as_path(cfg.data_dir) if cfg.data_dir else as_path(workdir) / "data"
 
 
 def shapes_world_tokenizer(cfg, dataset_dir: epath.Path) -> Tokenizer:
@@ -121,14 +123,8 @@ def prepare_data(cfg: ml_collections.ConfigDict, workdir: epath.Path, tokenizer:
         sources = {"train": {"corpus": make(t.train_split)}, "eval": {"corpus": make(t.eval_split)}}
     else:
         a = cfg.array_record
-        paths = {}
-        for part in ("train", "eval"):
-            patterns = [p.strip() for p in getattr(a, f"{part}_paths").split(",") if p.strip()]
-            paths[part] = sorted(str(f) for pattern in patterns for f in epath.Path(pattern).parent.glob(
-                epath.Path(pattern).name))
-            if not paths[part]:
-                raise ConfigError(f"config.data.array_record.{part}_paths",
-                                  f"no files match {getattr(a, f'{part}_paths')!r}")
+        paths = {part: expand_globs(getattr(a, f"{part}_paths"), f"config.data.array_record.{part}_paths")
+                 for part in ("train", "eval")}
         sources = {part: {"corpus": pipeline_lib.array_record_source(found, parse=a.parse)}
                    for part, found in paths.items()}
     return sources, {"corpus": 1.0}, tokenizer
@@ -312,13 +308,20 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
         means = mean_metrics(mj.eval_step, state, batches, config.data.eval_batches, mj.batch_shardings)
         return {f"eval/{k}": v for k, v in means.items()}
 
-    if config.get("measure_pipeline_batches", 0) and not (workdir / "checkpoints").exists():
+    def pipeline_throughput() -> dict:  # the input pipeline alone, before training (fresh runs)
+        n = int(config.get("measure_pipeline_batches", 0))
+        if not n:
+            return {}
         probe = make_iterator(config.data, sources["train"], weights, tokenizer, mj.spec, seed=config.seed + 1,
                               train=True)
-        tput = pipeline_lib.measure_throughput(probe, config.measure_pipeline_batches)
+        tput = pipeline_lib.measure_throughput(probe, n)
         log.info("input pipeline alone: %.1f examples/s, %.0f tokens/s (%d batches)", tput["examples_per_s"],
-                 tput["tokens_per_s"], config.measure_pipeline_batches)
-    return mj.job(config, plan, train_iter, evaluate if config.eval_every else None)
+                 tput["tokens_per_s"], n)
+        return {"perf/pipeline_examples_per_s": tput["examples_per_s"],
+                "perf/pipeline_tokens_per_s": tput["tokens_per_s"]}
+
+    return mj.job(config, plan, train_iter, evaluate if config.eval_every else None,
+                  start_scalars=pipeline_throughput)
 
 
 def abstract_program(config: ml_collections.ConfigDict, devices: Sequence[Any], *, update_rms: bool = True):

@@ -9,6 +9,7 @@ metric averaging.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -47,27 +48,44 @@ class TensorBoardWriter:
 
 
 class JsonlWriter:
-    """One JSON object per write: {"step": n, <scalar>: value, ...} appended to a file."""
+    """One JSON object per write: {"step": n, <scalar>: value, ...} appended to a file. A local file
+    is appended to; on an object store (`gs://`, which cannot append) the file is rewritten whole
+    at each flush, rows written before (an earlier run of this directory) kept."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self.path = epath.Path(path)
+        self._local = "://" not in str(path)
+        if self._local:
+            self._file = open(self.path, "a", encoding="utf-8")
+        else:
+            self._text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+            self._dirty = False
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         row = {"step": int(step)}
         for name, value in scalars.items():
             x = _scalar(value)
             row[name] = x if math.isfinite(x) else str(x)
-        self._file.write(json.dumps(row, sort_keys=True) + "\n")
+        line = json.dumps(row, sort_keys=True) + "\n"
+        if self._local:
+            self._file.write(line)
+        else:
+            self._text, self._dirty = self._text + line, True
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         del hparams
 
     def flush(self) -> None:
-        self._file.flush()
+        if self._local:
+            self._file.flush()
+        elif self._dirty:
+            self.path.write_text(self._text, encoding="utf-8")
+            self._dirty = False
 
     def close(self) -> None:
-        self._file.close()
+        self.flush()
+        if self._local:
+            self._file.close()
 
 
 class MultiWriter:
@@ -125,8 +143,10 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    epath.Path(out_png).write_bytes(buffer.getvalue())
 
 
 def eval_table(rows: list[dict], step: int) -> str:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 from flax import nnx
 
+from glm5v_jax.errors import ConfigError
 from glm5v_jax.models.teachers.dinov3 import DINOv3, dinov3_spec
 from glm5v_jax.models.teachers.dinov3_loaders import load_dinov3
 from glm5v_jax.models.teachers.siglip2 import SigLIP2, siglip2_spec
@@ -74,11 +75,15 @@ def build_teacher(name: str, kind: str, variant: str, *, overrides: Mapping[str,
                   checkpoint: str = "", seed: int = 0, field: str = "config.teachers") -> Teacher:
     """A frozen teacher; errors name `<field>.<name>.<setting>`."""
     if kind not in TEACHER_KINDS:
-        raise ValueError(f"{field}.{name}.kind: unknown teacher kind {kind!r}; expected one of {tuple(TEACHER_KINDS)}")
+        raise ConfigError(f"{field}.{name}.kind",
+                          f"unknown teacher kind {kind!r}; expected one of {tuple(TEACHER_KINDS)}")
     if checkpoint and not Path(checkpoint).exists():
         raise FileNotFoundError(f"{field}.{name}.checkpoint: {checkpoint} does not exist")
     try:
         module, dim, patch = TEACHER_KINDS[kind](variant, dict(overrides or {}), checkpoint, seed)
     except TypeError as e:  # an override that is no field of the spec
-        raise ValueError(f"{field}.{name}.overrides: {e}") from None
+        raise ConfigError(f"{field}.{name}.overrides", str(e)) from None
+    except ConfigError as e:  # a spec field's value (set through the overrides)
+        in_overrides = (e.field or "").startswith("overrides")
+        raise e.with_prefix(f"{field}.{name}" if in_overrides else f"{field}.{name}.overrides") from None
     return Teacher(name, module, dim, patch, checkpoint or f"random init (seed {seed})")

@@ -1,0 +1,74 @@
+"""Config blocks shared by the files in `configs/`, one copy each.
+
+    from glm5v_jax.config_blocks import cogvit_block, optimizer_block, optimizer_group
+
+`cogvit_block` is a CogViT `vision` section (the fields of `glm5v_jax.models.specs.VisionSpec`),
+`muon_block` the Muon settings of `config.optim.muon`, `optimizer_group` one entry of
+`config.optim.groups` and `optimizer_block` the whole `config.optim` section around them. The
+mesh block is `glm5v_jax.sharding.rules.mesh_config`. Plain ml-collections, no JAX.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from glm5v_jax.errors import ConfigError
+
+# CogViT sizes (width, depth, heads, MLP width) as in the design: tiny, ViT-B-like, L-like and
+# so400m-like (the SigLIP2 So400m shape).
+COGVIT_SIZES = {
+    "tiny": dict(embed_dim=128, depth=2, num_heads=2, mlp_dim=512),
+    "B": dict(embed_dim=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(embed_dim=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "so400m": dict(embed_dim=1152, depth=27, num_heads=16, mlp_dim=4304),
+}
+
+
+def cogvit_block(size: str, max_patches: int, **overrides: Any) -> ml_collections.ConfigDict:
+    """A CogViT `vision` section of a named size (`COGVIT_SIZES`) with a NaFlex budget of
+    `max_patches` patches: patch 16 (as both teachers), 2x2 merge for the projector, QK-Norm,
+    q/k/v bias, 2D RoPE with base 100, GELU MLP. `overrides` replace any field."""
+    if size not in COGVIT_SIZES:
+        raise ConfigError("size", f"unknown CogViT size {size!r}; expected one of {sorted(COGVIT_SIZES)}")
+    block = dict(**COGVIT_SIZES[size], mlp_type="gelu", patch_size=16, max_patches=max_patches, merge_size=2,
+                 qk_norm=True, qkv_bias=True, rope_theta=100.0, norm_eps=1e-6)
+    block.update(overrides)
+    return ml_collections.ConfigDict(block)
+
+
+def muon_block(**overrides: Any) -> ml_collections.ConfigDict:
+    """`config.optim.muon`: Muon's momentum and Newton-Schulz settings (`glm5v_jax.optim.muon`)."""
+    block = dict(
+        beta=0.95, nesterov=True, ns_preset="polar_express", ns_steps=5, ns_dtype="bfloat16",
+        scale_mode="rms",  # rms | spectral | none
+        layout="stack",  # Newton-Schulz placement on a mesh: stack | replicate | auto
+        split_heads=False,  # orthogonalise q/k/v/o head by head instead of whole
+    )
+    block.update(overrides)
+    return ml_collections.ConfigDict(block)
+
+
+def optimizer_group(prefixes: str, lr: float, *, warmup_steps: int, final_fraction: float, weight_decay: float,
+                    muon_lr: float | None = None, decay: str = "cosine") -> ml_collections.ConfigDict:
+    """One parameter group of `config.optim.groups`: the parameters under the comma-separated
+    path `prefixes` (longest prefix wins), AdamW learning rate `lr` and Muon's `muon_lr` (default:
+    `lr`, as Muon's rms scaling allows), warm-up then `decay` to `final_fraction` of the peak."""
+    return ml_collections.ConfigDict(dict(
+        prefixes=prefixes, lr=lr, muon_lr=lr if muon_lr is None else muon_lr, warmup_steps=warmup_steps,
+        decay=decay, final_fraction=final_fraction, weight_decay=weight_decay))
+
+
+def optimizer_block(name: str, groups: dict[str, ml_collections.ConfigDict], **extra: Any) -> ml_collections.ConfigDict:
+    """`config.optim`: optimizer `name` (muon | adamw) over `groups` (`optimizer_group`), global-norm
+    clipping at 1, AdamW's betas and epsilon (also Muon's AdamW branch), `muon_block()` and QK-Clip
+    off; `extra` adds or replaces fields."""
+    block = dict(
+        name=name,  # muon | adamw
+        groups=ml_collections.ConfigDict(groups),
+        clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8,  # AdamW (and Muon's AdamW branch)
+        muon=muon_block(),
+        qk_clip_tau=0.0,  # > 0: QK-Clip (Kimi K2 used 100); needs track_max_logits and no QK-Norm
+    )
+    block.update(extra)
+    return ml_collections.ConfigDict(block)
