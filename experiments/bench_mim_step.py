@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
 
     import cogvit_mim as mim_config
     from glm5v_jax.losses.distill import FeatureStandardizer
-    from glm5v_jax.models.build import vision_spec_from_config
+    from glm5v_jax.models.build import teachers_from_config, vision_spec_from_config
     from glm5v_jax.models.cogvit_mim import MIMStudent
     from glm5v_jax.train import cogvit_mim as trainer
     from glm5v_jax.train.optimizer import transform_from_config
@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
 
     config = mim_config.get_config(args.preset)
     spec = vision_spec_from_config(config.model.vision, dtype=config.model.dtype)
-    teachers = trainer.build_teachers(config, spec.patch_size)
+    teachers = teachers_from_config(config.teachers)
     student = MIMStudent(spec, {n: t.dim for n, t in teachers.items()}, rngs=nnx.Rngs(0))
     tx, _, _, _ = transform_from_config(student, config.optim, 1000)
     stds = {n: FeatureStandardizer(t.dim, config.mim.standardize) for n, t in teachers.items()}

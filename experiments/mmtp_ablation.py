@@ -270,7 +270,8 @@ def machine_description() -> str:
             f"backend {jax.default_backend()}, devices {jax.device_count()} x {jax.devices()[0].device_kind}")
 
 
-def write_markdown(table, runs_rows, identical, vis, args, argv, out: Path, machine: str) -> str:
+def write_markdown(table, runs_rows, identical, vis, args, argv, out: Path, machine: str,
+                   mtp: dict | None = None) -> str:
     depth_keys = sorted({k[:-4] for r in table for k in r if k.startswith("mtp_") and k.endswith("_end")
                          and not k.endswith("_std")})
     head = ["mode", "main end", f"main last {args.tail:.0%}"]
@@ -283,6 +284,8 @@ def write_markdown(table, runs_rows, identical, vis, args, argv, out: Path, mach
              f"{vis['rows']} packed rows x {vis['seq_len']} tokens per step, MTP depths {vis['num_depths']}, "
              f"embed width {vis['embed_dim']}, compute dtype bytes {vis['itemsize']}. "
              f"Values are mean ± std over seeds.", "",
+             ("MTP: " + ", ".join(f"{k} {v}" for k, v in mtp.items()) + " (the same in every run)." if mtp else
+              "MTP settings were not recorded with this run."), "",
              f"Machine: {machine}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
@@ -360,7 +363,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=0, help="packed rows per step; 0: the preset's")
     p.add_argument("--seq_len", type=int, default=0, help="0: the preset's")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra config override, e.g. data.split_sizes.train=48 (repeatable)")
+                   help="extra config override, e.g. data.sources.image.train_size=48 (repeatable)")
     p.add_argument("--tail", type=float, default=0.2, help="fraction of the last steps averaged")
     p.add_argument("--spike_k", type=float, default=2.0)
     p.add_argument("--spike_window", type=int, default=20)
@@ -413,10 +416,18 @@ def main(argv=None) -> dict:
     result = dict(argv=argv, preset=args.preset, steps=args.steps, modes=modes, seeds=seeds, table=table,
                   runs_summary=rows, identical_batches={str(k): v for k, v in identical.items()},
                   vision={str(k): {kk: vv for kk, vv in v.items() if kk != "hashes"} for k, v in vis.items()},
-                  runs=runs, jax=jax.__version__, backend=jax.default_backend(), machine=machine_description())
+                  runs=runs, jax=jax.__version__, backend=jax.default_backend(), machine=machine_description(),
+                  mtp=mtp_settings(args, modes[0], seeds[0]))
     (args.out_dir / "results.json").write_text(json.dumps(result, indent=1))
     render(result, args)
     return result
+
+
+def mtp_settings(args, mode: str, seed: int) -> dict:
+    """The MTP settings every run shared (besides the mode), for the results header."""
+    mtp = make_config(args, mode, seed).model.mtp
+    return dict(trunk_gradient=str(mtp.trunk_gradient), h0_norm=str(mtp.get("h0_norm", "pre_norm")),
+                loss_weight=float(mtp.loss_weight), num_depths=int(mtp.num_depths))
 
 
 def render(result: dict, args) -> str:
@@ -424,7 +435,7 @@ def render(result: dict, args) -> str:
     identical = result["identical_batches"]
     vis = result["vision"][str(result["seeds"][0])]
     text = write_markdown(result["table"], result["runs_summary"], identical, vis, args, result["argv"],
-                          args.out_dir, result["machine"])
+                          args.out_dir, result["machine"], result.get("mtp"))
     print(text)
     plot(result["runs"], result["modes"], args.out_dir / "curves.png")
     return text

@@ -180,10 +180,11 @@ def _run_config(tmp_path, steps):
     cfg.data.batch_size, cfg.data.text_len = 4, 40
     cfg.mesh.num_devices = 1
     cfg.data.patch_budgets = (32, 16)  # two sequence lengths, cycled
-    cfg.data.sources.natural.train = 48
-    cfg.data.sources.instruction.train = 8
-    cfg.data.sources.scientific.train = 8
-    cfg.data.eval_images, cfg.data.knn_train_images, cfg.data.knn_k = 8, 8, 3
+    cfg.data.sources.natural.update(train_size=48, eval_size=8)  # eval part: the retrieval images
+    cfg.data.sources.instruction.train_size = 8
+    cfg.data.sources.scientific.train_size = 8
+    cfg.data.eval_source.update(train_size=8, eval_size=8)  # single objects: k-NN reference, queries
+    cfg.data.knn_k = 3
     for g in cfg.optim.groups.values():
         g.warmup_steps = 1
     return cfg
@@ -231,7 +232,7 @@ def test_cogvit_teacher_from_a_stage2_run(stage2_run):
     t = config.model.text
     spec = two_tower_spec_from_config(config.model, vocab_size=t.vocab_size, pad_id=t.pad_id, eos_id=t.eos_id)
     fresh = jax.tree.leaves(nnx.state(TwoTower(spec, rngs=nnx.Rngs(config.seed)).image.encoder))
-    placed = trainer.place_on_mesh(config, spec, run_lib.mesh_plan(config), abstract=True)
+    placed = trainer.place_on_mesh(config, spec, run_lib.mesh_plan(config), abstract=True).placed
     ckpt = Checkpointer(workdir / "checkpoints")
     step, saved, _, _ = ckpt.restore_latest(placed.state)
     ckpt.close()

@@ -1,7 +1,7 @@
 """Stages on a mesh through the run layer: on 8 fake CPU devices a 2-axis (data 2, fsdp 4) mesh
 gives the one-device losses (float32 compute and Newton-Schulz, 1e-5). CogViT stage 1 has its own
-module (test_cogvit_mim_sharded.py); VLM pre-training shares the SFT stage's model job (and
-test_sharded_training.py covers four more meshes of its step)."""
+module (test_cogvit_mim_sharded.py); test_sharded_training.py covers four more meshes of the VLM
+step."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,21 +19,25 @@ def _siglip(data_dir):
     cfg = config_module("cogvit_siglip").get_config("tiny,dtype=float32")
     cfg.data.batch_size, cfg.data.text_len, cfg.data.patch_budgets = 8, 40, (32, 16)
     for name, n in (("natural", 24), ("instruction", 8), ("scientific", 8)):
-        cfg.data.sources[name].train = n
+        cfg.data.sources[name].train_size = n
     cfg.model.vision.depth = cfg.model.text.depth = 1
     return cfg
 
 
-def _sft(data_dir):
-    cfg = config_module("vlm_sft").get_config("tiny")
-    cfg.model.dtype = "float32"
-    d = cfg.data
-    d.batch_size, d.seq_len, d.tokenizer_vocab_size = 8, 128, 1024
-    d.split_sizes.update(train=32, validation=8, text_train=16, text_validation=4)
-    return cfg
+def _vlm(config_name: str):
+    def make(data_dir):
+        cfg = config_module(config_name).get_config("tiny")
+        cfg.model.dtype = "float32"
+        cfg.measure_pipeline_batches = 0
+        d = cfg.data
+        d.batch_size, d.seq_len, d.tokenizer_vocab_size = 8, 128, 1024
+        d.sources.image.update(train_size=32, eval_size=8)
+        d.sources.text.update(train_size=16, eval_size=4)
+        return cfg
+    return make
 
 
-STAGES = {"cogvit_siglip": _siglip, "vlm_sft": _sft}
+STAGES = {"cogvit_siglip": _siglip, "vlm_pretrain": _vlm("vlm_pretrain"), "vlm_sft": _vlm("vlm_sft")}
 
 
 def _losses(stage: str, data_dir, workdir, shape, num_devices: int) -> list[float]:

@@ -24,7 +24,7 @@ def _config(data_dir: Path):
     cfg = tiny_mim_config(data_dir, STEPS, options="optimizer=adamw,mask=random",  # the cheapest step to compile
                           train_images=(16, 4, 4))
     cfg.teachers.siglip2.overrides.patch_size = 8
-    cfg.data.eval_images, cfg.data.knn_train_images = 4, 4
+    cfg.data.eval_source.update(train_size=4, eval_size=4)
     return cfg
 
 
@@ -51,7 +51,7 @@ def test_cache_layout_and_training_from_it_matches_live_teachers(built, tmp_path
 
     live = run_lib.train_and_evaluate(cfg, str(tmp_path / "live"))
     cfg.teacher_cache = str(cache_dir)
-    monkeypatch.setattr(cogvit_mim, "build_teachers", None)  # from the cache, no teacher is built or run
+    monkeypatch.setattr(cogvit_mim, "teachers_from_config", None)  # from the cache, no teacher is built or run
     cached = run_lib.train_and_evaluate(cfg, str(tmp_path / "cached"))
     rows = {name: [r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "loss" in r]
             for name in ("live", "cached")}
@@ -71,7 +71,7 @@ def test_mismatched_config_is_refused_naming_the_field(built):
         "teachers.dinov3.checkpoint": lambda c: setattr(c.teachers.dinov3, "checkpoint", "dino.pth"),
         "teachers.siglip2.max_patches": lambda c: setattr(c.teachers.siglip2, "max_patches", 200),
         "student.max_patches": lambda c: setattr(c.model.vision, "max_patches", 100),
-        "sources.natural.train": lambda c: setattr(c.data.sources.natural, "train", 17),
+        "sources.natural.train_size": lambda c: setattr(c.data.sources.natural, "train_size", 17),
         "teachers are": lambda c: c.teachers.__delattr__("dinov3"),
     }
     for field, change in changes.items():

@@ -5,6 +5,7 @@ raised here, before anything is built or compiled.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from glm5v_jax.errors import ConfigError, require
@@ -65,3 +66,30 @@ def vision_spec_from_config(vision: Any, *, path: str = "config.model.vision", d
             f"unknown implementation {attention_impl!r}; known: {sorted(ATTENTION_IMPLS)}")
     return _fields(vision, VisionSpec, path, attention_impl=attention_impl, remat=remat,
                    dtype=as_dtype(dtype, path.rsplit(".", 1)[0] + ".dtype"))
+
+
+def teachers_from_config(teachers: Any, *, abstract: bool = False) -> dict:
+    """{name: Teacher} for the `config.teachers` section (CogViT stage 1): each entry's kind,
+    variant, overrides, checkpoint (none: random init from its seed). Errors name
+    `config.teachers.<name>.<field>`. `abstract=True`: only the architecture, built with
+    `nnx.eval_shape` (no checkpoint read, nothing allocated; for ahead-of-time compiles)."""
+    from flax import nnx
+
+    from glm5v_jax.models.teachers.registry import build_teacher
+
+    out = {}
+    for name, t in teachers.items():
+        overrides = t.overrides.to_dict() if hasattr(t.overrides, "to_dict") else dict(t.overrides)
+        if abstract:
+            built = {}
+
+            def make(name=name, t=t, overrides=overrides):
+                built["t"] = build_teacher(name, t.kind, t.variant, overrides=overrides, seed=int(t.seed))
+                return built["t"].module
+
+            module = nnx.eval_shape(make)
+            out[name] = dataclasses.replace(built["t"], module=module)
+        else:
+            out[name] = build_teacher(name, t.kind, t.variant, overrides=overrides, checkpoint=t.checkpoint,
+                                      seed=int(t.seed))
+    return out

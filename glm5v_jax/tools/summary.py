@@ -80,9 +80,15 @@ def format_summary(spec: VLMSpec) -> str:
 
 def main(argv) -> None:  # pragma: no cover - exercised through the CLI test
     del argv
+    from glm5v_jax.errors import ConfigError
     from glm5v_jax.models.build import vlm_spec_from_config
 
-    print(format_summary(vlm_spec_from_config(_CONFIG.value.model)))
+    config = _CONFIG.value
+    if "backbone" not in config.model:
+        raise ConfigError("config.model", f"this tool counts the VLM's parameters (configs/vlm_pretrain.py, "
+                                          f"configs/vlm_sft.py); trainer {config.get('trainer')!r} has no backbone. "
+                                          f"Its run logs its parameter count as the hparam `params`")
+    print(format_summary(vlm_spec_from_config(config.model)))
 
 
 if __name__ == "__main__":

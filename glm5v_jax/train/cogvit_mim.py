@@ -1,7 +1,9 @@
-"""Stage 1 trainer: CogViT masked-image distillation from frozen teachers (report 2.1).
+"""Stage: CogViT stage 1, masked-image distillation from frozen teachers (report 2.1).
 
-One readable loop, big_vision style:
-  image sources mixed by weight (shapes world built on first use) -> NaFlex batches, plus one
+Reads top to bottom; the run layer (`glm5v_jax.train.run`) does the loop, checkpoints, resume
+(resharded onto this run's mesh), `init_from`, preemption, writers and eval_table.md:
+  image sources mixed by weight (config.data.sources, `glm5v_jax.data.source_registry`; shapes
+     world built on first use) -> NaFlex batches, plus one
      extra view per other teacher patch size (e.g. So400m/14 with the /16 student; merge 1, about
      the student's pixel area unless config.teachers.<name>.max_patches says otherwise)
   -> teachers from config.teachers (checkpoints or random init), frozen, bfloat16, no gradients;
@@ -11,15 +13,14 @@ One readable loop, big_vision style:
      the cache are skipped and counted as data/skipped/not_in_teacher_cache)
   -> student: CogViT + one adaptor head per teacher; per-teacher running standardisation
   -> Muon (or AdamW) with cosine decay
-  -> on a mesh (config.mesh, as the VLM trainer: data / fsdp / tensor / expert axes and logical
+  -> on a mesh (config.mesh, as every stage: data / fsdp / tensor / expert axes and logical
      rules): student, optimizer and teachers created or placed sharded per the rules (FSDP by
      default), the global batch split over the batch axes, each host reading its own rows
-  -> resume from the newest good checkpoint (resharded onto this run's mesh)
   -> steps: mask 35% of each image's valid patches (block-wise or random), teacher features on
      the full image, student on the masked one, loss at masked positions only
-  -> k-NN accuracy (shape, colour) of the student's pooled features at step 0 (the random-init
-     baseline), every eval_every steps and at the end -> TensorBoard + metrics.jsonl, and the
-     step-0-vs-final table in eval_table.md.
+  -> evaluate: k-NN accuracy (shape, colour) of the student's pooled features on single-object
+     shapes-world images (config.data.eval_source; the run layer calls it at step 0, the
+     random-init baseline, and every eval_every steps).
 """
 from __future__ import annotations
 
@@ -37,39 +38,25 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm5v_jax.data.image_batches import ImageBatchConfig, make_image_batch_iterator, view_key
+from glm5v_jax.data.source_registry import open_sources
 from glm5v_jax.losses.distill import FeatureStandardizer, distill_loss
-from glm5v_jax.models.build import vision_spec_from_config
+from glm5v_jax.models.build import teachers_from_config, vision_spec_from_config
 from glm5v_jax.models.cogvit import CogViT
 from glm5v_jax.models.cogvit_mim import MIMStudent
 from glm5v_jax.models.masking import mim_mask
-from glm5v_jax.models.teachers.registry import Teacher, build_teacher
 from glm5v_jax.sharding.checks import check_divisibility
-from glm5v_jax.sharding.partition import create_sharded, state_shardings
+from glm5v_jax.sharding.partition import state_shardings
 from glm5v_jax.sharding.rules import parameter_shardings
-from glm5v_jax.train.optimizer import transform_from_config
-from glm5v_jax.train.run import Job, TrainState
+from glm5v_jax.train.run import Job, PlacedState, TrainState, place_state
 from glm5v_jax.train.parallel import (MeshPlan, TrainProgram, abstract_state, batch_shardings, global_batch,
                                        host_batch_shardings,
-                                       plan_from_config, preflight, under_rules)
+                                       plan_from_config, under_rules)
 from glm5v_jax.train.teacher_cache import (STUDENT_KEYS, View, cached_tokens, distinct_views, open_cache, step_keys,
                                            student_grid_tokens, teacher_views)
-from glm5v_jax.train.vision_data import prepare_image_sources
-from glm5v_jax.train.vision_eval import knn_report
+from glm5v_jax.train.vision_eval import knn_report, labelled_eval_sets
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("patches", "patch_yx", "valid")
-
-
-def build_teachers(config: ml_collections.ConfigDict, patch_size: int) -> dict[str, Teacher]:
-    """The frozen teachers of config.teachers; any patch size (others get their own view)."""
-    teachers = {}
-    for name, t in config.teachers.items():
-        teacher = build_teacher(name, t.kind, t.variant, overrides=t.overrides.to_dict(), checkpoint=t.checkpoint,
-                                seed=int(t.seed))
-        teachers[name] = teacher
-        log.info("teacher %s: %s %s, width %d, patch %d (student %d), %s", name, t.kind, t.variant, teacher.dim,
-                 teacher.patch_size, patch_size, teacher.source)
-    return teachers
 
 
 def make_train_step(config: ml_collections.ConfigDict, views: Mapping[str, View | None] | None = None, *,
@@ -117,53 +104,40 @@ def make_train_step(config: ml_collections.ConfigDict, views: Mapping[str, View 
 # ----------------------------------------------------------------------------- the run on a mesh
 @dataclasses.dataclass
 class ShardedMIM:
-    """Student state and frozen teachers placed on the run's mesh, with their shardings."""
+    """The student's TrainState on the run's mesh (`run.PlacedState`: student, optimizer,
+    standardisers) and the frozen teachers placed by the same rules."""
 
-    graphdef: Any
-    state: Any  # nnx.State of a TrainState (model = the student, optimizer, standardizers), sharded
-    shardings: Any
+    student: PlacedState
     teacher_graphdef: Any
     teacher_state: Any  # nnx.State of the teachers (frozen), sharded by the same rules
     teacher_shardings: Any
-    schedules: dict
-    routing: str | None
-    replicated: float  # fraction of student parameter bytes replicated over a non-data axis
+
+    def __getattr__(self, name):  # graphdef, state, shardings, schedules, routing, replicated
+        return getattr(self.student, name)
 
 
 def place_on_mesh(config: ml_collections.ConfigDict, spec, dims: Mapping[str, int],
                   teacher_modules: Mapping[str, nnx.Module], plan: MeshPlan, *, abstract: bool = False) -> ShardedMIM:
-    """Preflight checks (ConfigError naming the field), then the student, its optimizer and the
-    standardisers created sharded per the rules, and the teachers moved onto the mesh likewise
-    (a frozen So400m is FSDP-sharded like the student, not copied to every device).
-    `abstract=True` (ahead-of-time compiles, `glm5v_jax.tools.aot`): nothing is allocated; the
-    states are ShapeDtypeStructs carrying their shardings (the teachers may be abstract too)."""
+    """The student, its optimizer and the standardisers created sharded per the rules
+    (`run.place_state`), and the teachers moved onto the mesh likewise (a frozen So400m is
+    FSDP-sharded like the student, not copied to every device). `abstract=True` (ahead-of-time
+    compiles, `glm5v_jax.tools.aot`): nothing is allocated; the states are ShapeDtypeStructs
+    carrying their shardings (the teachers may be abstract too)."""
     def make_student():
         return MIMStudent(spec, dims, head_hidden=config.model.head_hidden, rngs=nnx.Rngs(config.seed))
 
-    student_shapes = nnx.eval_shape(make_student)
-    replicated = preflight(student_shapes, plan, global_batch=config.data.batch_size, mesh_cfg=config.mesh)
-    param_sh = parameter_shardings(student_shapes, plan.mesh, plan.rules)
-    tx, schedules, _, routing = transform_from_config(student_shapes, config.optim, config.total_steps, mesh=plan.mesh,
-                                                      shardings=param_sh)
+    def standardizers():
+        return {"standardizers": nnx.Dict({n: FeatureStandardizer(d, config.mim.standardize,
+                                                                  momentum=config.mim.stats_momentum)
+                                           for n, d in dims.items()})}
 
-    def make():
-        student = make_student()
-        standardizers = {n: FeatureStandardizer(d, config.mim.standardize, momentum=config.mim.stats_momentum)
-                         for n, d in dims.items()}
-        return TrainState(student, nnx.Optimizer(student, tx, wrt=nnx.Param), standardizers=nnx.Dict(standardizers))
-
+    student = place_state(config, plan, make_student, extras=standardizers, abstract=abstract)
     teachers = nnx.Dict(dict(teacher_modules))
     check_divisibility(teachers, plan.mesh, plan.rules)
     t_graphdef, t_state = nnx.split(teachers)
     t_sh = state_shardings(t_state, plan.mesh, parameter_shardings(teachers, plan.mesh, plan.rules))
-    if abstract:
-        graphdef, state = nnx.split(nnx.eval_shape(make))
-        state_sh = state_shardings(state, plan.mesh, param_sh)
-        return ShardedMIM(graphdef, abstract_state(state, state_sh), state_sh, t_graphdef,
-                          abstract_state(t_state, t_sh), t_sh, schedules, routing, replicated)
-    graphdef, state, state_sh = create_sharded(make, plan.mesh, param_sh)
-    return ShardedMIM(graphdef, state, state_sh, t_graphdef, jax.device_put(t_state, t_sh), t_sh, schedules,
-                      routing, replicated)
+    t_state = abstract_state(t_state, t_sh) if abstract else jax.device_put(t_state, t_sh)
+    return ShardedMIM(student, t_graphdef, t_state, t_sh)
 
 
 def sharded_train_step(step_fn, placed: ShardedMIM, plan: MeshPlan, batch_sh: Mapping[str, NamedSharding]):
@@ -182,27 +156,27 @@ def sharded_train_step(step_fn, placed: ShardedMIM, plan: MeshPlan, batch_sh: Ma
                    out_shardings=(placed.shardings, replicated), donate_argnums=(0,))
 
 
-def _batches(source, config, n_images: int, batch_size: int):
-    """The first n_images of `source` in a fixed order, as batches (the last one may be smaller)."""
-    import grain
-
-    ds = grain.MapDataset.source(source)[:n_images] if not isinstance(source, grain.MapDataset) else source[:n_images]
+def _batches(source, config, batch_size: int):
+    """The records of `source` in their order, as batches (the last one may be smaller)."""
     cfg = ImageBatchConfig(batch_size=batch_size, patch_size=config.model.vision.patch_size,
                            max_patches=config.model.vision.max_patches, merge=config.model.vision.merge_size,
                            shuffle=False, num_epochs=1)
-    return list(make_image_batch_iterator(ds, cfg))
+    return list(make_image_batch_iterator(source, cfg))
 
 
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan) -> Job:
     spec = vision_spec_from_config(config.model.vision, dtype=config.model.dtype,
                                    attention_impl=config.model.attention_impl, remat=config.model.remat)
-    sources = prepare_image_sources(config.data, workdir, seed=config.seed)
+    data = open_sources(config.data, workdir)
     if config.get("teacher_cache", ""):  # no teachers run: their tokens come with the records
         cache = open_cache(config.teacher_cache, config)
         dims, views, modules, attach = cache.dims, {}, {}, cache.lookup()
         log.info("teacher cache %s: %s", cache.path, dims)
     else:
-        teachers = build_teachers(config, spec.patch_size)
+        teachers = teachers_from_config(config.teachers)
+        for n, t in teachers.items():
+            log.info("teacher %s: width %d, patch %d (student %d), %s", n, t.dim, t.patch_size, spec.patch_size,
+                     t.source)
         dims, attach = {n: t.dim for n, t in teachers.items()}, None
         views = teacher_views(config, {n: t.patch_size for n, t in teachers.items()})
         modules = {n: t.module for n, t in teachers.items()}
@@ -214,7 +188,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
                                  max_patches=spec.max_patches, merge=spec.merge_size, seed=config.seed,
                                  num_workers=config.data.num_workers, teacher_views=distinct_views(views),
                                  process_index=jax.process_index(), process_count=hosts)
-    train_iter = make_image_batch_iterator(sources.train, batch_cfg, attach=attach)
+    train_iter = make_image_batch_iterator(data.mixture("train", config.seed), batch_cfg, attach=attach)
     step_fn, base_key = make_train_step(config, views, jit=False), jax.random.key(config.seed)
     compiled: dict = {}
 
@@ -227,11 +201,10 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
                                 jax.random.fold_in(base_key, step))
 
     evaluate = None
-    if sources.eval is not None and config.eval_every:
+    if config.eval_every:  # single-object images: reference set (train part) and queries (eval part)
         encode = nnx.jit(lambda enc, b: CogViT.pool(enc(*(b[k] for k in IMAGE_KEYS)), b["valid"]))
-        bs = config.data.batch_size
-        knn_sets = (_batches(sources.knn_train, config, config.data.knn_train_images, bs),
-                    _batches(sources.eval, config, config.data.eval_images, bs))
+        knn_sets = tuple(_batches(part, config, config.data.batch_size)
+                         for part in labelled_eval_sets(config.data, workdir))
 
         def evaluate(state) -> dict:
             enc = nnx.merge(placed.graphdef, state).model.encoder
@@ -260,13 +233,9 @@ def abstract_program(config: ml_collections.ConfigDict, devices: Sequence[Any], 
     del update_rms  # stage 1 logs no per-group update RMS
     spec = vision_spec_from_config(config.model.vision, dtype=config.model.dtype,
                                    attention_impl=config.model.attention_impl, remat=config.model.remat)
-    modules, dims, patch_sizes = {}, {}, {}
-    for name, t in config.teachers.items():
-        def make(name=name, t=t):
-            teacher = build_teacher(name, t.kind, t.variant, overrides=t.overrides.to_dict(), seed=int(t.seed))
-            dims[name], patch_sizes[name] = teacher.dim, teacher.patch_size
-            return teacher.module
-        modules[name] = nnx.eval_shape(make)
+    teachers = teachers_from_config(config.teachers, abstract=True)
+    modules = {n: t.module for n, t in teachers.items()}
+    dims, patch_sizes = {n: t.dim for n, t in teachers.items()}, {n: t.patch_size for n, t in teachers.items()}
     views = teacher_views(config, patch_sizes)
     plan = plan_from_config(config.mesh, devices)
     placed = place_on_mesh(config, spec, dims, modules, plan, abstract=True)

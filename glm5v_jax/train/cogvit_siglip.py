@@ -1,16 +1,18 @@
 """Stage: CogViT stage 2, a text tower and CogViT trained contrastively with the sigmoid loss
 (report 2.1). Reads top to bottom; the run layer (`glm5v_jax.train.run`) does the loop,
 checkpoints, resume, `init_from`, preemption and writers:
-  image sources mixed by weight (shapes world built on first use) -> NaFlex batches with their
-  captions as token ids, each batch at one patch budget of `config.data.patch_budgets`; each host
+  image sources mixed by weight (config.data.sources, `glm5v_jax.data.source_registry`; shapes
+  world built on first use) -> NaFlex batches with their captions as token ids (the tokenizer of
+  `tokenizer_from_config`), each batch at one patch budget of `config.data.patch_budgets`; each host
   reads its own rows
   -> TwoTower (models/two_tower.py): CogViT + mean pool + projection, text tower + projection,
      learnable t' and b, created sharded on `config.mesh` (FSDP by default) with Muon (or AdamW)
      and groups vision / text / projection -> SigLIP loss: dense on the global arrays, or a ring /
      all-gather over the mesh's batch axes
-  -> evaluation on the shapes-world validation split at step 0 (the random-init baseline),
-     every eval_every steps and at the end: zero-shot shape and colour of the first object,
-     image->text and text->image recall@1/5, k-NN accuracy of the pooled encoder features
+  -> evaluation at step 0 (the random-init baseline), every eval_every steps and at the end:
+     zero-shot shape and colour and k-NN accuracy of the pooled encoder features on single-object
+     images (config.data.eval_source), image->text and text->image recall@1/5 on the sources'
+     eval parts (several objects per image)
   -> TensorBoard + metrics.jsonl, and a step-0-vs-final table (logged, eval_table.md).
 """
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -31,18 +32,15 @@ from etils import epath
 
 from glm5v_jax.data import shapes_world
 from glm5v_jax.data.image_batches import ImageBatchConfig, make_image_batch_iterator
-from glm5v_jax.data.tokenizer import Tokenizer, train_tokenizer
+from glm5v_jax.data.source_registry import DataSources, open_sources, tokenizer_from_config
+from glm5v_jax.data.tokenizer import Tokenizer
 from glm5v_jax.losses.contrastive import l2_normalize, sharded_sigmoid_contrastive_loss, sigmoid_contrastive_loss
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.models.two_tower import TwoTower, TwoTowerSpec, two_tower_spec_from_config
-from glm5v_jax.sharding.partition import create_sharded, state_shardings
-from glm5v_jax.sharding.rules import parameter_shardings
-from glm5v_jax.train.optimizer import transform_from_config
-from glm5v_jax.train.parallel import (MeshPlan, TrainProgram, abstract_state, batch_shardings, global_batch,
-                                       host_batch_shardings, jit_step, plan_from_config, preflight)
-from glm5v_jax.train.run import Job, TrainState
-from glm5v_jax.train.vision_data import prepare_image_sources
-from glm5v_jax.train.vision_eval import knn_report
+from glm5v_jax.train.parallel import (MeshPlan, TrainProgram, batch_shardings, global_batch,
+                                       host_batch_shardings, jit_step, plan_from_config)
+from glm5v_jax.train.run import Job, PlacedState, place_state
+from glm5v_jax.train.vision_eval import knn_report, labelled_eval_sets
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("patches", "patch_yx", "valid")
@@ -51,28 +49,6 @@ LOSS_IMPLS = ("dense", "ring", "all_gather")
 
 
 # ----------------------------------------------------------------------------- text
-def prepare_tokenizer(data: ml_collections.ConfigDict, workdir: epath.Path) -> Tokenizer:
-    """config.data.tokenizer, or a SentencePiece model trained on the texts (captions, QA, OCR) of
-    the largest shapes-world source, cached in the data directory."""
-    if data.tokenizer:
-        return Tokenizer(data.tokenizer)
-    worlds = [s for s in data.sources.values() if s.kind == "shapes_world"]
-    src = max(worlds, key=lambda s: int(s.train)) if worlds else None
-    if src is None:
-        raise ConfigError("config.data.tokenizer", "no shapes_world source to train a tokenizer on; give the path "
-                         "of a SentencePiece model")
-    n = min(int(src.train), int(data.tokenizer_images))
-    path = (epath.Path(data.data_dir) if data.data_dir else epath.Path(workdir) / "data") / \
-        f"siglip_tokenizer_seed{src.build_seed}_{n}_{data.tokenizer_vocab_size}.model"
-    if path.exists():
-        return Tokenizer(str(path))
-    t0 = time.time()
-    tok = train_tokenizer(shapes_world.iter_texts(int(src.build_seed), {"train": n}), str(path),
-                          vocab_size=int(data.tokenizer_vocab_size))
-    log.info("trained tokenizer %s (%d pieces) in %.1f s", path, tok.vocab_size, time.time() - t0)
-    return tok
-
-
 def tokenize(tokenizer: Tokenizer, texts, text_len: int) -> np.ndarray:
     """`[N, text_len]` ids as the image-batch pipeline writes captions: ids, eos, pad..."""
     out = np.full((len(texts), text_len), tokenizer.pad_id, np.int32)
@@ -160,46 +136,23 @@ def train_step_fn(graphdef, loss_fn):
 
 @dataclasses.dataclass
 class PlacedTowers:
-    """The two towers and their optimizer created sharded on the run's mesh, and the jitted step."""
+    """The two towers and their optimizer on the run's mesh (`run.PlacedState`), and the jitted step."""
 
-    graphdef: Any
-    state: Any
-    shardings: Any
+    placed: PlacedState
     step: Callable  # (state, global batch) -> (state, metrics), any patch budget
-    schedules: dict
-    routing: str | None
-    replicated: float
-    params: int
 
 
 def place_on_mesh(config: ml_collections.ConfigDict, spec: TwoTowerSpec, plan: MeshPlan, *,
                   abstract: bool = False) -> PlacedTowers:
-    """Preflight checks (ConfigError naming the field), then the towers and optimizer created
-    sharded per the rules (FSDP by default) and the step jitted on the mesh. `abstract=True`:
-    nothing is allocated; the state is ShapeDtypeStructs with their shardings (AOT compiles)."""
-    make_model = lambda: TwoTower(spec, rngs=nnx.Rngs(config.seed))  # noqa: E731
-    shapes = nnx.eval_shape(make_model)
-    replicated = preflight(shapes, plan, global_batch=config.data.batch_size, mesh_cfg=config.mesh)
-    param_sh = parameter_shardings(shapes, plan.mesh, plan.rules)
-    tx, schedules, _, routing = transform_from_config(shapes, config.optim, config.total_steps, mesh=plan.mesh,
-                                                      shardings=param_sh)
-
-    def make():
-        model = make_model()
-        return TrainState(model, nnx.Optimizer(model, tx, wrt=nnx.Param))
-
-    if abstract:
-        graphdef, state = nnx.split(nnx.eval_shape(make))
-        state_sh = state_shardings(state, plan.mesh, param_sh)
-        state = abstract_state(state, state_sh)
-    else:
-        graphdef, state, state_sh = create_sharded(make, plan.mesh, param_sh)
+    """The towers and optimizer created sharded per the rules (FSDP by default; `run.place_state`)
+    and the step jitted on the mesh. `abstract=True`: shapes and shardings only (AOT compiles)."""
+    placed = place_state(config, plan, lambda: TwoTower(spec, rngs=nnx.Rngs(config.seed)), abstract=abstract)
     b, t = int(config.data.batch_size), int(config.data.text_len)
     n, p = int(config.model.vision.max_patches), int(config.model.vision.patch_size)
     batch_sh = batch_shardings(dict(batch_contract(b, n, p, t)), plan)
-    step = jit_step(train_step_fn(graphdef, make_loss_fn(config.loss_impl, plan)), plan, state_sh, batch_sh)
-    params = sum(x.size for x in jax.tree.leaves(nnx.state(shapes, nnx.Param)))
-    return PlacedTowers(graphdef, state, state_sh, step, schedules, routing, replicated, params)
+    step = jit_step(train_step_fn(placed.graphdef, make_loss_fn(config.loss_impl, plan)), plan, placed.shardings,
+                    batch_sh)
+    return PlacedTowers(placed, step)
 
 
 def batch_contract(batch: int, patches: int, patch_size: int, text_len: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -262,32 +215,35 @@ class BudgetBatches:
             it.set_state(state["budgets"][str(b)])
 
 
-def _fixed_batches(source, config, n_images: int, budget: int, text_len: int, tokenizer):
-    """The first n_images of `source` in order, as full batches (a last partial batch is dropped)."""
-    import grain
-
-    ds = source[:n_images] if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)[:n_images]
+def _fixed_batches(source, config, budget: int, text_len: int, tokenizer):
+    """The records of `source` in order, as full batches (a last partial batch is dropped)."""
     cfg = _batch_config(config, budget, config.data.batch_size, shuffle=False, num_epochs=1, text_len=text_len)
-    return list(make_image_batch_iterator(ds, cfg, tokenizer if text_len else None))
+    return list(make_image_batch_iterator(source, cfg, tokenizer if text_len else None))
 
 
-def make_evaluator(config, sources, tokenizer):
-    """evaluate(model) -> {"eval/...": value}, or None when there is no labelled evaluation set."""
-    if sources.eval is None or not config.eval_every:
+def make_evaluator(config, data: DataSources, workdir, tokenizer):
+    """evaluate(model) -> {"eval/...": value}, or None when config.eval_every is 0. Zero-shot and
+    k-NN classification read `config.data.eval_source` (single-object images: the shape and colour
+    labels describe the whole image); retrieval reads the training sources' eval parts (several
+    objects per image, so captions tell images apart), when there are any."""
+    if not config.eval_every:
         return None
     d, budget, bs = config.data, int(config.model.vision.max_patches), config.data.batch_size
-    knn_train = _fixed_batches(sources.knn_train, config, d.knn_train_images, budget, 0, None)
-    evals = _fixed_batches(sources.eval, config, d.eval_images, budget, d.text_len, tokenizer)
-    if not knn_train or not evals:
-        raise ConfigError("config.data.knn_train_images / eval_images",
-                          f"the evaluation sets give {len(knn_train)} and "
-                         f"{len(evals)} full batches of {bs} images; each needs at least one")
+    knn_train, labelled = (_fixed_batches(part, config, budget, 0, None) for part in labelled_eval_sets(d, workdir))
+    if not knn_train or not labelled:
+        raise ConfigError("config.data.eval_source", f"its train and eval parts give {len(knn_train)} and "
+                                                     f"{len(labelled)} full batches of {bs} images; each needs at "
+                                                     "least one (train_size, eval_size)")
+    captioned = _fixed_batches(data.mixture("eval"), config, budget, d.text_len, tokenizer) if data.eval else []
+    if data.eval and not captioned:
+        raise ConfigError("config.data.sources", f"their eval parts give no full batch of {bs} images (eval_size)")
     texts, colour_of, shape_of = class_prompts()
     prompts = tokenize(tokenizer, texts, d.text_len)
     prompts = np.concatenate([prompts, np.repeat(prompts[-1:], -len(prompts) % bs, 0)])  # whole batches
 
-    log.info("evaluation: %d validation images with captions, %d k-NN reference images, %d class prompts",
-             len(evals) * bs, len(knn_train) * bs, len(texts))
+    log.info("evaluation: %d labelled single-object images, %d k-NN reference images, %d class prompts, %d "
+             "captioned images for retrieval", len(labelled) * bs, len(knn_train) * bs, len(texts),
+             len(captioned) * bs)
 
     @nnx.jit
     def encode_image(model: TwoTower, batch):  # (pooled encoder features, image embedding)
@@ -296,18 +252,22 @@ def make_evaluator(config, sources, tokenizer):
 
     encode_text = nnx.jit(lambda model, tokens: model.text(tokens))
 
+    def image_embeddings(model: TwoTower, batches) -> np.ndarray:
+        return np.concatenate([np.asarray(encode_image(model, {k: b[k] for k in IMAGE_KEYS})[1]) for b in batches])
+
     def evaluate(model: TwoTower) -> dict:
-        img = [encode_image(model, {k: b[k] for k in IMAGE_KEYS})[1] for b in evals]
-        img = np.concatenate([np.asarray(x) for x in img])
-        txt = np.concatenate([np.asarray(encode_text(model, b["text"])) for b in evals])
+        img = image_embeddings(model, labelled)
         pe = np.concatenate([np.asarray(encode_text(model, prompts[i:i + bs])) for i in range(0, len(prompts), bs)])
         pe = pe[:len(texts)]
         out = {f"zero_shot/{name}": zero_shot_accuracy(img, class_embeddings(pe, cls, n),
-                                                       np.concatenate([b[f"{name}_label"] for b in evals]))
+                                                       np.concatenate([b[f"{name}_label"] for b in labelled]))
                for name, cls, n in (("shape", shape_of, len(shapes_world.SHAPES)),
                                     ("colour", colour_of, len(shapes_world.COLOURS)))}
-        out.update({f"retrieval/{k}": v for k, v in retrieval_recall(img, txt).items()})
-        out.update(knn_report(lambda b: encode_image(model, {k: b[k] for k in IMAGE_KEYS})[0], knn_train, evals,
+        if captioned:
+            txt = np.concatenate([np.asarray(encode_text(model, b["text"])) for b in captioned])
+            out.update({f"retrieval/{k}": v for k, v in retrieval_recall(image_embeddings(model, captioned),
+                                                                           txt).items()})
+        out.update(knn_report(lambda b: encode_image(model, {k: b[k] for k in IMAGE_KEYS})[0], knn_train, labelled,
                               k=d.knn_k))
         return {f"eval/{k}": v for k, v in out.items()}
     return evaluate
@@ -315,8 +275,8 @@ def make_evaluator(config, sources, tokenizer):
 
 # ----------------------------------------------------------------------------- the stage
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan) -> Job:
-    sources = prepare_image_sources(config.data, workdir, seed=config.seed)
-    tokenizer = prepare_tokenizer(config.data, workdir)
+    data = open_sources(config.data, workdir)
+    tokenizer = tokenizer_from_config(config.data, workdir)
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked; the tokenizer's ids are recorded
     config.model.text.vocab_size, config.model.text.pad_id = tokenizer.vocab_size, tokenizer.pad_id
     config.model.text.eos_id = tokenizer.eos_id
@@ -324,19 +284,20 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
         budget_at(config, step)  # an unknown schedule fails here, before anything is compiled
     spec = two_tower_spec_from_config(config.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                                       eos_id=tokenizer.eos_id)
-    placed = place_on_mesh(config, spec, plan)
+    towers = place_on_mesh(config, spec, plan)
+    placed = towers.placed
     log.info("loss %s; batch split over %s", config.loss_impl, plan.batch_axes)
-    train_iter = BudgetBatches(config, sources.train, tokenizer)
+    train_iter = BudgetBatches(config, data.mixture("train", config.seed), tokenizer)
     batch_sh: dict = {}
 
     def train_step(state, batch, step):
         del step
         if not batch_sh:  # every budget has the same shardings (leading axis over the batch axes)
             batch_sh.update(host_batch_shardings(batch, plan))
-        state, metrics = placed.step(state, global_batch(batch, batch_sh))
+        state, metrics = towers.step(state, global_batch(batch, batch_sh))
         return state, dict(metrics, patch_budget=batch["patches"].shape[1])
 
-    evaluator = make_evaluator(config, sources, tokenizer)
+    evaluator = make_evaluator(config, data, workdir, tokenizer)
     evaluate = None if evaluator is None else lambda state: evaluator(nnx.merge(placed.graphdef, state).model)
 
 
@@ -357,7 +318,8 @@ def abstract_program(config: ml_collections.ConfigDict, devices: Sequence[Any], 
     spec = two_tower_spec_from_config(config.model, vocab_size=vocab, pad_id=int(t.get("pad_id", 0)),
                                       eos_id=int(t.get("eos_id", 1)))
     plan = plan_from_config(config.mesh, devices)
-    placed = place_on_mesh(config, spec, plan, abstract=True)
+    towers = place_on_mesh(config, spec, plan, abstract=True)
+    placed = towers.placed
     b, p, text_len = int(config.data.batch_size), int(config.model.vision.patch_size), int(config.data.text_len)
     n = max(int(x) for x in config.data.patch_budgets)
     batch = batch_contract(b, n, p, text_len)
@@ -369,4 +331,4 @@ def abstract_program(config: ml_collections.ConfigDict, devices: Sequence[Any], 
                  optimizer=str(config.optim.name))
     summary = (f"{b} image-text pairs x {n} patches of {p}px, captions of {text_len} tokens (global); "
                f"loss {config.loss_impl}, optimizer {config.optim.name}")
-    return TrainProgram(plan, placed.step, args, placed.replicated, facts, summary, flops)
+    return TrainProgram(plan, towers.step, args, placed.replicated, facts, summary, flops)

@@ -39,7 +39,10 @@ from glm5v_jax.errors import ConfigError
 from glm5v_jax.train import flops as flops_lib
 from glm5v_jax.train.checkpoint import Checkpointer
 from glm5v_jax.train.init_from import apply_init_from
-from glm5v_jax.train.parallel import MeshPlan, plan_from_config
+from glm5v_jax.sharding.partition import create_sharded, state_shardings
+from glm5v_jax.sharding.rules import parameter_shardings
+from glm5v_jax.train.optimizer import transform_from_config
+from glm5v_jax.train.parallel import MeshPlan, abstract_state, plan_from_config, preflight
 from glm5v_jax.train.paths import as_path
 from glm5v_jax.train.stages import stage_module
 from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves, write_eval_table
@@ -86,6 +89,49 @@ class Job:
     batch_keys: tuple[str, ...] | None = None  # what `batch_hash` fingerprints (None: every key)
     routing: str | None = None  # Muon routing table, written to routing.txt
     replicated: float = 0.0  # fraction of parameter bytes replicated over a non-data axis
+
+
+@dataclasses.dataclass
+class PlacedState:
+    """A stage's TrainState on the mesh (or abstract, for AOT compiles), with what was derived on the
+    way: shardings, the optimizer's schedules and per-parameter group labels, the Muon routing."""
+
+    graphdef: Any
+    state: Any  # nnx.State of the TrainState: jax.Arrays, or ShapeDtypeStructs with shardings
+    shardings: Any
+    abstract_model: nnx.Module
+    schedules: dict  # "<group>/<kind>" -> lr(step)
+    update_labels: dict  # param path -> "<group>/<kind>" (per-group update-RMS metrics)
+    routing: str | None
+    replicated: float  # fraction of parameter bytes replicated over a non-data mesh axis
+
+    @property
+    def params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(nnx.state(self.abstract_model, nnx.Param)))
+
+
+def place_state(config: ml_collections.ConfigDict, plan: MeshPlan, make_model: Callable[[], nnx.Module], *,
+                extras: Callable[[], dict] | None = None, abstract: bool = False) -> PlacedState:
+    """Every check that can fail (ConfigError naming the field) on the abstract model, then
+    `TrainState(make_model(), its optimizer of config.optim, **extras())` created sharded per the
+    mesh rules (no device holds a full replica) -- or, `abstract=True`, only its shapes and shardings."""
+    abstract_model = nnx.eval_shape(make_model)
+    replicated = preflight(abstract_model, plan, global_batch=config.data.batch_size, mesh_cfg=config.mesh)
+    param_sh = parameter_shardings(abstract_model, plan.mesh, plan.rules)
+    tx, schedules, labels, routing = transform_from_config(abstract_model, config.optim, config.total_steps,
+                                                           mesh=plan.mesh, shardings=param_sh)
+
+    def make():
+        model = make_model()
+        return TrainState(model, nnx.Optimizer(model, tx, wrt=nnx.Param), **(extras() if extras else {}))
+
+    if abstract:
+        graphdef, state = nnx.split(nnx.eval_shape(make))
+        shardings = state_shardings(state, plan.mesh, param_sh)
+        state = abstract_state(state, shardings)
+    else:
+        graphdef, state, shardings = create_sharded(make, plan.mesh, param_sh)
+    return PlacedState(graphdef, state, shardings, abstract_model, schedules, labels, routing, replicated)
 
 
 def mesh_plan(config: ml_collections.ConfigDict) -> MeshPlan:

@@ -20,12 +20,12 @@ config says, jitted, batched) once over every record of every configured trainin
                     tokens (view as `ml_dtypes.bfloat16` or `jax.lax.bitcast_convert_type`), zero
                     at padding, in the student view's token order; `np.load(..., mmap_mode="r")`
 
-Rows follow the sources in `config.data.sources` order (a ConfigDict: by name), each source in
-its own record order. The build writes into a `<dir>.tmp-*` sibling and renames it into place
-when complete, so a crashed build never leaves a directory that looks like a cache. `open_cache`
-checks meta.json against the config and `CacheLookup` attaches each record's rows to its example
-as `teacher/<name>` (uint16, as stored); a record not in the cache is skipped and counted as
-`skipped/not_in_teacher_cache`.
+Rows follow the sources in `config.data.sources` order (a ConfigDict: by name), each source's
+training part (`glm5v_jax.data.source_registry`) in its own record order. The build writes into a
+`<dir>.tmp-*` sibling and renames it into place when complete, so a crashed build never leaves a
+directory that looks like a cache. `open_cache` checks meta.json against the config and
+`CacheLookup` attaches each record's rows to its example as `teacher/<name>` (uint16, as stored);
+a record not in the cache is skipped and counted as `skipped/not_in_teacher_cache`.
 
 Caveat: the cache is valid only because NaFlex preprocessing is deterministic and the teachers see
 the unmasked image (the MIM mask applies to the student only). Any random augmentation of the
@@ -37,6 +37,11 @@ describe the image the student sees.
 
 (--workdir: where the shapes-world sources live when config.data.data_dir is empty, as for the
 trainer: <workdir>/data.)
+
+Paths go through `etils.epath`, but the cache directory must be local: the token arrays are
+numpy memory maps, which need a file on local disk. A `gs://...` cache directory is refused with a
+ConfigError naming the field (`config.teacher_cache` or `--cache_dir`); copy the cache to local
+disk first (e.g. `gsutil -m cp -r`).
 """
 from __future__ import annotations
 
@@ -44,11 +49,9 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 import grain
@@ -56,13 +59,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from glm5v_jax.errors import ConfigError, run_cli
 from glm5v_jax.data.image_batches import ImageBatchConfig, ProcessImageRecord, view_key
+from glm5v_jax.data.source_registry import checked_sources, open_sources
 from glm5v_jax.data.sources import TagSource
 from glm5v_jax.data.templates import as_str
 from glm5v_jax.models.cogvit_mim import resample_tokens
+from glm5v_jax.train.paths import as_path, is_uri
 
 log = logging.getLogger(__name__)
 FORMAT, VERSION = "glm5v_jax.teacher_cache", 1
@@ -127,13 +133,15 @@ def expected_meta(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "teachers": {name: {"kind": t.kind, "variant": t.variant, "checkpoint": str(t.checkpoint), "seed": int(t.seed),
                             "overrides": t.overrides.to_dict(), "max_patches": int(t.get("max_patches", 0))}
                      for name, t in config.teachers.items()},
-        "sources": {name: {k: val for k, val in src.to_dict().items() if k != "weight"}
-                    for name, src in config.data.sources.items()},
+        # the training part of each source (its weight and eval part do not change the records)
+        "sources": {name: {k: val for k, val in src.to_dict().items() if k != "weight" and not k.startswith("eval_")}
+                    for name, src in checked_sources(config.data).items()},
     }
     return json.loads(json.dumps(meta))
 
 
-def check_meta(meta: Mapping[str, Any], expected: Mapping[str, Any], meta_path: Path | str, field: str = "") -> None:
+def check_meta(meta: Mapping[str, Any], expected: Mapping[str, Any], meta_path: os.PathLike | str,
+               field: str = "") -> None:
     """Raises naming the first field where the cache's meta differs from the config's settings.
 
     Teacher and source names must be the same sets; `overrides` compare as a whole; elsewhere only
@@ -156,7 +164,7 @@ class CacheLookup:
     """`attach` for `make_image_batch_iterator`: {teacher/<name>: uint16 `[N, D]`} of the record's
     tagged id, or `MISSING`. Picklable (grain workers): opens the memory maps on first use."""
 
-    def __init__(self, path: str | Path, names: tuple[str, ...]):
+    def __init__(self, path: str | os.PathLike, names: tuple[str, ...]):
         self.path, self.names = str(path), tuple(names)
         self._rows: dict[str, int] | None = None
         self._arrays: dict[str, np.ndarray] = {}
@@ -165,8 +173,9 @@ class CacheLookup:
     def _open(self) -> dict[str, int]:
         with self._lock:
             if self._rows is None:
-                self._arrays = {n: np.load(Path(self.path) / f"{n}.npy", mmap_mode="r") for n in self.names}
-                ids = np.load(Path(self.path) / "ids.npy")
+                directory = epath.Path(self.path)
+                self._arrays = {n: np.load(directory / f"{n}.npy", mmap_mode="r") for n in self.names}
+                ids = np.load(directory / "ids.npy")
                 self._rows = {str(rid): row for row, rid in enumerate(ids) if rid}
         return self._rows
 
@@ -185,7 +194,7 @@ class CacheLookup:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherCache:
-    path: Path
+    path: epath.Path
     meta: dict[str, Any]
 
     @property
@@ -196,9 +205,19 @@ class TeacherCache:
         return CacheLookup(self.path, tuple(self.meta["teachers"]))
 
 
-def open_cache(path: str | Path, config: ml_collections.ConfigDict) -> TeacherCache:
+def local_cache_dir(path: str | os.PathLike, field: str) -> epath.Path:
+    """`path` as an absolute local epath; ConfigError naming `field` for a URI (numpy memory maps
+    need a local file)."""
+    if is_uri(path):
+        raise ConfigError(field, f"{path} is not on local disk; the teacher cache is memory-mapped with numpy, "
+                                 "which needs local files: copy it to local disk (e.g. gsutil -m cp -r) and give "
+                                 "that path")
+    return as_path(path)
+
+
+def open_cache(path: str | os.PathLike, config: ml_collections.ConfigDict) -> TeacherCache:
     """A complete cache that matches `config` (raises otherwise, naming the field and meta.json)."""
-    path = Path(path)
+    path = local_cache_dir(path, "config.teacher_cache")
     meta_path = path / "meta.json"
     if not path.is_dir():
         raise FileNotFoundError(f"config.teacher_cache: {path} is not a directory; build it with "
@@ -221,15 +240,14 @@ def open_cache(path: str | Path, config: ml_collections.ConfigDict) -> TeacherCa
 
 
 # ----------------------------------------------------------------------------- building
-def named_train_sources(data: ml_collections.ConfigDict, workdir: str | Path | None) -> dict[str, grain.MapDataset]:
-    """Each `config.data.sources.<name>` (train split), unshuffled, ids tagged `<name>/<id>`: the
-    datasets `train.vision_data.prepare_image_sources` mixes for the trainer."""
-    from glm5v_jax.train.vision_data import prepare_image_sources
-
+def named_train_sources(data: ml_collections.ConfigDict,
+                        workdir: str | os.PathLike | None) -> dict[str, grain.MapDataset]:
+    """Each `config.data.sources.<name>` (its training part), unshuffled, ids tagged `<name>/<id>`:
+    the datasets the trainer mixes (`source_registry.open_sources`)."""
     if not data.data_dir and not workdir:
         raise ConfigError("config.data.data_dir", "is empty and no workdir was given: the shapes-world sources live "
                          "under <workdir>/data (pass --workdir=<the run directory>)")
-    named = prepare_image_sources(data, Path(workdir or "."), seed=0).named
+    named = open_sources(data, workdir or ".").train
     return {name: (ds if isinstance(ds, grain.MapDataset) else grain.MapDataset.source(ds)).map(TagSource(name))
             for name, ds in named.items()}
 
@@ -247,8 +265,8 @@ class _Prepare:
         return out
 
 
-def _write_meta(directory: Path, meta: Mapping[str, Any]) -> None:
-    with open(directory / "meta.json", "w") as f:
+def _write_meta(directory: epath.Path, meta: Mapping[str, Any]) -> None:
+    with (directory / "meta.json").open("w") as f:
         json.dump(meta, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
@@ -292,18 +310,18 @@ def _fill(arrays: Mapping[str, np.ndarray], sources: Mapping[str, grain.MapDatas
     return ids, skipped
 
 
-def build_cache(config: ml_collections.ConfigDict, cache_dir: str | Path, *, workdir: str | Path | None = None,
-                batch_size: int = 0, overwrite: bool = False) -> Path:
+def build_cache(config: ml_collections.ConfigDict, cache_dir: str | os.PathLike, *,
+                workdir: str | os.PathLike | None = None, batch_size: int = 0, overwrite: bool = False) -> epath.Path:
     """Runs every teacher over every training record once and writes the cache (module docstring);
     returns its directory. `overwrite` replaces an existing one (only once the new one is complete)."""
-    from glm5v_jax.train.cogvit_mim import build_teachers
+    from glm5v_jax.models.build import teachers_from_config
 
-    out = Path(cache_dir)
+    out = local_cache_dir(cache_dir, "--cache_dir")
     if out.exists() and not overwrite:
         raise FileExistsError(f"--cache_dir: {out} exists; remove it or pass overwrite (--overwrite)")
     v = config.model.vision
     width, bs = int(v.max_patches), int(batch_size or config.data.batch_size)
-    teachers = build_teachers(config, v.patch_size)
+    teachers = teachers_from_config(config.teachers)
     views = teacher_views(config, {n: t.patch_size for n, t in teachers.items()})
     modules = nnx.Dict({n: t.module for n, t in teachers.items()})
     sources = named_train_sources(config.data, workdir)
@@ -318,7 +336,7 @@ def build_cache(config: ml_collections.ConfigDict, cache_dir: str | Path, *, wor
 
     t0, total = time.time(), sum(len(ds) for ds in sources.values())
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    tmp = epath.Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
         arrays = {n: np.lib.format.open_memmap(tmp / f"{n}.npy", mode="w+", dtype=np.uint16,
@@ -345,9 +363,9 @@ def build_cache(config: ml_collections.ConfigDict, cache_dir: str | Path, *, wor
             out.rename(old)
         tmp.rename(out)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            old.rmtree(missing_ok=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.rmtree(missing_ok=True)
         raise
     log.info("teacher cache %s: %d of %d records, skipped %s (%.0f s)", out, cached, total, skipped, time.time() - t0)
     return out

@@ -2,8 +2,10 @@
 
 Reads top to bottom; the run layer (`glm5v_jax.train.run`) does the loop, checkpoints, resume,
 `init_from`, preemption and writers:
-  data: shapes world built on first use (with its SentencePiece tokenizer), or a TFDS / ArrayRecord
-     corpus -> grain pipeline of packed rows (segment ids, loss mask, NaFlex patches per image slot)
+  data: the named sources of config.data.sources (shapes world built on first use, TFDS datasets,
+     ArrayRecord files; `glm5v_jax.data.source_registry`) and the tokenizer (config.data.tokenizer,
+     or SentencePiece trained on the shapes-world texts) -> grain pipeline of packed rows (segment
+     ids, loss mask, NaFlex patches per image slot)
   -> model from the config (vocabulary size and <|image|> id from the tokenizer)
   -> Muon (or AdamW) with per-module groups, created sharded on the mesh (`config.mesh`)
   -> step: LM loss + lambda x MTP loss (+ balance loss), optimizer, router-bias update
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -25,19 +26,17 @@ from etils import epath
 from flax import nnx
 
 from glm5v_jax.data import pipeline as pipeline_lib
-from glm5v_jax.data.tokenizer import Tokenizer, train_tokenizer
+from glm5v_jax.data.source_registry import open_sources, tokenizer_from_config
+from glm5v_jax.data.tokenizer import Tokenizer
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.losses.lm import vlm_loss
 from glm5v_jax.models.build import vlm_spec_from_config
 from glm5v_jax.models.vlm import GLM5V
-from glm5v_jax.sharding.partition import create_sharded, state_shardings
-from glm5v_jax.sharding.rules import parameter_shardings
 from glm5v_jax.train import flops as flops_lib
 from glm5v_jax.train import run as run_lib
 from glm5v_jax.train.optimizer import transform_from_config
 from glm5v_jax.train.parallel import (MeshPlan, TrainProgram, abstract_state, batch_shardings, global_batch,
-                                       jit_eval, jit_step, plan_from_config, preflight)
-from glm5v_jax.train.paths import as_path, expand_globs
+                                       jit_eval, jit_step, plan_from_config)
 from glm5v_jax.train.step import train_step
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,6 @@ BATCH_KEYS = ("tokens", "segment_ids", "loss_mask", "patches", "patch_yx", "patc
               "image_valid")
 
 # ----------------------------------------------------------------------------- data
-DATASETS = ("shapes_world", "tfds", "array_record")
 TOKENIZER_FILE = "tokenizer.model"  # the run's tokenizer, kept in its directory (stages chained by
                                     # init_from read it from there, so ids and vocabulary match)
 
@@ -58,76 +56,14 @@ def save_tokenizer(tokenizer: Tokenizer, workdir: epath.Path) -> None:
         path.write_bytes(tokenizer.serialized_model_proto)
 
 
-def data_dir_of(cfg, workdir: epath.Path) -> epath.Path:
-    return as_path(cfg.data_dir) if cfg.data_dir else as_path(workdir) / "data"
-
-
-def shapes_world_tokenizer(cfg, dataset_dir: epath.Path) -> Tokenizer:
-    """config.data.tokenizer, or a SentencePiece model trained on the dataset's texts (cached next
-    to it)."""
-    from glm5v_jax.data import shapes_world
-
-    if cfg.tokenizer:
-        return Tokenizer(str(cfg.tokenizer))
-    path = epath.Path(dataset_dir) / f"tokenizer_{cfg.tokenizer_vocab_size}.model"
-    if path.exists():
-        return Tokenizer(str(path))
-    t0 = time.time()
-    tokenizer = train_tokenizer(shapes_world.iter_texts(cfg.build_seed, dict(cfg.split_sizes)), str(path),
-                                vocab_size=cfg.tokenizer_vocab_size)
-    log.info("trained tokenizer %s (%d pieces) in %.1f s", path, tokenizer.vocab_size, time.time() - t0)
-    return tokenizer
-
-
-def build_shapes_world(cfg, workdir: epath.Path) -> epath.Path:
-    """The embedded dataset under config.data.data_dir (built once; deterministic by build_seed)."""
-    from glm5v_jax.data import shapes_world_tfds
-
-    t0 = time.time()
-    path = epath.Path(shapes_world_tfds.build_shapes_world(str(data_dir_of(cfg, workdir)), seed=cfg.build_seed,
-                                                           split_sizes=dict(cfg.split_sizes)))
-    log.info("shapes world ready at %s (%.1f s)", path, time.time() - t0)
-    return path
-
-
 def prepare_data(cfg: ml_collections.ConfigDict, workdir: epath.Path, tokenizer: Tokenizer | None = None):
-    """({"train": {name: source}, "eval": {...}}, mixture weights, tokenizer) from config.data.
-
-    `shapes_world` is built (with its tokenizer, unless `tokenizer` is given) on first use; `tfds`
-    reads any TFDS dataset with an image and a text feature (`config.data.tfds.*`); `array_record`
-    reads record files (`config.data.array_record.*`). Real corpora need `config.data.tokenizer`
-    (or `tokenizer`).
-    """
-    from glm5v_jax.data import shapes_world_tfds
-
-    if cfg.dataset not in DATASETS:
-        raise ConfigError("config.data.dataset", f"unknown dataset {cfg.dataset!r}; expected one of {DATASETS}")
-    if cfg.dataset == "shapes_world":
-        dataset_dir = build_shapes_world(cfg, workdir)
-        tokenizer = tokenizer or shapes_world_tokenizer(cfg, dataset_dir)
-        splits = {"train": {"image": "train", "text": "text_train"},
-                  "eval": {"image": "validation", "text": "text_validation"}}
-        sources = {part: {kind: shapes_world_tfds.load_split(str(dataset_dir), split) for kind, split in names.items()}
-                   for part, names in splits.items()}
-        return sources, {"image": 1.0 - cfg.text_weight, "text": cfg.text_weight}, tokenizer
-    if tokenizer is None and not cfg.tokenizer:
-        raise ConfigError("config.data.tokenizer", "a real corpus needs the path of a SentencePiece model with the "
-                                                   "GLM special tokens (see glm5v_jax.data.tokenizer.train_tokenizer)")
-    tokenizer = tokenizer or Tokenizer(str(cfg.tokenizer))
-    if cfg.dataset == "tfds":
-        t = cfg.tfds
-        if not t.name:
-            raise ConfigError("config.data.tfds.name", "set the TFDS dataset name")
-        make = lambda split: pipeline_lib.tfds_source(t.name, split, t.data_dir or None,  # noqa: E731
-                                                      image_key=t.image_key, text_key=t.text_key)
-        sources = {"train": {"corpus": make(t.train_split)}, "eval": {"corpus": make(t.eval_split)}}
-    else:
-        a = cfg.array_record
-        paths = {part: expand_globs(getattr(a, f"{part}_paths"), f"config.data.array_record.{part}_paths")
-                 for part in ("train", "eval")}
-        sources = {part: {"corpus": pipeline_lib.array_record_source(found, parse=a.parse)}
-                   for part, found in paths.items()}
-    return sources, {"corpus": 1.0}, tokenizer
+    """({"train": {name: source}, "eval": {name: source}}, mixture weights, tokenizer) from
+    config.data: its named sources (`glm5v_jax.data.source_registry`; shapes world is built on first
+    use) and `tokenizer`, else `tokenizer_from_config` (config.data.tokenizer, or one trained on the
+    shapes-world texts; a real corpus needs config.data.tokenizer)."""
+    data = open_sources(cfg, workdir)
+    tokenizer = tokenizer or tokenizer_from_config(cfg, workdir)
+    return {"train": data.train, "eval": data.eval}, data.weights, tokenizer
 
 
 def pipeline_config(cfg, spec, *, seed: int, train: bool, **extra) -> pipeline_lib.PipelineConfig:
@@ -179,35 +115,6 @@ def build_optimizer(model: GLM5V, cfg: ml_collections.ConfigDict, total_steps: i
     return nnx.Optimizer(model, tx, wrt=nnx.Param), schedules, labels
 
 
-@dataclasses.dataclass(frozen=True)
-class ShardedSetup:
-    """What the stage (and the AOT tool) build before any array exists."""
-
-    abstract_model: GLM5V
-    replicated: float  # fraction of parameter bytes replicated over a non-data mesh axis
-    param_shardings: dict
-    make: Callable[[], run_lib.TrainState]  # to run under create_sharded / eval_shape
-    schedules: dict
-    update_labels: dict
-    routing: str | None
-
-
-def sharded_setup(config: ml_collections.ConfigDict, spec, plan: MeshPlan) -> ShardedSetup:
-    """Preflight checks (ConfigError naming the field), parameter shardings and the optimizer of
-    `config.optim` placed on `plan`'s mesh, all from an abstract model."""
-    abstract_model = nnx.eval_shape(lambda: GLM5V(spec, rngs=nnx.Rngs(config.seed)))
-    replicated = preflight(abstract_model, plan, global_batch=config.data.batch_size, mesh_cfg=config.mesh)
-    param_sh = parameter_shardings(abstract_model, plan.mesh, plan.rules)
-    tx, schedules, labels, routing = transform_from_config(abstract_model, config.optim, config.total_steps,
-                                                           mesh=plan.mesh, shardings=param_sh)
-
-    def make():
-        model = GLM5V(spec, rngs=nnx.Rngs(config.seed))
-        return run_lib.TrainState(model, nnx.Optimizer(model, tx, wrt=nnx.Param))
-
-    return ShardedSetup(abstract_model, replicated, param_sh, make, schedules, labels, routing)
-
-
 def train_step_fn(graphdef, config: ml_collections.ConfigDict, update_labels: dict | None):
     """`(state, batch) -> (state, metrics)` on the split TrainState. `update_labels=None` leaves out
     the per-group update-RMS metrics."""
@@ -240,17 +147,14 @@ class ModelJob:
     """The VLM on the mesh with its jitted train and eval steps (shared by pre-training and SFT)."""
 
     spec: Any
-    setup: ShardedSetup
-    graphdef: Any
-    state: Any
-    shardings: Any
+    placed: run_lib.PlacedState
     batch_shardings: dict
     train_step: Callable  # (state, global batch) -> (state, metrics)
     eval_step: Callable  # (state, global batch) -> metrics
 
     def job(self, config, plan: MeshPlan, train_iter, evaluate, **kw) -> run_lib.Job:
         """A run-layer Job that feeds host batches of `BATCH_KEYS` (plus `kw`) to the train step."""
-        spec, batch_sh = self.spec, self.batch_shardings
+        spec, batch_sh, placed = self.spec, self.batch_shardings, self.placed
 
         def step(state, batch, step_num):
             del step_num
@@ -263,24 +167,30 @@ class ModelJob:
                                                              seq_len=batch["tokens"].shape[1], images=images,
                                                              patches_per_image=spec.vision.max_patches))
 
-        params = sum(x.size for x in jax.tree.leaves(nnx.state(self.setup.abstract_model, nnx.Param)))
-        return run_lib.Job(config=config, plan=plan, state=self.state, shardings=self.shardings,
-                           train_iter=train_iter, train_step=step, schedules=self.setup.schedules,
-                           evaluate=evaluate, work=work, batch_keys=BATCH_KEYS, routing=self.setup.routing,
-                           replicated=self.setup.replicated,
-                           hparams=dict(preset=config.get("preset", ""), mmtp=config.model.mtp.mode, params=params),
-                           **kw)
+        return run_lib.Job(config=config, plan=plan, state=placed.state, shardings=placed.shardings,
+                           train_iter=train_iter, train_step=step, schedules=placed.schedules, evaluate=evaluate,
+                           work=work, batch_keys=BATCH_KEYS, routing=placed.routing, replicated=placed.replicated,
+                           hparams=dict(preset=config.get("preset", ""), mmtp=config.model.mtp.mode,
+                                        params=placed.params), **kw)
+
+
+def place_model(config: ml_collections.ConfigDict, spec, plan: MeshPlan, *, abstract: bool = False,
+                update_rms: bool = True):
+    """(PlacedState of the VLM and its optimizer, batch shardings, jitted train step): the pieces the
+    run and the AOT program share. `update_rms`: log the per-group update-RMS metrics."""
+    placed = run_lib.place_state(config, plan, lambda: GLM5V(spec, rngs=nnx.Rngs(config.seed)), abstract=abstract)
+    batch_sh = batch_shardings(batch_contract(spec, config.data), plan)
+    step = jit_step(train_step_fn(placed.graphdef, config, placed.update_labels if update_rms else None), plan,
+                    placed.shardings, batch_sh)
+    return placed, batch_sh, step
 
 
 def build_model_job(config: ml_collections.ConfigDict, plan: MeshPlan) -> ModelJob:
     """Model and optimizer created sharded on `plan`, with the jitted steps (explicit shardings)."""
     spec = vlm_spec_from_config(config.model)
-    setup = sharded_setup(config, spec, plan)  # every check that can fail, before anything is built
-    graphdef, state, state_sh = create_sharded(setup.make, plan.mesh, setup.param_shardings)
-    batch_sh = batch_shardings(batch_contract(spec, config.data), plan)
-    return ModelJob(spec, setup, graphdef, state, state_sh, batch_sh,
-                    jit_step(train_step_fn(graphdef, config, setup.update_labels), plan, state_sh, batch_sh),
-                    jit_eval(eval_step_fn(graphdef, config), plan, state_sh, batch_sh))
+    placed, batch_sh, step = place_model(config, spec, plan)
+    return ModelJob(spec, placed, batch_sh, step,
+                    jit_eval(eval_step_fn(placed.graphdef, config), plan, placed.shardings, batch_sh))
 
 
 def mean_metrics(eval_step: Callable, state, batches: Iterator[dict], num_batches: int, shardings) -> dict:
@@ -295,8 +205,16 @@ def mean_metrics(eval_step: Callable, state, batches: Iterator[dict], num_batche
 
 
 # ----------------------------------------------------------------------------- the stage
+def check_eval_parts(config: ml_collections.ConfigDict, sources: dict) -> None:
+    """Evaluation reads the sources' eval parts: ConfigError when it is on and there are none."""
+    if config.eval_every and not sources["eval"]:
+        raise ConfigError("config.data.sources", "evaluation (config.eval_every > 0) reads the sources' eval "
+                                                 "parts: give a source an eval_split, or set config.eval_every=0")
+
+
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan) -> run_lib.Job:
     sources, weights, tokenizer = prepare_data(config.data, workdir)
+    check_eval_parts(config, sources)
     config = resolve_model_config(config, tokenizer)
     save_tokenizer(tokenizer, workdir)
     mj = build_model_job(config, plan)
@@ -329,13 +247,8 @@ def abstract_program(config: ml_collections.ConfigDict, devices: Sequence[Any], 
     model keeps the preset's vocabulary size (there is no tokenizer here)."""
     spec = vlm_spec_from_config(config.model)
     plan = plan_from_config(config.mesh, devices)
-    setup_ = sharded_setup(config, spec, plan)
-    graphdef, state = nnx.split(nnx.eval_shape(setup_.make))
-    state_sh = state_shardings(state, plan.mesh, setup_.param_shardings)
-    pure_train_step = train_step_fn(graphdef, config, setup_.update_labels if update_rms else None)
+    placed, batch_sh, step = place_model(config, spec, plan, abstract=True, update_rms=update_rms)
     batch = batch_contract(spec, config.data)
-    batch_sh = batch_shardings(batch, plan)
-    step = jit_step(pure_train_step, plan, state_sh, batch_sh)
     d, m = config.data, config.model
     facts = dict(global_batch=int(d.batch_size), seq_len=int(d.seq_len), max_images_per_row=int(d.max_images_per_row),
                  vocab_size=int(m.backbone.vocab_size), remat=bool(m.remat), attention_impl=str(m.attention_impl),
@@ -346,5 +259,5 @@ def abstract_program(config: ml_collections.ConfigDict, devices: Sequence[Any], 
     flops = flops_lib.train_flops_per_step(spec, rows=d.batch_size, seq_len=d.seq_len,
                                            images=d.batch_size * d.max_images_per_row,
                                            patches_per_image=spec.vision.max_patches)
-    return TrainProgram(plan, step, (abstract_state(state, state_sh), abstract_state(batch, batch_sh)),
-                        setup_.replicated, facts, summary, flops)
+    return TrainProgram(plan, step, (placed.state, abstract_state(batch, batch_sh)), placed.replicated, facts,
+                        summary, flops)

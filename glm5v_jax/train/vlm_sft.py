@@ -31,6 +31,7 @@ from glm5v_jax.train import run as run_lib
 from glm5v_jax.train import vlm_pretrain
 from glm5v_jax.train.init_from import parse_init_from
 from glm5v_jax.train.parallel import MeshPlan, TrainProgram, global_batch, under_rules
+from glm5v_jax.train.paths import as_path
 
 log = logging.getLogger(__name__)
 SFT_KEYS = ("task_ids", "answer_ids")
@@ -38,16 +39,17 @@ SFT_KEYS = ("task_ids", "answer_ids")
 
 def sft_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path) -> Tokenizer | None:
     """The tokenizer the model was trained with: config.data.tokenizer, else the `init_from` run's
-    `tokenizer.model`, else this run's own (a resumed run), else None (shapes world trains one)."""
+    `tokenizer.model`, else this run's own (a resumed run), else None (`tokenizer_from_config`
+    trains one on the shapes-world texts)."""
     if config.data.tokenizer:
-        return Tokenizer(str(config.data.tokenizer))
-    candidates = [epath.Path(workdir) / vlm_pretrain.TOKENIZER_FILE]
+        return Tokenizer(as_path(config.data.tokenizer))
+    candidates = [as_path(workdir) / vlm_pretrain.TOKENIZER_FILE]
     if config.get("init_from", ""):
-        candidates.insert(0, epath.Path(parse_init_from(config.init_from).workdir) / vlm_pretrain.TOKENIZER_FILE)
+        candidates.insert(0, as_path(parse_init_from(config.init_from).workdir) / vlm_pretrain.TOKENIZER_FILE)
     for path in candidates:
         if path.exists():
             log.info("tokenizer %s", path)
-            return Tokenizer.from_serialized(path.read_bytes(), name=str(path))
+            return Tokenizer(path)
     return None
 
 
@@ -56,18 +58,19 @@ def eval_fn(mj: vlm_pretrain.ModelJob, config: ml_collections.ConfigDict, plan: 
     mtp_w, bal_w = float(config.model.mtp.loss_weight), float(config.model.backbone.balance_loss_weight)
 
     def pure(state, batch):
-        outputs = nnx.merge(mj.graphdef, state).model(batch)
+        outputs = nnx.merge(mj.placed.graphdef, state).model(batch)
         _, metrics = vlm_loss(outputs, batch, mtp_loss_weight=mtp_w, balance_loss_weight=bal_w)
         return metrics, outputs["logits"].argmax(-1).astype(np.int32)
 
     replicated = NamedSharding(plan.mesh, P())
-    return jax.jit(under_rules(pure, plan), in_shardings=(mj.shardings, dict(mj.batch_shardings)),
+    return jax.jit(under_rules(pure, plan), in_shardings=(mj.placed.shardings, dict(mj.batch_shardings)),
                    out_shardings=(replicated, replicated))
 
 
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan) -> run_lib.Job:
     tokenizer = sft_tokenizer(config, workdir)
     sources, weights, tokenizer = vlm_pretrain.prepare_data(config.data, workdir, tokenizer=tokenizer)
+    vlm_pretrain.check_eval_parts(config, sources)
     config = vlm_pretrain.resolve_model_config(config, tokenizer)
     vlm_pretrain.save_tokenizer(tokenizer, workdir)
     mj = vlm_pretrain.build_model_job(config, plan)
