@@ -3,6 +3,8 @@
 Usage: `--config=configs/cogvit_mim.py:<preset>[,option=value,...]`, e.g.
 `configs/cogvit_mim.py:tiny` or `:base,mask=random,standardize=phi_s,loss=mse`, or
 `:tiny,teacher_run=runs/siglip` to distil from the image tower of a stage-2 run instead of SigLIP2.
+`:base,data=array_record --config.data.sources.natural.train_split='gs://b/natural/*.array_record'`
+(and likewise `instruction`, `scientific`) trains on record files instead of shapes world.
 
 Presets:
   tiny   CogViT 128 wide, depth 2 (the VLM tiny preset's tower); small random-init teachers of
@@ -32,9 +34,11 @@ from __future__ import annotations
 import ml_collections
 
 from glm5v_jax.config_args import parse_arg
-from glm5v_jax.config_blocks import cogvit_block, optimizer_block, optimizer_group
+from glm5v_jax.config_blocks import (cogvit_block, optimizer_block, optimizer_group, report_mixture,
+                                     single_object_eval_source)
+from glm5v_jax.data.source_registry import SOURCE_KINDS
+from glm5v_jax.errors import ConfigError
 from glm5v_jax.sharding.rules import mesh_config
-from glm5v_jax.train.vision_data import report_mixture
 
 PRESETS = ("tiny", "base")
 
@@ -45,6 +49,7 @@ OPTIONS = dict(
     optimizer="muon",  # muon | adamw
     dtype="bfloat16",  # student compute dtype; parameters stay float32
     teacher_run="",  # a stage-2 run directory (configs/cogvit_siglip.py): its image encoder replaces SigLIP2
+    data="shapes_world",  # shapes_world | tfds | array_record: the kind of the three mixture sources
     seed=0,
 )
 
@@ -58,6 +63,8 @@ def _teacher(kind, variant, seed, **overrides):
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opts = parse_arg(arg, PRESETS, "tiny", **OPTIONS)
+    if opts.data not in SOURCE_KINDS:
+        raise ConfigError("option data", f"unknown source kind {opts.data!r}; expected one of {tuple(SOURCE_KINDS)}")
     tiny = opts.preset == "tiny"
     config = ml_collections.ConfigDict()
     config.trainer = "cogvit_mim"  # glm5v_jax.train.stages.STAGES
@@ -101,16 +108,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.init_from = ""
 
     # Data: named image sources mixed by weight (the report: 80% natural, 10% instruction,
-    # 10% scientific). Each source: shapes_world (the embedded generator, by build seed and
-    # size) or array_record (paths of records with an `image` field).
+    # 10% scientific), entries of glm5v_jax.data.source_registry: by default shapes-world stand-ins
+    # (build seeds 0, 1, 2); option data=array_record / tfds: the same three names to point at
+    # record files (`.train_split` globs) or TFDS datasets (`.name`).
     config.data = ml_collections.ConfigDict(dict(
         data_dir="",  # "" -> <workdir>/data
-        sources=report_mixture(6000 if tiny else 100_000),
+        sources=report_mixture(opts.data, 6000 if tiny else 100_000),
         batch_size=16 if tiny else 1024,
         num_workers=0,
-        eval_source="natural",  # the shapes_world source whose validation split is evaluated
-        eval_images=300,  # shapes-world validation images for k-NN (queries) ...
-        knn_train_images=1000,  # ... and the training images they are matched against
+        # k-NN evaluation (shape and colour): shapes-world images with exactly one object; the
+        # eval part's images are matched against the train part's (1000 reference images, 300 queries).
+        eval_source=single_object_eval_source(knn_images=1000, eval_images=300),
         knn_k=10,
     ))
 

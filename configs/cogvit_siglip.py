@@ -16,20 +16,23 @@ for tiny, ring for base | dense: one device, the whole B x B logits | ring | all
 batch split over a data-parallel mesh of
 `config.mesh.data` devices, 0 = all, parameters replicated, loss by
 `sharded_sigmoid_contrastive_loss`), budgets (cycle | random: which patch budget a step uses),
-seed.
+data (shapes_world | tfds | array_record: the kind of the three mixture sources, see
+configs/cogvit_mim.py), seed.
 
 Captions are the shapes world's English captions (`caption_en`), tokenised by a SentencePiece
-model trained on the first shapes-world source's texts (cached in the data directory) unless
-`config.data.tokenizer` names one.
+model trained on the texts of `config.data.tokenizer_sources` (cached in the data directory;
+`glm5v_jax.data.source_registry.tokenizer_from_config`) unless `config.data.tokenizer` names one.
 """
 from __future__ import annotations
 
 import ml_collections
 
 from glm5v_jax.config_args import parse_arg
-from glm5v_jax.config_blocks import cogvit_block, optimizer_block, optimizer_group
+from glm5v_jax.config_blocks import (cogvit_block, optimizer_block, optimizer_group, report_mixture,
+                                     single_object_eval_source)
+from glm5v_jax.data.source_registry import SOURCE_KINDS
+from glm5v_jax.errors import ConfigError
 from glm5v_jax.sharding.rules import mesh_config
-from glm5v_jax.train.vision_data import report_mixture
 
 PRESETS = ("tiny", "base")
 
@@ -38,6 +41,7 @@ OPTIONS = dict(
     dtype="",  # compute dtype; "" = float32 (tiny, CPU) or bfloat16 (base); parameters stay float32
     loss_impl="",  # "" (tiny: dense, base: ring) | dense | ring | all_gather
     budgets="cycle",  # cycle | random: the patch budget of each step
+    data="shapes_world",  # shapes_world | tfds | array_record: the kind of the three mixture sources
     seed=0,
 )
 
@@ -51,6 +55,8 @@ def _text(embed_dim, depth, num_heads, mlp_dim):
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opts = parse_arg(arg, PRESETS, "tiny", **OPTIONS)
+    if opts.data not in SOURCE_KINDS:
+        raise ConfigError("option data", f"unknown source kind {opts.data!r}; expected one of {tuple(SOURCE_KINDS)}")
     tiny = opts.preset == "tiny"
     config = ml_collections.ConfigDict()
     config.trainer = "cogvit_siglip"  # glm5v_jax.train.stages.STAGES
@@ -75,10 +81,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # WORKDIR[@STEP]:SRC=DST[,...]: start from a subtree of another run's model (glm5v_jax.train.init_from)
     config.init_from = ""
 
-    # Data: named image sources mixed by weight, as in configs/cogvit_mim.py, with captions.
+    # Data: named image sources mixed by weight, as in configs/cogvit_mim.py, with captions; the
+    # natural source's 300 validation images (several objects each) measure image-text retrieval.
     config.data = ml_collections.ConfigDict(dict(
         data_dir="",  # "" -> <workdir>/data
-        sources=report_mixture(6000 if tiny else 100_000),
+        sources=report_mixture(opts.data, 6000 if tiny else 100_000, eval_images=300),
         batch_size=32 if tiny else 65536,  # the report: a 64K global batch
         num_workers=0,
         # NaFlex patch budgets: each training batch uses one, chosen by step ("cycle" through
@@ -87,12 +94,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         budget_schedule=opts.budgets,
         text_len=48 if tiny else 64,  # caption tokens incl. eos (shapes-world captions: <= 45)
         caption_keys=("caption_en",),
-        tokenizer="",  # SentencePiece model path; "" -> trained on the first shapes-world source
+        tokenizer="",  # SentencePiece model path (local or gs://); "" -> trained on tokenizer_sources' texts
         tokenizer_vocab_size=1024 if tiny else 4096,
-        tokenizer_images=6000,  # train images whose texts train that tokenizer
-        eval_source="natural",  # the shapes_world source whose validation split is evaluated
-        eval_images=300,  # shapes-world validation images: zero-shot, retrieval, k-NN queries
-        knn_train_images=1000,  # training images the k-NN queries are matched against
+        tokenizer_sources="natural",  # shapes_world sources whose training texts train the tokenizer
+        tokenizer_max_records=6000,  # at most this many records of each (0: all)
+        # Zero-shot and k-NN classification (shape and colour): shapes-world images with exactly one
+        # object; the eval part's images are the queries, the train part's the k-NN reference.
+        eval_source=single_object_eval_source(knn_images=1000, eval_images=300),
         knn_k=10,
     ))
 

@@ -3,6 +3,12 @@
 Usage: `--config=configs/vlm_pretrain.py:<preset>[,option=value,...]`, e.g.
 `configs/vlm_pretrain.py:tiny,mmtp=image_token` or `:0p5b,mmtp=visual_embed,seeds=3`.
 
+Data (`config.data.sources`, entries of `glm5v_jax.data.source_registry`): by default the embedded
+shapes world, images with captions, QA, boxes and OCR (`image`, weight 0.8) and text-only documents
+(`text`, weight 0.2). `data=tfds` or `data=array_record` makes one `corpus` source of that kind
+instead, to fill in from the command line, e.g. `:tiny,data=tfds --config.data.sources.corpus.name=
+coco_captions --config.data.tokenizer=PATH` (a real corpus needs a tokenizer).
+
 Presets (parameter counts: `python -m glm5v_jax.tools.summary --config=...`):
   tiny       about 10M: LLM 256 wide, 4 layers (1 dense + 3 MoE, 8 experts + 1 shared,
              top-2), CogViT 128 wide, depth 2. A train step in about a second on 2 CPU cores.
@@ -18,6 +24,8 @@ import ml_collections
 
 from glm5v_jax.config_args import parse_arg
 from glm5v_jax.config_blocks import cogvit_block, optimizer_block, optimizer_group
+from glm5v_jax.data.source_registry import SOURCE_KINDS, source_config
+from glm5v_jax.errors import ConfigError
 from glm5v_jax.sharding.rules import mesh_config
 
 PRESETS = ("tiny", "0p5b", "0p5b_moe", "glm45_air")
@@ -34,6 +42,7 @@ OPTIONS = dict(
     moe_impl="ragged_dot",  # ragged_dot | dense | pallas (gmm kernel) | expert_parallel (all_to_all)
     remat=False,
     optimizer="muon",  # muon | adamw
+    data="shapes_world",  # shapes_world | tfds | array_record (config.data.sources; see above)
     seed=0,
 )
 
@@ -86,6 +95,21 @@ def _model(preset: str) -> ml_collections.ConfigDict:
     ))
 
 
+def _sources(kind: str) -> ml_collections.ConfigDict:
+    """config.data.sources: shapes world's images and text-only documents, or one corpus of `kind`."""
+    if kind == "shapes_world":
+        return ml_collections.ConfigDict(dict(
+            image=source_config("shapes_world", weight=0.8, build_seed=0, train_split="train", train_size=6000,
+                                eval_split="validation", eval_size=300),
+            text=source_config("shapes_world", weight=0.2, build_seed=0, train_split="text_train", train_size=3000,
+                               eval_split="text_validation", eval_size=150)))
+    if kind == "tfds":  # name, data_dir, image_key, text_key to set
+        return ml_collections.ConfigDict(dict(corpus=source_config("tfds", train_split="train",
+                                                                   eval_split="validation")))
+    # array_record: train_split / eval_split are comma-separated globs of record files, to set
+    return ml_collections.ConfigDict(dict(corpus=source_config(kind)))
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opts = parse_arg(arg, PRESETS, "tiny", **OPTIONS)
     config = ml_collections.ConfigDict()
@@ -115,20 +139,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.measure_pipeline_batches = 20 if tiny else 0  # > 0: time the input pipeline alone first
     config.log_batch_hash = False  # True: log data/batch_hash (48-bit sha256 prefix) every step
 
-    # Data: the embedded shapes-world set (built on first use) or a real corpus.
+    # Data: named sources mixed by weight (glm5v_jax.data.source_registry: kind, weight,
+    # train_split / train_size, eval_split / eval_size and the kind's own fields); evaluation reads
+    # the eval parts, mixed by the same weights.
+    if opts.data not in SOURCE_KINDS:
+        raise ConfigError("option data", f"unknown source kind {opts.data!r}; expected one of {tuple(SOURCE_KINDS)}")
     config.data = ml_collections.ConfigDict(dict(
-        data_dir="",  # where datasets are built / found; "" -> <workdir>/data
-        dataset="shapes_world",  # shapes_world | tfds | array_record
-        tfds=ml_collections.ConfigDict(dict(name="", data_dir="", train_split="train",
-                                            eval_split="validation", image_key="image", text_key="caption")),
-        array_record=ml_collections.ConfigDict(dict(train_paths="", eval_paths="",  # comma-separated globs
-                                                    parse="tf_example")),
-        build_seed=0,
-        split_sizes=ml_collections.ConfigDict(dict(train=6000, validation=300, text_train=3000,
-                                                   text_validation=150)),
-        tokenizer="",  # path of a SentencePiece model; "" -> trained on the dataset's text
+        data_dir="",  # where shapes world is built (and the tokenizer cached); "" -> <workdir>/data
+        sources=_sources(opts.data),
+        tokenizer="",  # path of a SentencePiece model (local or gs://); "" -> trained on shapes-world texts
         tokenizer_vocab_size=4096,
-        text_weight=0.2,  # share of text-only documents in the training mixture
+        tokenizer_sources="",  # sources whose training texts train it; "" -> every shapes_world source
+        tokenizer_max_records=0,  # at most this many records of each (0: all)
         batch_size=4 if tiny else 256,  # packed rows per step (global)
         seq_len=256 if tiny else 4096,
         max_images_per_row=4 if tiny else 16,

@@ -40,11 +40,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     tiny = opts.preset == "tiny"
     config = _pretrain_config(f"{opts.preset},mmtp={opts.mmtp},optimizer={opts.optimizer},seed={opts.seed}")
     config.trainer = "vlm_sft"  # glm5v_jax.train.stages.STAGES
-    config.total_steps = 150 if tiny else 5000
-    config.eval_every = 50 if tiny else 500
+    config.total_steps = 400 if tiny else 5000
+    config.eval_every = 100 if tiny else 500
     config.checkpoint_every = 50 if tiny else 1000
     config.measure_pipeline_batches = 0
-    config.data.eval_batches = 8 if tiny else 50
+    config.data.eval_batches = 32 if tiny else 50  # answers per task: enough to compare step 0 with the end
     # Conversations (glm5v_jax.data.conversations): turns per conversation, chance of a system
     # message and of one text-only turn in an image conversation.
     config.data.sft = ml_collections.ConfigDict(dict(min_turns=2, max_turns=5, system_prob=0.5, text_turn_prob=0.5))

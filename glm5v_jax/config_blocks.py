@@ -4,8 +4,10 @@
 
 `cogvit_block` is a CogViT `vision` section (the fields of `glm5v_jax.models.specs.VisionSpec`),
 `muon_block` the Muon settings of `config.optim.muon`, `optimizer_group` one entry of
-`config.optim.groups` and `optimizer_block` the whole `config.optim` section around them. The
-mesh block is `glm5v_jax.sharding.rules.mesh_config`. Plain ml-collections, no JAX.
+`config.optim.groups` and `optimizer_block` the whole `config.optim` section around them.
+`report_mixture` is the CogViT stages' `config.data.sources` and `single_object_eval_source` their
+labelled evaluation images (entries of `glm5v_jax.data.source_registry`). The mesh block is
+`glm5v_jax.sharding.rules.mesh_config`. Plain ml-collections, no JAX.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from glm5v_jax.data.source_registry import source_config
 from glm5v_jax.errors import ConfigError
 
 # CogViT sizes (width, depth, heads, MLP width) as in the design: tiny, ViT-B-like, L-like and
@@ -72,3 +75,34 @@ def optimizer_block(name: str, groups: dict[str, ml_collections.ConfigDict], **e
     )
     block.update(extra)
     return ml_collections.ConfigDict(block)
+
+
+# The report's CogViT data mixture: 80% natural images, 10% instruction, 10% scientific.
+REPORT_MIXTURE = dict(natural=0.8, instruction=0.1, scientific=0.1)
+
+
+def report_mixture(kind: str, natural_images: int, *, eval_images: int = 0) -> ml_collections.ConfigDict:
+    """`config.data.sources` of the CogViT stages: the report's mixture (`REPORT_MIXTURE`) as three
+    sources of `kind`. shapes_world: stand-ins by build seed (natural: seed 0 with `natural_images`
+    training images, and `eval_images` validation images when > 0; instruction and scientific: seeds
+    1 and 2, 1000 images each). tfds / array_record: the same names and weights with the dataset
+    names or file globs left to set (`config.data.sources.<name>.name` / `.train_split`)."""
+    if kind != "shapes_world":
+        return ml_collections.ConfigDict({name: source_config(kind, weight=w, train_split="train" if kind == "tfds"
+                                                              else "") for name, w in REPORT_MIXTURE.items()})
+    sizes = dict(natural=natural_images, instruction=1000, scientific=1000)
+    sources = {name: source_config("shapes_world", weight=w, build_seed=seed, train_split="train",
+                                   train_size=sizes[name])
+               for seed, (name, w) in enumerate(REPORT_MIXTURE.items())}
+    if eval_images:
+        sources["natural"].update(eval_split="validation", eval_size=eval_images)
+    return ml_collections.ConfigDict(sources)
+
+
+def single_object_eval_source(knn_images: int = 1000, eval_images: int = 300,
+                              build_seed: int = 0) -> ml_collections.ConfigDict:
+    """The CogViT stages' `config.data.eval_source`: shapes-world images with exactly one object, so
+    the shape and colour labels describe the whole image. Its train part (`knn_images`) is the k-NN
+    reference set, its eval part (`eval_images`) the queries of k-NN and zero-shot classification."""
+    return source_config("shapes_world", weight=0.0, build_seed=build_seed, train_split="single_object_train",
+                         train_size=knn_images, eval_split="single_object_validation", eval_size=eval_images)

@@ -129,7 +129,7 @@ def tiny_mim_config(data_dir, steps: int, *, options: str = "", batch_size: int 
     cfg.data.batch_size = batch_size
     cfg.mesh.num_devices = num_devices
     for source, n in zip(("natural", "instruction", "scientific"), train_images):
-        cfg.data.sources[source].train = n
+        cfg.data.sources[source].train_size = n
     for g in cfg.optim.groups.values():
         g.warmup_steps = 1
     return cfg

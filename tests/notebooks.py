@@ -13,8 +13,8 @@ from nbclient import NotebookClient
 COLABS = Path(__file__).parents[1] / "colabs"
 
 # Small data and model for the tests (the notebooks' defaults are what a user runs).
-SMALL_DATA = {"data.split_sizes.train": 48, "data.split_sizes.validation": 8, "data.split_sizes.text_train": 24,
-              "data.split_sizes.text_validation": 4, "data.tokenizer_vocab_size": 1024,
+SMALL_DATA = {"data.sources.image.train_size": 48, "data.sources.image.eval_size": 8,
+              "data.sources.text.train_size": 24, "data.sources.text.eval_size": 4, "data.tokenizer_vocab_size": 1024,
               "data.batch_size": 2, "data.seq_len": 128}
 SMALL_MODEL = {"model.backbone.num_layers": 2, "model.vision.depth": 1}
 

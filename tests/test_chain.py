@@ -30,7 +30,8 @@ STEPS = 2
 def _vlm_data(cfg, data_dir):
     d = cfg.data
     d.data_dir, d.batch_size, d.seq_len, d.tokenizer_vocab_size, d.eval_batches = str(data_dir), 2, 128, 1024, 2
-    d.split_sizes.update(train=32, validation=8, text_train=16, text_validation=4)
+    d.sources.image.update(train_size=32, eval_size=8)
+    d.sources.text.update(train_size=16, eval_size=4)
     cfg.mesh.num_devices = 1
     cfg.total_steps, cfg.log_every, cfg.checkpoint_every, cfg.eval_every = STEPS, 1, STEPS, 0
     cfg.measure_pipeline_batches = 0
@@ -42,7 +43,7 @@ def _stage2(data_dir):
     cfg.total_steps, cfg.log_every, cfg.checkpoint_every, cfg.eval_every = STEPS, 1, STEPS, 0
     cfg.data.data_dir, cfg.data.batch_size, cfg.data.text_len, cfg.data.patch_budgets = str(data_dir), 4, 40, (32,)
     for name, n in (("natural", 16), ("instruction", 8), ("scientific", 8)):
-        cfg.data.sources[name].train = n
+        cfg.data.sources[name].train_size = n
     cfg.mesh.num_devices = 1
     return cfg
 

@@ -97,7 +97,8 @@ def test_teacher_construction_errors_name_the_field(tmp_path):
 
 def _tiny_config(tmp_path, steps):
     cfg = tiny_mim_config(tmp_path / "data", steps, eval_every=100, checkpoint_every=2)
-    cfg.data.eval_images, cfg.data.knn_train_images, cfg.data.knn_k = 8, 16, 3
+    cfg.data.eval_source.update(train_size=16, eval_size=8)  # k-NN reference and query images
+    cfg.data.knn_k = 3
     return cfg
 
 
@@ -117,7 +118,7 @@ def test_tiny_run_logs_baseline_trains_checkpoints_and_resumes(tmp_path):
     assert last["step"] == 4 and "eval/knn/shape" in last
     assert (workdir / "checkpoints" / "4").is_dir() and (workdir / "routing.txt").exists()
     table = (workdir / "eval_table.md").read_text()
-    assert "| knn/colour |" in table and "step 0 (random init)" in table and "step 4" in table
+    assert "| knn/colour |" in table and "step 0 (start)" in table and "step 4" in table
 
     # Resume: the same command with more steps continues from step 4.
     run_lib.train_and_evaluate(_tiny_config(tmp_path, 6), str(workdir))

@@ -27,6 +27,9 @@ def _config(data_dir: Path, steps: int, shape, num_devices: int):
 
 
 RTOL = 1e-5
+# Steps after a resume onto a mesh with tensor parallelism (heads split over 2 devices): the
+# attention and MLP contractions are summed in another order; 1.5e-5 was measured.
+RTOL_TENSOR = 5e-5
 
 
 def _losses(workdir: Path) -> list[float]:
@@ -81,7 +84,7 @@ def test_mesh_run_matches_one_device_and_resumes_on_another_mesh(tmp_path, data_
     assert {d.id for sh in jax.tree.leaves(p.shardings) for d in sh.device_set} == {0, 1, 2, 3}
     raw = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in raw if "loss" in r] == [1, 2, 3, 4, 5, 4, 5]  # steps 4-5 logged again
-    np.testing.assert_allclose(_losses(workdir), reference, rtol=RTOL)  # read_jsonl: the last row wins
+    np.testing.assert_allclose(_losses(workdir), reference, rtol=RTOL_TENSOR)  # read_jsonl: the last row wins
 
 
 def test_bad_mesh_settings_name_the_field(tmp_path):

@@ -188,3 +188,30 @@ def test_build_and_read_without_tensorflow(built):
   # The subprocess in `built` built and read the dataset and asserted that no
   # `tensorflow` module was imported (this pytest process may import other things).
   assert os.path.isfile(os.path.join(built[1], "features.json"))
+
+
+def test_single_object_splits_for_evaluation(tmp_path):
+  """`single_object_*` images hold exactly one shape (clean shape and colour labels for k-NN and
+  zero-shot evaluation), are their own split of the builder, and only the splits asked for are
+  generated."""
+  from glm5v_jax.data.image_batches import labels_of
+  from glm5v_jax.data.shapes_world_tfds import SPLITS, build_shapes_world, config_name, load_split
+  examples = [sw.generate_image_example(0, "single_object_validation", i) for i in range(60)]
+  for ex in examples:
+    boxes = json.loads(ex["boxes_json"])
+    assert len(boxes) == 1 and ex["caption_en"].count(boxes[0]["label"].split()[1]) >= 1
+  labels = [labels_of(ex) for ex in examples]
+  assert len({lab["shape"] for lab in labels}) >= 6 and len({lab["colour"] for lab in labels}) >= 6
+  assert min(lab["shape"] for lab in labels) >= 0
+  assert examples[0]["image"] != sw.generate_image_example(0, "validation", 0)["image"]
+  sizes = dict.fromkeys(SPLITS, 0) | dict(single_object_train=3, single_object_validation=2)
+  d = build_shapes_world(str(tmp_path), seed=0, split_sizes=sizes)
+  assert os.path.basename(os.path.dirname(d)) == config_name(0, sizes) == "s0_0_0_0_0_3_2"
+  assert config_name(0, TINY) == "s0_40_8_20_4"  # names of the datasets built before these splits
+  assert [len(load_split(d, s)) for s in ("single_object_train", "single_object_validation")] == [3, 2]
+  assert load_split(d, "single_object_train")[1]["image"] == sw.generate_image_example(0, "single_object_train",
+                                                                                       1)["image"]
+  with pytest.raises(Exception):
+    load_split(d, "train")  # size 0: not generated
+  first_text = next(sw.iter_split_texts(0, "single_object_train", 1))  # any split's texts can train a tokenizer
+  assert first_text == sw.generate_image_example(0, "single_object_train", 0, encode=False)["caption_en"]

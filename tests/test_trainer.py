@@ -19,11 +19,11 @@ from glm5v_jax.train.writers import read_jsonl
 ROOT = Path(__file__).parents[1]
 STEPS = 12
 
-_VLM_DATA = ["--config.data.batch_size=2", "--config.data.seq_len=128", "--config.data.split_sizes.train=48",
-             "--config.data.split_sizes.validation=8", "--config.data.split_sizes.text_train=24",
-             "--config.data.split_sizes.text_validation=4", "--config.data.tokenizer_vocab_size=1024"]
-_VISION_DATA = ["--config.data.batch_size=4", "--config.data.sources.natural.train=24",
-                "--config.data.sources.instruction.train=8", "--config.data.sources.scientific.train=8",
+_VLM_DATA = ["--config.data.batch_size=2", "--config.data.seq_len=128", "--config.data.sources.image.train_size=48",
+             "--config.data.sources.image.eval_size=8", "--config.data.sources.text.train_size=24",
+             "--config.data.sources.text.eval_size=4", "--config.data.tokenizer_vocab_size=1024"]
+_VISION_DATA = ["--config.data.batch_size=4", "--config.data.sources.natural.train_size=24",
+                "--config.data.sources.instruction.train_size=8", "--config.data.sources.scientific.train_size=8",
                 "--config.mesh.num_devices=1"]
 # Every stage, as a user runs it, shrunk: (config argument, flags).
 STAGE_RUNS = {

@@ -8,8 +8,9 @@ and in parallel, and a dataset rebuilt anywhere is byte-identical (for a given
 Pillow version, which renders the PNGs and the text).
 
 What: images of 32..512 px per side (aspect 1:4..4:1) on a plain or lightly
-noisy background with 1..6 shapes (8 kinds, 8 named colours) and, in about 30%
-of images, a rendered English word. Annotations: English and Chinese captions,
+noisy background with 1..6 shapes (8 kinds, 8 named colours; exactly one in the
+``single_object_*`` splits, whose shape and colour are clean evaluation labels)
+and, in about 30% of images, a rendered English word. Annotations: English and Chinese captions,
 question/answer pairs (count, colour, position), normalised (0..1000) tight
 boxes per shape and the OCR word. A text-only split holds short documents about
 shapes, colours and arithmetic, sometimes with Chinese sentences.
@@ -28,9 +29,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-SPLIT_SIZES: dict[str, int] = dict(train=6000, validation=300, text_train=3000, text_validation=150)
-SPLIT_CODES: dict[str, int] = dict(train=0, validation=1, text_train=2, text_validation=3)
-IMAGE_SPLITS = ("train", "validation")
+SPLIT_SIZES: dict[str, int] = dict(train=6000, validation=300, text_train=3000, text_validation=150,
+                                   single_object_train=0, single_object_validation=0)
+SPLIT_CODES: dict[str, int] = dict(train=0, validation=1, text_train=2, text_validation=3, single_object_train=4,
+                                   single_object_validation=5)
+# Exactly one object per image: clean shape and colour labels for k-NN and zero-shot evaluation.
+SINGLE_OBJECT_SPLITS = ("single_object_train", "single_object_validation")
+IMAGE_SPLITS = ("train", "validation") + SINGLE_OBJECT_SPLITS
 TEXT_SPLITS = ("text_train", "text_validation")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -222,6 +227,8 @@ def generate_image_example(seed: int, split: str, index: int, *, encode: bool = 
   img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB") if encode else None
   palette = [c for c, rgb in COLOURS.items() if np.linalg.norm(np.array(rgb) - bg_rgb) > 110]
   n_objs, want_text = int(rng.integers(1, 7)), rng.random() < TEXT_PROB
+  if split in SINGLE_OBJECT_SPLITS:
+    n_objs = 1  # the same random stream, one object
   word = str(rng.choice(WORDS)) if want_text else ""
   min_side, taken, objs = min(W, H), [], []
   text_box, region = None, ""
@@ -318,11 +325,15 @@ def generate_examples(seed: int, split: str, start: int, stop: int) -> list[dict
   return [generate_example(seed, split, i) for i in range(start, stop)]
 
 
-def iter_texts(seed: int = 0, sizes: Mapping[str, int] | None = None) -> Iterator[str]:
-  """All caption, QA, OCR and document strings of the train splits (for tokenizer training)."""
-  sizes = dict(SPLIT_SIZES if sizes is None else sizes)
-  for i in range(sizes.get("train", 0)):
-    ex = generate_image_example(seed, "train", i, encode=False)
+def iter_split_texts(seed: int, split: str, size: int) -> Iterator[str]:
+  """The caption, QA and OCR strings of the first `size` images of an image split, or the first
+  `size` documents of a text split (for tokenizer training; no image is rendered)."""
+  _split_code(split)
+  for i in range(size):
+    if split in TEXT_SPLITS:
+      yield generate_text_example(seed, split, i)["text"]
+      continue
+    ex = generate_image_example(seed, split, i, encode=False)
     yield ex["caption_en"]
     yield ex["caption_zh"]
     for qa in json.loads(ex["qa_json"]):
@@ -330,5 +341,10 @@ def iter_texts(seed: int = 0, sizes: Mapping[str, int] | None = None) -> Iterato
       yield qa["a"]
     if ex["ocr"]:
       yield ex["ocr"]
-  for i in range(sizes.get("text_train", 0)):
-    yield generate_text_example(seed, "text_train", i)["text"]
+
+
+def iter_texts(seed: int = 0, sizes: Mapping[str, int] | None = None) -> Iterator[str]:
+  """All caption, QA, OCR and document strings of the train splits (for tokenizer training)."""
+  sizes = dict(SPLIT_SIZES if sizes is None else sizes)
+  yield from iter_split_texts(seed, "train", sizes.get("train", 0))
+  yield from iter_split_texts(seed, "text_train", sizes.get("text_train", 0))

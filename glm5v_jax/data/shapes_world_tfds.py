@@ -8,8 +8,11 @@ the generator) rather than as `tfds.features.Image`, which would need TF to enco
 Do not use the `tfds build` CLI (it imports TF and apache_beam); use
 `build_shapes_world` or `python -m glm5v_jax.data.shapes_world_tfds`.
 
-Seed and split sizes are part of the builder config name (`s{seed}_{train}_{val}_{text_train}_{text_val}`),
-so different variants live in different directories under `data_dir`. Shuffling is
+Seed and split sizes are part of the builder config name (`s{seed}_{train}_{val}_{text_train}_{text_val}`,
+then `_{single_object_train}_{single_object_validation}` when either is set), so different
+variants live in different directories under `data_dir`; a split of size 0 is not generated
+(`load_split` refuses it). `data_dir` may be local or `gs://` (TFDS writes through
+`etils.epath`). Shuffling is
 disabled, so record `i` of a split is example `i` of the generator (its `id`);
 shuffle in grain. Building is deterministic: two builds give byte-identical
 `.array_record` files.
@@ -38,12 +41,14 @@ from tensorflow_datasets.core import example_serializer
 
 from glm5v_jax.data import shapes_world as sw
 
-SPLITS = ("train", "validation", "text_train", "text_validation")
+SPLITS = ("train", "validation", "text_train", "text_validation") + sw.SINGLE_OBJECT_SPLITS
 
 
 def config_name(seed: int, split_sizes: Mapping[str, int]) -> str:
-  """Directory-safe config name, e.g. `s0_6000_300_3000_150`."""
-  return f"s{seed}_" + "_".join(str(int(split_sizes[s])) for s in SPLITS)
+  """Directory-safe config name, e.g. `s0_6000_300_3000_150` (`s0_0_0_0_0_1000_300` for the
+  single-object splits alone)."""
+  names = SPLITS if any(int(split_sizes.get(s, 0)) for s in sw.SINGLE_OBJECT_SPLITS) else SPLITS[:4]
+  return f"s{seed}_" + "_".join(str(int(split_sizes.get(s, 0))) for s in names)
 
 
 @dataclasses.dataclass(eq=False)
@@ -128,7 +133,7 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ ==
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
     del dl_manager  # nothing to download
     sizes = dict(zip(SPLITS, self.builder_config.sizes))
-    return {split: self._generate_examples(split, sizes[split]) for split in SPLITS}
+    return {split: self._generate_examples(split, sizes[split]) for split in SPLITS if sizes[split] > 0}
 
   def _generate_examples(self, split: str, size: int) -> Iterator[tuple[int, dict[str, Any]]]:
     seed = self.builder_config.seed
@@ -183,7 +188,7 @@ def load_split(dataset_dir_or_builder: str | os.PathLike | tfds.core.DatasetBuil
 
 
 def _dir_size_mb(path: str) -> float:
-  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 2**20
+  return sum(p.stat().length for p in epath.Path(path).rglob("*") if p.is_file()) / 2**20
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Record sources for the VLM pipeline: mixtures, any TFDS dataset, ArrayRecord files.
+"""Record sources: mixtures, any TFDS dataset, ArrayRecord files (the adapters; the table of source
+kinds that configs name is `glm5v_jax.data.source_registry`).
 
 Every source yields record dicts in the shapes-world layout (`image` bytes, `kind`,
 `caption_en`, `qa_json`, `boxes_json`, `text`, ...; see `glm5v_jax.data.pipeline`), so
@@ -159,7 +160,7 @@ def _json_record(serialized: bytes) -> dict[str, Any]:
     return json.loads(bytes(serialized).decode("utf-8"))
 
 
-_PARSERS: dict[str, Callable[[bytes], dict[str, Any]]] = {"tf_example": parse_tf_example, "json": _json_record}
+PARSERS: dict[str, Callable[[bytes], dict[str, Any]]] = {"tf_example": parse_tf_example, "json": _json_record}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +168,7 @@ class _Parse:
     parse: Any
 
     def __call__(self, serialized: bytes) -> dict[str, Any]:
-        fn = _PARSERS[self.parse] if isinstance(self.parse, str) else self.parse
+        fn = PARSERS[self.parse] if isinstance(self.parse, str) else self.parse
         record = fn(serialized)
         for key in ("image", "qa_json", "boxes_json"):  # list-valued when empty in tf.Example
             if isinstance(record.get(key), list) and not record[key]:
@@ -183,8 +184,8 @@ def array_record_source(paths: str | Sequence[str],
     them), "json" (a UTF-8 JSON object per record; image bytes must then be base64 or
     absent), or a picklable callable bytes -> dict.
     """
-    if isinstance(parse, str) and parse not in _PARSERS:
-        raise ConfigError("parse", f"array_record_source: must be one of {sorted(_PARSERS)} or a callable")
+    if isinstance(parse, str) and parse not in PARSERS:
+        raise ConfigError("parse", f"array_record_source: must be one of {sorted(PARSERS)} or a callable")
     paths = [paths] if isinstance(paths, str) else list(paths)
     return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)).map(_Parse(parse))
 

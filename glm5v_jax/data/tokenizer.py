@@ -25,18 +25,21 @@ id 1, and the SPECIAL_TOKENS follow from id 2 in order. `Tokenizer.eos_id` and
 `train_tokenizer`; looked up by piece, so other layouts work too).
 `encode` never adds bos or eos.
 
-Only `sentencepiece` and `numpy` are imported, so this runs in data workers;
-a `Tokenizer` pickles as its serialized model proto, not its path.
+Only `sentencepiece`, `numpy` and `etils.epath` are imported, so this runs in
+data workers; a `Tokenizer` pickles as its serialized model proto, not its
+path. Model paths go through `etils.epath` (local or `gs://`): the model is
+read as bytes and loaded from the serialized proto.
 """
 from __future__ import annotations
 
 import io
 import os
-import tempfile
+import uuid
 from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 SPECIAL_TOKENS = (
     "[gMASK]",
@@ -61,7 +64,7 @@ VOCAB_PAD_MULTIPLE = 128
 
 def train_tokenizer(
     texts: Iterable[str],
-    model_path: str,
+    model_path: str | os.PathLike,
     *,
     vocab_size: int = 8000,
     model_type: str = "bpe",
@@ -75,8 +78,9 @@ def train_tokenizer(
     (`hard_vocab_limit=False`) so that small corpora train; it must still
     cover 256 byte pieces, the special tokens and every distinct character.
     `seed_sentencepiece_size` only matters for `model_type="unigram"`.
-    Parent directories of `model_path` are created; the file is written
-    atomically. Only the `.model` file is written (no `.vocab`).
+    Parent directories of `model_path` (local or `gs://`) are created; the
+    file is written under a temporary name and then renamed into place. Only
+    the `.model` file is written (no `.vocab`).
     """
     sentences = list(texts)
     for i, s in enumerate(sentences):
@@ -119,42 +123,38 @@ def train_tokenizer(
             f"(vocab_size={vocab_size}, model_type={model_type}): {e}"
         ) from e
 
-    model_path = os.fspath(model_path)
-    parent = os.path.dirname(os.path.abspath(model_path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tokenizer-", suffix=".tmp")
+    path = epath.Path(model_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tokenizer-{uuid.uuid4().hex}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, model_path)
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if tmp.exists():
+            tmp.unlink()
         raise
-    return Tokenizer(model_path)
+    return Tokenizer(path)
 
 
 class Tokenizer:
     """A loaded SentencePiece model plus the GLM special-token ids.
 
-    `Tokenizer(path)` / `Tokenizer.from_file(path)` load and validate a model:
-    every SPECIAL_TOKENS entry and EOS must be exactly one piece when encoded
-    from text. Pickles as the model proto bytes, so data workers need not see
-    the file.
+    `Tokenizer(path)` / `Tokenizer.from_file(path)` load and validate a model
+    (a local or `gs://` path, read through `etils.epath`): every SPECIAL_TOKENS
+    entry and EOS must be exactly one piece when encoded from text. Pickles as
+    the model proto bytes, so data workers need not see the file.
     """
 
-    def __init__(self, model_path: str):
-        model_path = os.fspath(model_path)
-        if not os.path.exists(model_path):
-            raise FileNotFoundError(f"tokenizer model {model_path} does not exist")
-        if not os.path.isfile(model_path):
-            raise ValueError(f"tokenizer model {model_path} is not a file")
-        with open(model_path, "rb") as f:
-            proto = f.read()
-        self._init(proto, model_path)
+    def __init__(self, model_path: str | os.PathLike):
+        path = epath.Path(model_path)
+        if not path.exists():
+            raise FileNotFoundError(f"tokenizer model {path} does not exist")
+        if path.is_dir():
+            raise ValueError(f"tokenizer model {path} is not a file")
+        self._init(path.read_bytes(), os.fspath(path))
 
     @classmethod
-    def from_file(cls, path: str) -> "Tokenizer":
+    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
         """Same as `Tokenizer(path)`."""
         return cls(path)
 

@@ -21,11 +21,12 @@ Parameter paths, one optimizer group each (`config.optim.groups` of configs/cogv
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+import os
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from flax import nnx
 
 from glm5v_jax.errors import ConfigError, require
@@ -34,6 +35,7 @@ from glm5v_jax.losses.contrastive import BIAS_INIT, T_PRIME_INIT
 from glm5v_jax.models.build import vision_spec_from_config
 from glm5v_jax.models.cogvit import CogViT
 from glm5v_jax.models.specs import VisionSpec, as_dtype
+from glm5v_jax.paths import as_path
 from glm5v_jax.models.text_tower import TextEncoder, TextSpec, masked_mean
 
 
@@ -117,22 +119,24 @@ class TwoTower(nnx.Module):
 
 
 # ----------------------------------------------------------------------------- stage-2 runs as teachers
-def checkpoint_dir(path: str | Path) -> Path:
-    """The checkpoints directory of a stage-2 run: `path/checkpoints` if it exists, else `path`."""
-    path = Path(path)
+def checkpoint_dir(path: str | os.PathLike) -> epath.Path:
+    """The checkpoints directory of a stage-2 run (local or `gs://`): `path/checkpoints` if it
+    exists, else `path`; absolute."""
+    path = as_path(path)
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def load_image_encoder(path: str | Path, *, dtype: Any = None) -> tuple[CogViT, int, dict]:
+def load_image_encoder(path: str | os.PathLike, *, dtype: Any = None) -> tuple[CogViT, int, dict]:
     """(CogViT encoder, step, saved config) from the newest finalized step of a stage-2 run
-    (`path`: the run directory or its `checkpoints`). Read-only: nothing in the run is changed.
+    (`path`: the run directory or its `checkpoints`, local or `gs://`). Read-only: nothing in the
+    run is changed.
 
     The encoder is built abstractly from the step's saved config (`model.vision`) and only its
     parameters are read (`model/image/encoder`), so neither the text tower nor the optimizer
     state is loaded. `dtype` overrides the compute dtype (e.g. bfloat16 for a teacher)."""
     import orbax.checkpoint as ocp
 
-    directory = checkpoint_dir(path).absolute()
+    directory = checkpoint_dir(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"{path}: no stage-2 checkpoints directory")
     steps = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()

@@ -45,6 +45,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import jax
+from etils import epath
 
 from glm5v_jax.errors import ConfigError, run_cli
 from glm5v_jax.train.stages import stage_module
@@ -250,7 +251,7 @@ def main(argv: Sequence[str], f: dict[str, Any]) -> None:
         sys.exit(EXIT_ERROR)
     print(format_report(report), flush=True)
     if f["json"].value:
-        with open(f["json"].value, "w") as fh:
+        with epath.Path(f["json"].value).open("w") as fh:  # local or gs://
             json.dump(report, fh, indent=1)
     sys.exit(EXIT_FITS if report["fits"] else EXIT_DOES_NOT_FIT)
 

@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from glm5v_jax.train.paths import as_path
+from glm5v_jax.paths import as_path
 
 log = logging.getLogger(__name__)
 

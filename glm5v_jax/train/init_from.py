@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from glm5v_jax.errors import ConfigError
-from glm5v_jax.train.paths import as_path
+from glm5v_jax.paths import as_path
 
 log = logging.getLogger(__name__)
 FIELD = "config.init_from"

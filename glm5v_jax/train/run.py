@@ -43,7 +43,7 @@ from glm5v_jax.sharding.partition import create_sharded, state_shardings
 from glm5v_jax.sharding.rules import parameter_shardings
 from glm5v_jax.train.optimizer import transform_from_config
 from glm5v_jax.train.parallel import MeshPlan, abstract_state, plan_from_config, preflight
-from glm5v_jax.train.paths import as_path
+from glm5v_jax.paths import as_path
 from glm5v_jax.train.stages import stage_module
 from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves, write_eval_table
 

@@ -68,7 +68,7 @@ from glm5v_jax.data.source_registry import checked_sources, open_sources
 from glm5v_jax.data.sources import TagSource
 from glm5v_jax.data.templates import as_str
 from glm5v_jax.models.cogvit_mim import resample_tokens
-from glm5v_jax.train.paths import as_path, is_uri
+from glm5v_jax.paths import as_path, is_uri
 
 log = logging.getLogger(__name__)
 FORMAT, VERSION = "glm5v_jax.teacher_cache", 1

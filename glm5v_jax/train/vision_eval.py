@@ -1,15 +1,33 @@
 """Evaluating a vision encoder on labelled images: k-NN accuracy on pooled features.
 
-Used by both CogViT pre-training stages: embed a fixed set of training images and of
-validation images (shapes world: the shape and the colour of the first object), then classify
-each validation image by a vote of its k most cosine-similar training images. A random-init
-encoder evaluated the same way is the baseline a trained one must beat.
+Used by both CogViT pre-training stages: embed a fixed set of reference images and of query
+images (`config.data.eval_source`, by default shapes-world images with exactly one object, whose
+shape and colour are the labels), then classify each query by a vote of its k most
+cosine-similar reference images. A random-init encoder evaluated the same way is the baseline a
+trained one must beat.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+
+from glm5v_jax.data.source_registry import data_dir_of, open_source
+from glm5v_jax.errors import ConfigError
+
+
+def labelled_eval_sets(data: Any, workdir: Any) -> tuple[Any, Any]:
+    """(reference records, query records): the train and eval parts of `config.data.eval_source`
+    (a `glm5v_jax.data.source_registry` entry; shapes world is built on first use)."""
+    field = "config.data.eval_source"
+    if "eval_source" not in data:
+        raise ConfigError(field, "evaluation needs a labelled source (config_blocks.single_object_eval_source), "
+                                 "or set config.eval_every=0")
+    parts = open_source(data.eval_source, field, data_dir_of(data, workdir))
+    if "eval" not in parts:
+        raise ConfigError(f"{field}.eval_split", "the query images are its eval part: set eval_split (e.g. "
+                                                 "single_object_validation)")
+    return parts["train"], parts["eval"]
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,

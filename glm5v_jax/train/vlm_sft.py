@@ -31,7 +31,7 @@ from glm5v_jax.train import run as run_lib
 from glm5v_jax.train import vlm_pretrain
 from glm5v_jax.train.init_from import parse_init_from
 from glm5v_jax.train.parallel import MeshPlan, TrainProgram, global_batch, under_rules
-from glm5v_jax.train.paths import as_path
+from glm5v_jax.paths import as_path
 
 log = logging.getLogger(__name__)
 SFT_KEYS = ("task_ids", "answer_ids")
@@ -96,6 +96,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
                 np.asarray(jax.device_get(pred)), {k: batch[k] for k in ("tokens", "segment_ids") + SFT_KEYS}))
         out = {f"eval/{k}": float(v.compute()) for k, v in acc.items()}
         out.update({f"eval/{k}": v for k, v in conversations.accuracy_metrics(counts).items()})
+        out.update({f"eval/answers/{task}": float(total) for task, (_, total) in counts.items() if total})
         return out
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import io
 import json
 import math
-from pathlib import Path
+import os
+from typing import Any, Mapping
 
 from etils import epath
-from typing import Any, Mapping
 
 import numpy as np
 
@@ -27,7 +27,7 @@ def _scalar(v: Any) -> float:
 class TensorBoardWriter:
     """Scalars and hparams into TensorBoard event files under `logdir`."""
 
-    def __init__(self, logdir: str | Path):
+    def __init__(self, logdir: str | os.PathLike):
         from tensorboardX import SummaryWriter
 
         self._writer = SummaryWriter(str(logdir), flush_secs=10)
@@ -52,7 +52,7 @@ class JsonlWriter:
     is appended to; on an object store (`gs://`, which cannot append) the file is rewritten whole
     at each flush, rows written before (an earlier run of this directory) kept."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | os.PathLike):
         self.path = epath.Path(path)
         self._local = "://" not in str(path)
         if self._local:
@@ -111,7 +111,7 @@ class MultiWriter:
             w.close()
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Rows of a metrics.jsonl; for a step logged twice (after a resume) the last row wins."""
     by_step: dict[int, dict] = {}
     for line in epath.Path(path).read_text(encoding="utf-8").splitlines():
@@ -121,7 +121,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot_curves(metrics_path: str | Path, out_png: str | Path) -> None:
+def plot_curves(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> None:
     """PNG of the training loss (total, main, per-depth MTP) and the validation losses."""
     import matplotlib
 
@@ -164,7 +164,7 @@ def eval_table(rows: list[dict], step: int) -> str:
     return "\n".join(lines)
 
 
-def write_eval_table(workdir: str | Path, step: int) -> str:
+def write_eval_table(workdir: str | os.PathLike, step: int) -> str:
     """Writes `<workdir>/eval_table.md` (step 0 vs `step`, from metrics.jsonl) and returns it."""
     workdir = epath.Path(workdir)
     table = eval_table(read_jsonl(workdir / "metrics.jsonl"), step)

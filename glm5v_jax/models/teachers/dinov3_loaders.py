@@ -35,6 +35,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from glm5v_jax.models.teachers.dinov3 import (
@@ -310,10 +311,11 @@ def model_from_state(spec: DINOv3Spec | str, state: Mapping[StatePath, Any]) -> 
 # ---------------------------------------------------------------------------------------------
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a `.safetensors` file as numpy arrays (bfloat16 through ml_dtypes)."""
-    from safetensors.numpy import load_file
+    """All tensors of a `.safetensors` file (local, or read whole through epath from e.g. gs://) as
+    numpy arrays (bfloat16 through ml_dtypes)."""
+    from safetensors.numpy import load, load_file
 
-    return load_file(os.fspath(path))
+    return load(epath.Path(path).read_bytes()) if "://" in os.fspath(path) else load_file(os.fspath(path))
 
 
 _STORAGE_DTYPES: dict[str, Any] = {
@@ -445,9 +447,20 @@ def read_torch_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
     from the raw storages under `<root>/data/`. Legacy (non-zip) checkpoints are refused.
     """
     path = os.fspath(path)
-    if not zipfile.is_zipfile(path):
-        raise DINOv3CheckpointError(f"{path!r} is not a zip-format torch checkpoint (legacy .pth is unsupported)")
-    with zipfile.ZipFile(path) as archive:
+    with epath.Path(path).open("rb") as file:  # local or gs://
+        if not zipfile.is_zipfile(file):
+            raise DINOv3CheckpointError(f"{path!r} is not a zip-format torch checkpoint (legacy .pth is unsupported)")
+        obj = _read_torch_zip(file, path)
+    if not isinstance(obj, dict):
+        raise DINOv3CheckpointError(f"{path!r}: expected a state dict, found {type(obj).__name__}")
+    out: dict[str, np.ndarray] = {}
+    _flatten(obj, "", out)
+    return out
+
+
+def _read_torch_zip(file: Any, path: str) -> Any:
+    """The unpickled object of an open torch zip checkpoint."""
+    with zipfile.ZipFile(file) as archive:
         pkls = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
         if len(pkls) != 1:
             raise DINOv3CheckpointError(f"{path!r}: expected one data.pkl in the archive, found {pkls}")
@@ -455,12 +468,7 @@ def read_torch_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
         names = set(archive.namelist())
         big = root + "byteorder" in names and archive.read(root + "byteorder").strip() == b"big"
         with archive.open(pkls[0]) as f:
-            obj = _TorchStateUnpickler(f, archive, root, big).load()
-    if not isinstance(obj, dict):
-        raise DINOv3CheckpointError(f"{path!r}: expected a state dict, found {type(obj).__name__}")
-    out: dict[str, np.ndarray] = {}
-    _flatten(obj, "", out)
-    return out
+            return _TorchStateUnpickler(f, archive, root, big).load()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,13 +5,14 @@ teacher normalises them its own way) and returns a dict with `tokens [B, N, D]` 
 padding, float32, no gradient). A checkpoint path picks the loader by its suffix; no path means a
 random initialisation from `seed` (for tests, and for the random-init DINOv3 baseline). Kind
 `cogvit` reads the CogViT encoder of a stage-2 (contrastive, `cogvit_siglip`) run directory.
+Checkpoint paths go through `etils.epath` (local or `gs://`).
 """
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from etils import epath
 from flax import nnx
 
 from glm5v_jax.errors import ConfigError
@@ -34,7 +35,7 @@ def _siglip2(variant: str, overrides: Mapping[str, Any], checkpoint: str, seed: 
     spec = siglip2_spec(variant, **overrides)
     if not checkpoint:
         return SigLIP2(spec, rngs=nnx.Rngs(seed)), spec.width, spec.patch_size
-    path = Path(checkpoint)
+    path = epath.Path(checkpoint)
     loader = load_siglip2_big_vision_npz if path.suffix == ".npz" else load_siglip2_hf_safetensors
     return loader(path, spec), spec.width, spec.patch_size
 
@@ -77,7 +78,7 @@ def build_teacher(name: str, kind: str, variant: str, *, overrides: Mapping[str,
     if kind not in TEACHER_KINDS:
         raise ConfigError(f"{field}.{name}.kind",
                           f"unknown teacher kind {kind!r}; expected one of {tuple(TEACHER_KINDS)}")
-    if checkpoint and not Path(checkpoint).exists():
+    if checkpoint and not epath.Path(checkpoint).exists():
         raise FileNotFoundError(f"{field}.{name}.checkpoint: {checkpoint} does not exist")
     try:
         module, dim, patch = TEACHER_KINDS[kind](variant, dict(overrides or {}), checkpoint, seed)

@@ -29,13 +29,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: bf16 safetensors read as numpy)
 import numpy as np
+from etils import epath
 from flax import nnx, traverse_util
 
 from glm5v_jax.models.teachers.siglip2 import SigLIP2, SigLIP2Spec
@@ -321,7 +321,7 @@ def load_siglip2_big_vision_npz(path: str | os.PathLike, spec: SigLIP2Spec, *,
     (`Transformer/encoderblock/...`, stacked on axis 0) or looped (`encoderblock_{i}`).
     `module`: fill this module in place instead of building a new one.
     """
-    with np.load(path, allow_pickle=False) as npz:
+    with epath.Path(path).open("rb") as f, np.load(f, allow_pickle=False) as npz:  # local or gs://
         names = list(npz.files)
         prefix = _pick_prefix(names, BIG_VISION_PREFIX, (BIG_VISION_PREFIX, "img/", "params/", ""),
                               "embedding/kernel")
@@ -334,12 +334,26 @@ def load_siglip2_big_vision_npz(path: str | os.PathLike, spec: SigLIP2Spec, *,
     return assemble(convert_big_vision(arrays, spec, scanned=scanned), spec, module)
 
 
-def _safetensors_files(path: str | os.PathLike) -> list[Path]:
-    p = Path(path)
+def _safetensors_files(path: str | os.PathLike) -> list[epath.Path]:
+    p = epath.Path(path)
     files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {p}")
     return files
+
+
+def _open_safetensors(file: epath.Path) -> tuple[dict[str, tuple[int, ...]], Callable[[str], np.ndarray]]:
+    """({name: shape}, name -> array) of one file: read lazily from local disk, or whole (its bytes
+    through epath) from an object store such as gs://."""
+    if "://" in os.fspath(file):
+        from safetensors.numpy import load  # noqa: PLC0415
+
+        tensors = load(file.read_bytes())
+        return {k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__
+    from safetensors import safe_open  # noqa: PLC0415  (numpy framework: no torch)
+
+    h = safe_open(os.fspath(file), framework="numpy")
+    return {k: tuple(h.get_slice(k).get_shape()) for k in h.keys()}, h.get_tensor  # safe_open is not iterable
 
 
 def load_siglip2_hf_safetensors(path: str | os.PathLike, spec: SigLIP2Spec, *,
@@ -350,14 +364,11 @@ def load_siglip2_hf_safetensors(path: str | os.PathLike, spec: SigLIP2Spec, *,
     tower alone); text-tower keys, `logit_scale` and `logit_bias` are ignored. Shapes are
     checked before any tensor is read. `module`: fill this module in place.
     """
-    from safetensors import safe_open  # numpy framework: no torch
-
     handles, shapes = {}, {}
     for f in _safetensors_files(path):
-        h = safe_open(str(f), framework="numpy")
-        names = h.keys()  # safe_open is not iterable
-        for k in names:
-            handles[k], shapes[k] = h, tuple(h.get_slice(k).get_shape())
+        file_shapes, get = _open_safetensors(f)
+        for k, shape in file_shapes.items():
+            handles[k], shapes[k] = get, shape
     prefix = _pick_prefix(shapes, HF_PREFIX, (HF_PREFIX, ""), "embeddings.patch_embedding.weight")
     ignored = {prefix + k for k in _HF_IGNORED}
     keys = [k for k in shapes if k.startswith(prefix) and k not in ignored]
@@ -367,7 +378,7 @@ def load_siglip2_hf_safetensors(path: str | os.PathLike, spec: SigLIP2Spec, *,
     hints = {HF_PREFIX + k: _LAYOUT_HINT for k in ("embeddings.patch_embedding.weight",
                                                     "embeddings.position_embedding.weight")}
     check_keys(found, expected_hf_keys(spec), f"Hugging Face checkpoint {path} (prefix {prefix!r})", hints)
-    arrays = {HF_PREFIX + k[len(prefix):]: handles[k].get_tensor(k) for k in keys}  # vision tensors only
+    arrays = {HF_PREFIX + k[len(prefix):]: handles[k](k) for k in keys}  # vision tensors only
     return assemble(convert_hf(arrays, spec), spec, module)
 
 
