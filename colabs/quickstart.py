@@ -221,10 +221,12 @@ assert same_params and same_batch and bool(jnp.array_equal(logits_a, logits_b))
 # %% [markdown]
 # ## Next
 # The whole loop above, with evaluation, TensorBoard and `metrics.jsonl` logging, async checkpoints,
-# resume and SIGTERM handling, sharding on a mesh from `config.mesh`, is one call:
+# resume and SIGTERM handling, sharding on a mesh from `config.mesh`, is one call of the run layer
+# (the same for every stage of the chain: CogViT stages 2 and 1, VLM pre-training, SFT):
 #
 # ```python
-# trainer.train_and_evaluate(config, "runs/tiny")
+# from glm5v_jax.train.run import train_and_evaluate
+# train_and_evaluate(config, "runs/tiny")
 # ```
 #
 # or from a shell: `python -m glm5v_jax.main --config=configs/vlm_pretrain.py:tiny --workdir=runs/tiny`.
