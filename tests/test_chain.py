@@ -93,6 +93,7 @@ def chain(tmp_path_factory):
     run_lib.train_and_evaluate(pt, runs["pt"])
     sft = _vlm_data(config_module("vlm_sft").get_config("tiny"), data)
     sft.init_from = str(runs["pt"])
+    sft.eval_every = STEPS  # SFT's evaluation (answer accuracy per task) at step 0 and at the end
     run_lib.train_and_evaluate(sft, runs["sft"])
     return runs, pt, sft
 
@@ -104,6 +105,10 @@ def test_every_stage_of_the_chain_trains(chain):
         assert len(losses) == STEPS and np.all(np.isfinite(losses)), name
     assert (runs["s1"] / "config.json").read_text().count("cogvit")  # stage 1 read the stage-2 tower
     assert (runs["sft"] / "tokenizer.model").read_bytes() == (runs["pt"] / "tokenizer.model").read_bytes()
+    evals = {r["step"]: r for r in read_jsonl(runs["sft"] / "metrics.jsonl") if "eval/answer_acc/all" in r}
+    assert sorted(evals) == [0, STEPS] and evals[0]["eval/answers/all"] > 0
+    assert all(0.0 <= r["eval/answer_acc/all"] <= 1.0 for r in evals.values())
+    assert "answer_acc/count" in (runs["sft"] / "eval_table.md").read_text()
 
 
 def test_copied_leaves_equal_their_source_bit_for_bit_at_step_zero(chain, tmp_path):

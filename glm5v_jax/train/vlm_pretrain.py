@@ -130,14 +130,15 @@ def train_step_fn(graphdef, config: ml_collections.ConfigDict, update_labels: di
     return pure_train_step
 
 
-def eval_step_fn(graphdef, config: ml_collections.ConfigDict):
-    """`(state, batch) -> metrics`: the losses of the training objective, no update."""
+def eval_step_fn(graphdef, config: ml_collections.ConfigDict, *, predictions: bool = False):
+    """`(state, batch) -> metrics`: the losses of the training objective, no update.
+    `predictions=True`: `(metrics, main-head argmax [B, S] int32)` (SFT's answer accuracy)."""
     mtp_w, bal_w = float(config.model.mtp.loss_weight), float(config.model.backbone.balance_loss_weight)
 
     def pure_eval_step(state, batch):
         outputs = nnx.merge(graphdef, state).model(batch)
         _, metrics = vlm_loss(outputs, batch, mtp_loss_weight=mtp_w, balance_loss_weight=bal_w)
-        return metrics
+        return (metrics, outputs["logits"].argmax(-1).astype(jnp.int32)) if predictions else metrics
 
     return pure_eval_step
 

@@ -21,12 +21,10 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm5v_jax.data import conversations
 from glm5v_jax.data.tokenizer import Tokenizer
-from glm5v_jax.losses.lm import vlm_loss
 from glm5v_jax.train import run as run_lib
 from glm5v_jax.train import vlm_pretrain
 from glm5v_jax.train.init_from import parse_init_from
@@ -54,14 +52,9 @@ def sft_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path) -> Tok
 
 
 def eval_fn(mj: vlm_pretrain.ModelJob, config: ml_collections.ConfigDict, plan: MeshPlan):
-    """`(state, batch) -> (loss metrics, main-head argmax [B, S])` jitted on the mesh."""
-    mtp_w, bal_w = float(config.model.mtp.loss_weight), float(config.model.backbone.balance_loss_weight)
-
-    def pure(state, batch):
-        outputs = nnx.merge(mj.placed.graphdef, state).model(batch)
-        _, metrics = vlm_loss(outputs, batch, mtp_loss_weight=mtp_w, balance_loss_weight=bal_w)
-        return metrics, outputs["logits"].argmax(-1).astype(np.int32)
-
+    """`(state, batch) -> (loss metrics, main-head argmax [B, S])` jitted on the mesh: the
+    pre-training eval step with predictions."""
+    pure = vlm_pretrain.eval_step_fn(mj.placed.graphdef, config, predictions=True)
     replicated = NamedSharding(plan.mesh, P())
     return jax.jit(under_rules(pure, plan), in_shardings=(mj.placed.shardings, dict(mj.batch_shardings)),
                    out_shardings=(replicated, replicated))
