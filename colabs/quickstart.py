@@ -201,20 +201,20 @@ print("saved steps:", ckpt.all_steps())
 
 fresh = GLM5V(spec, rngs=nnx.Rngs(config.seed + 1))
 fresh_opt, _, _ = trainer.build_optimizer(fresh, config.optim, STEPS)
-step, state, data_state, saved_config = ckpt.restore_latest(nnx.state((fresh, fresh_opt)))
+restored = ckpt.restore_latest(nnx.state((fresh, fresh_opt)))  # step, state, data, config, meta
 ckpt.close()
-nnx.update((fresh, fresh_opt), state)
+nnx.update((fresh, fresh_opt), restored.state)
 
 same_params = jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
                                         nnx.state(model, nnx.Param), nnx.state(fresh, nnx.Param)))
 resumed_iter = trainer.make_iterator(config.data, sources["train"], weights, tokenizer, spec, seed=config.seed,
                                      train=True)
-resumed_iter.set_state(data_state)
+resumed_iter.set_state(restored.data)
 next_a, next_b = next(train_iter), next(resumed_iter)
 same_batch = all(np.array_equal(next_a[k], next_b[k]) for k in next_a)
 logits_a = forward(model, jax.tree.map(jnp.asarray, next_a))["logits"]
 logits_b = forward(fresh, jax.tree.map(jnp.asarray, next_b))["logits"]
-print(f"restored step {step}: parameters equal: {same_params}, next batch equal: {same_batch}, "
+print(f"restored step {restored.step}: parameters equal: {same_params}, next batch equal: {same_batch}, "
       f"max |logits difference| = {float(jnp.max(jnp.abs(logits_a - logits_b))):.2e}")
 assert same_params and same_batch and bool(jnp.array_equal(logits_a, logits_b))
 

@@ -35,7 +35,7 @@ import ml_collections
 
 from glm5v_jax.config_args import parse_arg
 from glm5v_jax.config_blocks import (cogvit_block, optimizer_block, optimizer_group, report_mixture,
-                                     single_object_eval_source)
+                                     run_control, single_object_eval_source)
 from glm5v_jax.data.source_registry import SOURCE_KINDS
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.sharding.rules import mesh_config
@@ -99,13 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         loss=opts.loss, cosine_weight=0.9, smooth_l1_weight=0.1,
     ))
 
-    config.total_steps = 200 if tiny else 100_000
-    config.log_every = 10 if tiny else 100
-    config.eval_every = 100 if tiny else 5000
-    config.checkpoint_every = 100 if tiny else 5000
-    config.keep_checkpoints = 3
-    # WORKDIR[@STEP]:SRC=DST[,...]: start from a subtree of another run's model (glm5v_jax.train.init_from)
-    config.init_from = ""
+    run_control(config, total_steps=200 if tiny else 100_000, log_every=10 if tiny else 100,
+                eval_every=100 if tiny else 5000, checkpoint_every=100 if tiny else 5000)
 
     # Data: named image sources mixed by weight (the report: 80% natural, 10% instruction,
     # 10% scientific), entries of glm5v_jax.data.source_registry: by default shapes-world stand-ins

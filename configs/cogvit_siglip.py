@@ -29,7 +29,7 @@ import ml_collections
 
 from glm5v_jax.config_args import parse_arg
 from glm5v_jax.config_blocks import (cogvit_block, optimizer_block, optimizer_group, report_mixture,
-                                     single_object_eval_source)
+                                     run_control, single_object_eval_source)
 from glm5v_jax.data.source_registry import SOURCE_KINDS
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.sharding.rules import mesh_config
@@ -73,13 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ring / all_gather split the loss over the batch axes of the mesh.
     config.mesh = mesh_config(num_devices=0)
 
-    config.total_steps = 300 if tiny else 100_000
-    config.log_every = 10 if tiny else 100
-    config.eval_every = 100 if tiny else 5000
-    config.checkpoint_every = 100 if tiny else 5000
-    config.keep_checkpoints = 3
-    # WORKDIR[@STEP]:SRC=DST[,...]: start from a subtree of another run's model (glm5v_jax.train.init_from)
-    config.init_from = ""
+    run_control(config, total_steps=300 if tiny else 100_000, log_every=10 if tiny else 100,
+                eval_every=100 if tiny else 5000, checkpoint_every=100 if tiny else 5000)
 
     # Data: named image sources mixed by weight, as in configs/cogvit_mim.py, with captions; the
     # natural source's 300 validation images (several objects each) measure image-text retrieval.

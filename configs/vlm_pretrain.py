@@ -23,7 +23,7 @@ from __future__ import annotations
 import ml_collections
 
 from glm5v_jax.config_args import parse_arg
-from glm5v_jax.config_blocks import cogvit_block, optimizer_block, optimizer_group
+from glm5v_jax.config_blocks import cogvit_block, optimizer_block, optimizer_group, run_control
 from glm5v_jax.data.source_registry import SOURCE_KINDS, source_config
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.sharding.rules import mesh_config
@@ -129,13 +129,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Run control: top-level so every run is scripted the same way (--config.total_steps=...).
     tiny = opts.preset == "tiny"
-    config.total_steps = 300 if tiny else 20_000
-    config.log_every = 10 if tiny else 50
-    config.eval_every = 100 if tiny else 1000
-    config.checkpoint_every = 100 if tiny else 1000
-    config.keep_checkpoints = 3
-    # WORKDIR[@STEP]:SRC=DST[,...]: start from a subtree of another run's model (glm5v_jax.train.init_from)
-    config.init_from = ""
+    run_control(config, total_steps=300 if tiny else 20_000, log_every=10 if tiny else 50,
+                eval_every=100 if tiny else 1000, checkpoint_every=100 if tiny else 1000)
     config.measure_pipeline_batches = 20 if tiny else 0  # > 0: time the input pipeline alone first
     config.log_batch_hash = False  # True: log data/batch_hash (48-bit sha256 prefix) every step
 

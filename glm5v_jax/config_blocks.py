@@ -1,7 +1,8 @@
 """Config blocks shared by the files in `configs/`, one copy each.
 
-    from glm5v_jax.config_blocks import cogvit_block, optimizer_block, optimizer_group
+    from glm5v_jax.config_blocks import cogvit_block, optimizer_block, optimizer_group, run_control
 
+`run_control` sets the top-level run fields (steps, cadence, checkpoints, non-finite policy).
 `cogvit_block` is a CogViT `vision` section (the fields of `glm5v_jax.models.specs.VisionSpec`),
 `muon_block` the Muon settings of `config.optim.muon`, `optimizer_group` one entry of
 `config.optim.groups` and `optimizer_block` the whole `config.optim` section around them.
@@ -75,6 +76,26 @@ def optimizer_block(name: str, groups: dict[str, ml_collections.ConfigDict], **e
     )
     block.update(extra)
     return ml_collections.ConfigDict(block)
+
+
+def run_control(config: ml_collections.ConfigDict, *, total_steps: int, log_every: int, eval_every: int,
+                checkpoint_every: int) -> None:
+    """Set the run-control fields at the top level of `config` (every stage is scripted the same way,
+    `--config.total_steps=...`): length and cadence, `keep_checkpoints`, `init_from`, what to do
+    about non-finite training, and the changes a resume accepts (`glm5v_jax.train.resume`)."""
+    config.total_steps = total_steps
+    config.log_every = log_every
+    config.eval_every = eval_every  # 0: no evaluation
+    config.checkpoint_every = checkpoint_every
+    config.keep_checkpoints = 3
+    # WORKDIR[@STEP]:SRC=DST[,...]: start from a subtree of another run's model (glm5v_jax.train.init_from)
+    config.init_from = ""
+    # A NaN/inf loss or gradient: "stop" (nothing non-finite is saved; rerun resumes from the last good
+    # checkpoint) or "skip" the step (one more state of memory), stopping after max_nonfinite_skips in a row.
+    config.nonfinite = "stop"
+    config.max_nonfinite_skips = 20
+    # Comma-separated config fields (patterns) a resume may change beyond the safe ones, e.g. "optim.b2".
+    config.resume_accept = ""
 
 
 # The report's CogViT data mixture: 80% natural images, 10% instruction, 10% scientific.

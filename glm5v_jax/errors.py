@@ -1,9 +1,11 @@
-"""Errors raised for bad configuration, always naming the offending field.
+"""Errors raised for bad configuration, always naming the offending field, and for runs that stop.
 
-`ConfigError(field, message)` is the one error style for configuration. At the command
-line, `run_cli(main)` (in place of `absl.app.run(main)`) turns it into one line on stderr
-and exit status 2, also when it is raised by a config file's `get_config` while the flags
-are parsed.
+`ConfigError(field, message)` is the one error style for configuration (and for refusals: a resume
+that would change what is trained, a locked run directory). `RunError` is a run that stops itself
+(non-finite training, a checkpoint that could not be saved). At the command line, `run_cli(main)`
+(in place of `absl.app.run(main)`) turns a ConfigError into one line on stderr and exit status 2
+(also when it is raised by a config file's `get_config` while the flags are parsed), a RunError
+into one line and exit status 1.
 """
 from __future__ import annotations
 
@@ -58,6 +60,10 @@ class ConfigError(ValueError):
         return ConfigError(prefix if self.field is None else f"{prefix}.{self.field}", self.detail)
 
 
+class RunError(RuntimeError):
+    """A run that stopped itself for a reason its message gives (what happened, what is kept, what to do)."""
+
+
 def require(condition: bool, field: str, message: str) -> None:
     """Raise `ConfigError(field, message)` unless `condition` holds."""
     if not condition:
@@ -93,8 +99,8 @@ def exit_on_config_error(error: ConfigError, status: int = 2) -> None:
 def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
     """`absl.app.run(main, argv)` for a command-line entry point, with a ConfigError reported as
     one line on stderr and exit status 2: one raised while the flags are parsed (a config file's
-    `get_config`, which ml_collections and absl re-raise as flag errors) or by `main`. Other flag
-    errors get absl's usual report."""
+    `get_config`, which ml_collections and absl re-raise as flag errors) or by `main`; a RunError
+    as one line and exit status 1. Other flag errors get absl's usual report."""
     from absl import app, flags
 
     def parse_flags(args):
@@ -111,5 +117,9 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> 
             return main(args)
         except ConfigError as e:
             exit_on_config_error(find_config_error(e))
+        except RunError as e:
+            sys.stderr.write("run stopped: " + " ".join(str(e).split()) + "\n")
+            sys.stderr.flush()
+            raise SystemExit(1) from None
 
     app.run(guarded_main, argv, flags_parser=parse_flags)

@@ -37,6 +37,9 @@ def main(argv) -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax, tfds and jax log through absl: quiet
+    from glm5v_jax.train.checkpoint import quiet_orbax_logs
+
+    quiet_orbax_logs()  # orbax's errors as one line each, no tracebacks
     logging.getLogger("glm5v_jax").setLevel(logging.INFO)  # progress lines, eval, checkpoints
     from glm5v_jax.train.run import train_and_evaluate
 

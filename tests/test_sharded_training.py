@@ -95,7 +95,7 @@ def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path):
 
     fresh, state_sh_b, step_b, batch_b, shardings_b = _setup((1, 2, 2, 2), jax.devices()[:8])
     reader = Checkpointer(tmp_path / "ckpt", async_save=False)
-    step, restored, _, config = reader.restore_latest(fresh)  # fresh: the target structure and shardings
+    step, restored, _, config = reader.restore_latest(fresh)[:4]  # fresh: the target structure and shardings
     reader.close()
     assert step == 2 and config["note"] == "mesh (2,4,1,1)"
     params = {tuple(str(p) for p in path): v for path, v in nnx.to_flat_state(restored[0])}

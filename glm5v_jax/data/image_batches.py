@@ -14,11 +14,11 @@ grid maps to the other by scaling (`models.cogvit_mim.resample_tokens`).
 `attach` (optional, `make_image_batch_iterator`): a picklable callable record -> extra arrays
 for the example (e.g. precomputed teacher features, `train/teacher_cache.py`) or a skip reason.
 
-A record that cannot be used (no image, undecodable or too small, no caption when captions are
-needed) is skipped and counted under `stats["skipped/<reason>"]`, never put in a batch; too many
-in a row is an error naming the counts. The iterator is checkpointable: its state is the grain
-parent's state between batches plus the counters, so a restored run continues with the exact
-next batch.
+A record that cannot be used (unreadable in its source, no image, undecodable or too small, no
+caption when captions are needed) is skipped and counted under `stats["skipped/<reason>"]`, never
+put in a batch; too many in a row is an error naming the counts. The iterator is checkpointable:
+its state is the grain parent's state between batches plus the counters, so a restored run
+continues with the exact next batch.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from glm5v_jax.data.pipeline import _ImageSkip, _mark_absl_flags_parsed, preprocess_image
 from glm5v_jax.data.shapes_world import COLOURS, SHAPES
-from glm5v_jax.data.sources import _as_map_dataset
+from glm5v_jax.data.sources import BAD_RECORD, _as_map_dataset, is_bad_record
 from glm5v_jax.data.templates import as_str
 from glm5v_jax.errors import ConfigError
 
@@ -104,6 +104,8 @@ class ProcessImageRecord:
         c = self.config
         if not isinstance(record, Mapping):
             return {"skip": "skipped/not_a_record"}
+        if is_bad_record(record):  # unreadable: the source has logged its file and position
+            return {"skip": BAD_RECORD}
         try:
             image = preprocess_image(record.get("image"), patch_size=c.patch_size, max_patches=c.max_patches,
                                      merge=c.merge)

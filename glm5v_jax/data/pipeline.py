@@ -47,6 +47,8 @@ the iterator's `.stats` (running totals, part of its checkpoint state):
     skipped/empty_text         no usable caption/QA/box/OCR (image) or empty text (text-only)
     skipped/too_long           doc whose first target is past seq_len (an image block, an SFT prompt)
     skipped/error              any other exception while processing the record
+    skipped/bad_record         a record its source cannot read or parse (a corrupt ArrayRecord
+                               shard; the source logs its file and position)
     truncated/text             text-only doc cut to seq_len
     truncated/image            image doc whose answer was cut at seq_len
     dropped/empty_caption      image record without a caption (other tasks still used)
@@ -87,7 +89,8 @@ from glm5v_jax.data.conversations import make_conversation, render_conversation
 from glm5v_jax.errors import ConfigError
 # Sources live in their own module; re-exported here because callers build pipelines from them.
 from glm5v_jax.data.sources import (  # noqa: F401
-    _as_map_dataset, array_record_source, caption_record, mix_sources, parse_tf_example, tfds_source,
+    BAD_RECORD, _as_map_dataset, array_record_source, caption_record, is_bad_record, mix_sources, parse_tf_example,
+    tfds_source,
 )
 from glm5v_jax.data.naflex import NaFlexError, fit_grid, pad_patches, patchify, resize_to_grid
 from glm5v_jax.data.templates import (DEFAULT_TASK_WEIGHTS, TASKS, SkipSample, as_str, available_tasks,
@@ -97,7 +100,7 @@ log = logging.getLogger(__name__)
 
 STAT_KEYS = (
     "skipped/undecodable_image", "skipped/empty_image", "skipped/too_small_image",
-    "skipped/empty_text", "skipped/too_long", "skipped/error",
+    "skipped/empty_text", "skipped/too_long", "skipped/error", "skipped/bad_record",
     "truncated/text", "truncated/image", "dropped/empty_caption", "dropped/empty_answer",
     "examples", "examples/image", "examples/text", "batches", "tokens", "images",
 )
@@ -313,6 +316,8 @@ class ProcessRecord:
         return np.random.default_rng([self.config.seed, key, index // self.epoch_len, 0x7E5C])
 
     def __call__(self, index: int, record: Mapping[str, Any]) -> dict[str, Any]:
+        if is_bad_record(record):  # the source has logged it
+            return _skip(BAD_RECORD)
         try:
             return self._process(index, record)
         except Exception as e:  # noqa: BLE001  bad data must never stop training

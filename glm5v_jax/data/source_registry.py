@@ -19,9 +19,13 @@ Fields of each kind (their defaults are the `fields` of its SOURCE_KINDS entry):
                 object per image: clean shape and colour labels for evaluation).
   tfds          name, data_dir, image_key, text_key: any TFDS dataset with an image and a text
                 feature (nested keys as "a/b"); splits are TFDS split strings ("train[:90%]").
-  array_record  parse: the splits are comma-separated globs of ArrayRecord files (local or gs://,
-                wildcards in any path component after the first) holding `tf.train.Example`
-                records with flat features, as TFDS writes them (parse=tf_example), or JSON.
+  array_record  parse, skip_bad_files: the splits are comma-separated globs of ArrayRecord files
+                (local or gs://, wildcards in any path component after the first) holding
+                `tf.train.Example` records with flat features, as TFDS writes them
+                (parse=tf_example), or JSON. A file that cannot be opened (truncated, another
+                format) is a ConfigError naming it, or with skip_bad_files=True left out with a
+                warning; a record that cannot be read or parsed (a corrupt shard) is skipped, its
+                file and position logged, and counted as skipped/bad_record.
 Every source yields records in the shapes-world layout (`image` bytes, `caption_en`, `qa_json`,
 `boxes_json`, `text`, ...; see `glm5v_jax.data.pipeline`), so the VLM pipeline and the CogViT
 image batches read any of them.
@@ -115,11 +119,19 @@ def _check_array_record(src, field: str) -> None:
 
 
 def _open_array_record(src, field: str, data_dir: epath.Path) -> dict[str, Any]:
-    from glm5v_jax.data.sources import array_record_source  # noqa: PLC0415
+    from glm5v_jax.data.sources import UnreadableFilesError, array_record_source  # noqa: PLC0415
 
     del data_dir
-    return {part: _first(array_record_source(expand_globs(split, f"{field}.{part}_split"), parse=src.parse), size)
-            for part, (split, size) in _parts(src).items()}
+    out = {}
+    for part, (split, size) in _parts(src).items():
+        files = expand_globs(split, f"{field}.{part}_split")
+        try:
+            records = array_record_source(files, parse=src.parse, skip_bad_files=bool(src.skip_bad_files))
+        except UnreadableFilesError as e:
+            raise ConfigError(f"{field}.{part}_split", f"{e}; remove them from the globs, or set "
+                                                      f"{field}.skip_bad_files=True to train without them") from e
+        out[part] = _first(records, size)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +144,8 @@ class SourceKind:
 SOURCE_KINDS: dict[str, SourceKind] = {
     "shapes_world": SourceKind(dict(build_seed=0), _check_shapes_world, _open_shapes_world),
     "tfds": SourceKind(dict(name="", data_dir="", image_key="image", text_key="caption"), _check_tfds, _open_tfds),
-    "array_record": SourceKind(dict(parse="tf_example"), _check_array_record, _open_array_record),
+    "array_record": SourceKind(dict(parse="tf_example", skip_bad_files=False), _check_array_record,
+                               _open_array_record),
 }
 
 

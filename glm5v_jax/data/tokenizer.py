@@ -32,6 +32,7 @@ read as bytes and loaded from the serialized proto.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import uuid
@@ -219,6 +220,11 @@ class Tokenizer:
     def serialized_model_proto(self) -> bytes:
         """The model as bytes (what pickling stores)."""
         return self._proto
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the model's bytes: which tokenizer a checkpoint was trained with."""
+        return hashlib.sha256(self._proto).hexdigest()
 
     @property
     def vocab_size(self) -> int:

@@ -47,6 +47,7 @@ from glm5v_jax.models.masking import mim_mask
 from glm5v_jax.sharding.checks import check_divisibility
 from glm5v_jax.sharding.partition import state_shardings
 from glm5v_jax.sharding.rules import parameter_shardings
+from glm5v_jax.train.nonfinite import guard_step
 from glm5v_jax.train.run import Job, PlacedState, TrainState, place_state
 from glm5v_jax.train.parallel import (MeshPlan, TrainProgram, abstract_state, batch_shardings, global_batch,
                                        host_batch_shardings,
@@ -140,10 +141,12 @@ def place_on_mesh(config: ml_collections.ConfigDict, spec, dims: Mapping[str, in
     return ShardedMIM(student, t_graphdef, t_state, t_sh)
 
 
-def sharded_train_step(step_fn, placed: ShardedMIM, plan: MeshPlan, batch_sh: Mapping[str, NamedSharding]):
+def sharded_train_step(step_fn, placed: ShardedMIM, plan: MeshPlan, batch_sh: Mapping[str, NamedSharding], *,
+                       nonfinite: str = "stop"):
     """`(state, teacher_state, batch, key) -> (state, metrics)`: `step_fn` (make_train_step(...,
     jit=False)) jitted on the mesh with explicit shardings, traced under the mesh rules; the state
-    is donated and keeps its shardings, metrics are replicated."""
+    is donated and keeps its shardings, metrics are replicated and carry the `nonfinite` flag
+    (`glm5v_jax.train.nonfinite.guard_step`)."""
     replicated = NamedSharding(plan.mesh, P())
 
     def pure(state, teacher_state, batch, key):
@@ -151,7 +154,7 @@ def sharded_train_step(step_fn, placed: ShardedMIM, plan: MeshPlan, batch_sh: Ma
         metrics = step_fn(mim, teachers, batch, key)
         return nnx.state(mim), metrics
 
-    return jax.jit(under_rules(pure, plan),
+    return jax.jit(under_rules(guard_step(pure, nonfinite), plan),
                    in_shardings=(placed.shardings, placed.teacher_shardings, dict(batch_sh), replicated),
                    out_shardings=(placed.shardings, replicated), donate_argnums=(0,))
 
@@ -196,7 +199,8 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
         host = {k: v for k, v in batch.items() if k in keys}
         if not compiled:  # batch keys are known from the first batch (views, cached features)
             compiled["sh"] = host_batch_shardings(host, plan)
-            compiled["step"] = sharded_train_step(step_fn, placed, plan, compiled["sh"])
+            compiled["step"] = sharded_train_step(step_fn, placed, plan, compiled["sh"],
+                                                  nonfinite=config.get("nonfinite", "stop"))
         return compiled["step"](state, placed.teacher_state, global_batch(host, compiled["sh"]),
                                 jax.random.fold_in(base_key, step))
 

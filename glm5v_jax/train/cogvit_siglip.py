@@ -151,7 +151,7 @@ def place_on_mesh(config: ml_collections.ConfigDict, spec: TwoTowerSpec, plan: M
     n, p = int(config.model.vision.max_patches), int(config.model.vision.patch_size)
     batch_sh = batch_shardings(dict(batch_contract(b, n, p, t)), plan)
     step = jit_step(train_step_fn(placed.graphdef, make_loss_fn(config.loss_impl, plan)), plan, placed.shardings,
-                    batch_sh)
+                    batch_sh, nonfinite=config.get("nonfinite", "stop"))
     return PlacedTowers(placed, step)
 
 
@@ -305,7 +305,8 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
                train_step=train_step, schedules=placed.schedules, evaluate=evaluate,
                work=lambda batch: {"examples": len(batch["text"])}, routing=placed.routing,
                replicated=placed.replicated, hparams=dict(preset=config.get("preset", ""), params=placed.params,
-                                                          loss_impl=config.loss_impl))
+                                                          loss_impl=config.loss_impl),
+               fingerprints={"data.tokenizer": tokenizer.sha256})
 
 
 def abstract_program(config: ml_collections.ConfigDict, devices: Sequence[Any], *, update_rms: bool = True):

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm5v_jax.errors import ConfigError
+from glm5v_jax.train.nonfinite import guard_step
 from glm5v_jax.sharding.checks import check_batch, check_divisibility, check_replication
 from glm5v_jax.sharding.context import MeshRules, logical_sharding, use_mesh_rules
 from glm5v_jax.sharding.mesh import make_mesh, mesh_spec_from_config
@@ -135,11 +136,14 @@ def under_rules(fn: Callable, plan: MeshPlan) -> Callable:
 
 
 def jit_step(fn: Callable, plan: MeshPlan, state_shardings: Any, batch_shardings_: Mapping[str, NamedSharding], *,
-             donate: bool = True) -> Callable:
+             donate: bool = True, nonfinite: str | None = None) -> Callable:
     """`fn(state, batch) -> (state, metrics)` jitted with explicit shardings and traced under
     `use_mesh_rules(plan)`. The state is donated and comes back with the shardings it went
-    in with; metrics are replicated."""
-    return jax.jit(under_rules(fn, plan), in_shardings=(state_shardings, dict(batch_shardings_)),
+    in with; metrics are replicated. `nonfinite` ("stop" | "skip", what stages pass from their config):
+    the metrics (a dict) carry the `nonfinite` flag, and "skip" keeps the old state on a non-finite step
+    (`glm5v_jax.train.nonfinite.guard_step`)."""
+    step = fn if nonfinite is None else guard_step(fn, nonfinite)
+    return jax.jit(under_rules(step, plan), in_shardings=(state_shardings, dict(batch_shardings_)),
                    out_shardings=(state_shardings, NamedSharding(plan.mesh, P())),
                    donate_argnums=(0,) if donate else ())
 

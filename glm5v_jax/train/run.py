@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import signal
 import time
 from typing import Any, Callable, Mapping, Protocol
@@ -37,15 +38,19 @@ from flax import nnx
 
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.train import flops as flops_lib
-from glm5v_jax.train.checkpoint import Checkpointer
+from glm5v_jax.train.checkpoint import Checkpointer, Restored
 from glm5v_jax.train.init_from import apply_init_from
+from glm5v_jax.train.nonfinite import NonFiniteError, NonFiniteMonitor, nonfinite_leaves
+from glm5v_jax.train.resume import check_resume, validate_run_settings
+from glm5v_jax.train.run_lock import RunLock
 from glm5v_jax.sharding.partition import create_sharded, state_shardings
 from glm5v_jax.sharding.rules import parameter_shardings
 from glm5v_jax.train.optimizer import transform_from_config
 from glm5v_jax.train.parallel import MeshPlan, abstract_state, plan_from_config, preflight
 from glm5v_jax.paths import as_path
 from glm5v_jax.train.stages import stage_module
-from glm5v_jax.train.writers import JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves, write_eval_table
+from glm5v_jax.train.writers import (JsonlWriter, MultiWriter, TensorBoardWriter, plot_curves, rollback_jsonl,
+                                     write_eval_table)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +94,9 @@ class Job:
     batch_keys: tuple[str, ...] | None = None  # what `batch_hash` fingerprints (None: every key)
     routing: str | None = None  # Muon routing table, written to routing.txt
     replicated: float = 0.0  # fraction of parameter bytes replicated over a non-data axis
+    # {config field: sha256} of files the config names (the tokenizer): saved with each checkpoint, and a
+    # resume with other bytes is refused (glm5v_jax.train.resume)
+    fingerprints: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -146,7 +154,9 @@ def mesh_plan(config: ml_collections.ConfigDict) -> MeshPlan:
 
 
 class Preemption:
-    """SIGTERM or SIGINT (Ctrl-C) -> finish the current step, checkpoint it, stop cleanly."""
+    """SIGTERM or SIGINT (Ctrl-C) -> finish the current step, checkpoint it, stop cleanly. A second
+    signal exits at once (status 128 + signal): the checkpoint being written is left incomplete, which
+    a restart ignores, and the earlier ones are intact."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -156,7 +166,12 @@ class Preemption:
 
     def _handle(self, signum, frame):
         del frame
-        log.warning("%s received: checkpointing the current step and stopping", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if self.requested:
+            log.warning("second %s: exiting now; the last complete checkpoint is kept", name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.warning("%s received: checkpointing the current step and stopping (again: exit at once)", name)
         self.requested = True
 
     def restore(self) -> None:
@@ -200,23 +215,33 @@ def _progress_line(step: int, total: int, s: Mapping[str, float]) -> str:
     return line + f"  ETA {eta:.0f}s"
 
 
+def _restore(job: Job, ckpt: Checkpointer, workdir: epath.Path) -> Restored | None:
+    """The newest good checkpoint, refused (ConfigError) when it was trained under another config or
+    tokenizer or beyond `total_steps`; a non-finite one is damaged (moved aside, an older one tried)."""
+    config = job.config
+
+    def check(saved_config: dict, saved_meta: dict) -> None:
+        check_resume(saved_config, saved_meta, config_json(config), config, job.fingerprints,
+                     where=str(workdir / "checkpoints" / str(saved_meta.get("step", "?"))))
+
+    def is_bad(state) -> str | None:
+        bad = nonfinite_leaves(state)
+        return f"non-finite values in {', '.join(bad)}" if bad else None
+
+    return ckpt.restore_latest(job.state, check=check, is_bad=is_bad)
+
+
 def run(job: Job, workdir: epath.Path) -> dict:
     """Train `job` (resuming if possible) until `config.total_steps`; returns the last metrics."""
     config, state = job.config, job.state
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-    log.info("%s; %.2f%% of parameter bytes replicated over a non-data axis", job.plan.describe(),
-             100 * job.replicated)
-    if job.routing:
-        log.info("Muon routing:\n%s", job.routing)
-        (workdir / "routing.txt").write_text(job.routing + "\n")
-
+    validate_run_settings(config)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
     try:
         start_step = 0
-        restored = ckpt.restore_latest(state)  # resharded onto this run's mesh, whatever it was saved on
+        restored = _restore(job, ckpt, workdir)  # resharded onto this run's mesh, whatever it was saved on
         if restored is not None:
-            start_step, state, data_state, _ = restored
-            job.train_iter.set_state(data_state)
+            start_step, state = restored.step, restored.state
+            job.train_iter.set_state(restored.data)
             log.info("resuming at step %d%s", start_step,
                      " (config.init_from is ignored: the checkpoint already holds the copied weights)"
                      if config.get("init_from", "") else "")
@@ -225,8 +250,22 @@ def run(job: Job, workdir: epath.Path) -> dict:
     except BaseException:
         ckpt.close()
         raise
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))  # after the resume checks
+    log.info("%s; %.2f%% of parameter bytes replicated over a non-data axis", job.plan.describe(),
+             100 * job.replicated)
+    if job.routing:
+        log.info("Muon routing:\n%s", job.routing)
+        (workdir / "routing.txt").write_text(job.routing + "\n")
 
-    writer = MultiWriter([TensorBoardWriter(workdir / "tensorboard"), JsonlWriter(workdir / "metrics.jsonl")])
+    primary = jax.process_index() == 0
+    if primary:  # the logs of steps after the checkpoint (a kill) are logged again: drop the old ones
+        dropped = rollback_jsonl(workdir / "metrics.jsonl", start_step if restored is not None else -1)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d rows logged after step %d (training resumes there)", dropped,
+                     start_step)
+    purge = start_step + 1 if restored is not None else 0  # TensorBoard hides what was logged after it
+    writer = MultiWriter([TensorBoardWriter(workdir / "tensorboard", purge_step=purge),
+                          JsonlWriter(workdir / "metrics.jsonl")])
     last: dict = {}
     if start_step == 0:
         writer.write_hparams(dict(job.hparams, trainer=config.get("trainer", "")))
@@ -240,6 +279,7 @@ def run(job: Job, workdir: epath.Path) -> dict:
     log.info("device peak %.3g FLOP/s (%s) x %d devices", peak, peak_source, jax.device_count())
 
     preemption = Preemption()
+    monitor = NonFiniteMonitor(config.get("nonfinite", "stop"), int(config.get("max_nonfinite_skips", 20)))
     hosts = jax.process_count()
     acc: dict = {}
     stats_mark = dict(job.train_iter.stats)
@@ -253,17 +293,23 @@ def run(job: Job, workdir: epath.Path) -> dict:
             if config.get("log_batch_hash", False):  # proves that runs saw byte-identical batches
                 writer.write_scalars(step, {"data/batch_hash": batch_hash(batch, job.batch_keys)})
             state, metrics = job.train_step(state, batch, step)
-            acc = average(acc, metrics)
+            for _, good in monitor.push(step, metrics):  # the previous step's flag: no wait on this one
+                acc = average(acc, good)
             if job.work is not None:
                 w = job.work(batch)
                 tokens += int(w.get("tokens", 0)) * hosts
                 flops += float(w.get("flops", 0.0)) * hosts
             window_steps += 1
+            ckpt.poll()  # a finished save is logged, a failed one stops the run now
 
             if step % config.log_every == 0 or step == config.total_steps or preemption.requested:
+                for _, good in monitor.flush():
+                    acc = average(acc, good)
                 scalars = {(k if k == "loss" else f"train/{k}"): float(v.compute()) for k, v in acc.items()}
                 if "loss" not in scalars and "train/loss/total" in scalars:
                     scalars["loss"] = scalars.pop("train/loss/total")
+                if monitor.mode == "skip":
+                    scalars["train/nonfinite_skipped"] = float(monitor.skipped)
                 elapsed = max(time.time() - window_start - eval_time, 1e-9)
                 scalars["perf/steps_per_s"] = window_steps / elapsed
                 scalars["perf/data_fraction"] = data_time / elapsed
@@ -278,7 +324,10 @@ def run(job: Job, workdir: epath.Path) -> dict:
                 scalars.update({f"lr/{k}": float(s(step - 1)) for k, s in job.schedules.items()})
                 scalars.update({f"data/{k}": float(v) for k, v in stats.items()})
                 writer.write_scalars(step, scalars)
-                log.info("%s", _progress_line(step, config.total_steps, scalars))
+                if "loss" in scalars:
+                    log.info("%s", _progress_line(step, config.total_steps, scalars))
+                else:
+                    log.warning("step %d: every step since the last log line was skipped (non-finite)", step)
                 last.update(scalars)
                 acc, tokens, flops, window_steps = {}, 0, 0.0, 0
                 window_start, data_time, eval_time = time.time(), 0.0, 0.0
@@ -293,14 +342,24 @@ def run(job: Job, workdir: epath.Path) -> dict:
                 eval_time += time.time() - t_eval
 
             if step % config.checkpoint_every == 0 or step == config.total_steps or preemption.requested:
-                ckpt.save(step, state, job.train_iter.get_state(), config_json(config), force=True)
+                for _, good in monitor.flush():  # this step's flag (stop mode: raises before anything is saved)
+                    acc = average(acc, good)
+                bad = nonfinite_leaves(state)
+                if bad:
+                    raise NonFiniteError(f"step {step}: the state holds non-finite values ({', '.join(bad)}) "
+                                         "although the loss was finite; not saved. Lower the learning rates; "
+                                         "rerunning resumes from the last checkpoint")
+                ckpt.save(step, state, job.train_iter.get_state(), config_json(config),
+                          meta={"fingerprints": dict(job.fingerprints)}, force=True)
             writer.flush()
             if preemption.requested:
                 break
     finally:
-        ckpt.close()
-        writer.close()
-        preemption.restore()
+        try:
+            ckpt.close()
+        finally:
+            writer.close()
+            preemption.restore()
     if not preemption.requested and step == config.total_steps:
         plot_curves(workdir / "metrics.jsonl", workdir / "loss_curves.png")
         if job.evaluate is not None and config.eval_every:
@@ -312,12 +371,14 @@ def run(job: Job, workdir: epath.Path) -> dict:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.PathLike) -> dict:
-    """Run the stage named by `config.trainer` in `workdir` (resuming if it holds checkpoints)."""
+    """Run the stage named by `config.trainer` in `workdir` (resuming if it holds checkpoints), holding
+    the run directory's lock (a second run on it is refused)."""
+    validate_run_settings(config)
     workdir = as_path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     stage = stage_module(config)
     plan = mesh_plan(config)  # the mesh, and every check on it, before anything is built
-    return run(stage.setup(config, workdir, plan), workdir)
+    with RunLock(workdir, enabled=jax.process_index() == 0):
+        return run(stage.setup(config, workdir, plan), workdir)
 
 
 def _brief(metrics: Mapping[str, float]) -> str:

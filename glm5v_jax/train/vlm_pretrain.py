@@ -182,7 +182,7 @@ def place_model(config: ml_collections.ConfigDict, spec, plan: MeshPlan, *, abst
     placed = run_lib.place_state(config, plan, lambda: GLM5V(spec, rngs=nnx.Rngs(config.seed)), abstract=abstract)
     batch_sh = batch_shardings(batch_contract(spec, config.data), plan)
     step = jit_step(train_step_fn(placed.graphdef, config, placed.update_labels if update_rms else None), plan,
-                    placed.shardings, batch_sh)
+                    placed.shardings, batch_sh, nonfinite=config.get("nonfinite", "stop"))
     return placed, batch_sh, step
 
 
@@ -240,7 +240,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
                 "perf/pipeline_tokens_per_s": tput["tokens_per_s"]}
 
     return mj.job(config, plan, train_iter, evaluate if config.eval_every else None,
-                  start_scalars=pipeline_throughput)
+                  start_scalars=pipeline_throughput, fingerprints={"data.tokenizer": tokenizer.sha256})
 
 
 def abstract_program(config: ml_collections.ConfigDict, devices: Sequence[Any], *, update_rms: bool = True):

@@ -93,7 +93,8 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
         return out
 
 
-    return mj.job(config, plan, train_iter, evaluate if config.eval_every else None)
+    return mj.job(config, plan, train_iter, evaluate if config.eval_every else None,
+                  fingerprints={"data.tokenizer": tokenizer.sha256})
 
 
 def abstract_program(config: ml_collections.ConfigDict, devices: Sequence[Any], *, update_rms: bool = True
