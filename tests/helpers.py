@@ -133,3 +133,45 @@ def tiny_mim_config(data_dir, steps: int, *, options: str = "", batch_size: int 
     for g in cfg.optim.groups.values():
         g.warmup_steps = 1
     return cfg
+
+
+# ----------------------------------------------------------------------------- every stage from the command line
+_VLM_DATA = ["--config.data.batch_size=2", "--config.data.seq_len=128", "--config.data.sources.image.train_size=48",
+             "--config.data.sources.image.eval_size=8", "--config.data.sources.text.train_size=24",
+             "--config.data.sources.text.eval_size=4", "--config.data.tokenizer_vocab_size=1024"]
+_VISION_DATA = ["--config.data.batch_size=4", "--config.data.sources.natural.train_size=24",
+                "--config.data.sources.instruction.train_size=8", "--config.data.sources.scientific.train_size=8",
+                "--config.mesh.num_devices=1"]
+# Every stage, as a user runs it, shrunk: (config argument, flags).
+STAGE_RUNS = {
+    "vlm_pretrain": ("configs/vlm_pretrain.py:tiny", _VLM_DATA + [
+        f"--config.optim.groups.{g}.warmup_steps=2" for g in ("text", "vision", "projector")]),
+    "vlm_sft": ("configs/vlm_sft.py:tiny", _VLM_DATA + [
+        f"--config.optim.groups.{g}.warmup_steps=2" for g in ("text", "vision", "projector")]),
+    "cogvit_mim": ("configs/cogvit_mim.py:tiny,dtype=float32", _VISION_DATA + [
+        "--config.model.vision.depth=1", "--config.teachers.siglip2.overrides.depth=1",
+        "--config.teachers.dinov3.overrides.depth=1"] + [
+        f"--config.optim.groups.{g}.warmup_steps=1" for g in ("encoder", "heads")]),
+    "cogvit_siglip": ("configs/cogvit_siglip.py:tiny", _VISION_DATA + [
+        "--config.data.text_len=40", "--config.data.patch_budgets=(32, 16)", "--config.model.vision.depth=1",
+        "--config.model.text.depth=1"] + [f"--config.optim.groups.{g}.warmup_steps=1"
+                                          for g in ("vision", "text", "projection")]),
+}
+
+
+def stage_command(stage: str, workdir, data_dir, steps: int, *extra: str, checkpoint_every: int = 4) -> list[str]:
+    """`python -m glm5v_jax.main` for `stage` (STAGE_RUNS) in `workdir`, logging every step; `extra` flags last."""
+    config, flags = STAGE_RUNS[stage]
+    return [sys.executable, "-m", "glm5v_jax.main", f"--config={config}", f"--workdir={workdir}",
+            f"--config.total_steps={steps}", "--config.log_every=1", f"--config.checkpoint_every={checkpoint_every}",
+            "--config.eval_every=0", f"--config.data.data_dir={data_dir}"] + flags + list(extra)
+
+
+def cli_env(data_dir) -> dict:
+    """Environment of a command-line run: CPU, and a persistent compilation cache next to `data_dir` so
+    that runs of one test module compile their steps once. XLA_FLAGS: conftest's."""
+    import os
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env["JAX_COMPILATION_CACHE_DIR"] = str(Path(data_dir).parent / f"{Path(data_dir).name}_jit_cache")
+    return env

@@ -3,10 +3,8 @@ exactness; for the main job also TensorBoard event files and metrics.jsonl. Runs
 `python -m glm5v_jax.main` as a user would."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,46 +13,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from glm5v_jax.train.writers import read_jsonl
+from helpers import STAGE_RUNS, cli_env as _env, stage_command
 
 ROOT = Path(__file__).parents[1]
 STEPS = 12
 
-_VLM_DATA = ["--config.data.batch_size=2", "--config.data.seq_len=128", "--config.data.sources.image.train_size=48",
-             "--config.data.sources.image.eval_size=8", "--config.data.sources.text.train_size=24",
-             "--config.data.sources.text.eval_size=4", "--config.data.tokenizer_vocab_size=1024"]
-_VISION_DATA = ["--config.data.batch_size=4", "--config.data.sources.natural.train_size=24",
-                "--config.data.sources.instruction.train_size=8", "--config.data.sources.scientific.train_size=8",
-                "--config.mesh.num_devices=1"]
-# Every stage, as a user runs it, shrunk: (config argument, flags).
-STAGE_RUNS = {
-    "vlm_pretrain": ("configs/vlm_pretrain.py:tiny", _VLM_DATA + [
-        f"--config.optim.groups.{g}.warmup_steps=2" for g in ("text", "vision", "projector")]),
-    "vlm_sft": ("configs/vlm_sft.py:tiny", _VLM_DATA + [
-        f"--config.optim.groups.{g}.warmup_steps=2" for g in ("text", "vision", "projector")]),
-    "cogvit_mim": ("configs/cogvit_mim.py:tiny,dtype=float32", _VISION_DATA + [
-        "--config.model.vision.depth=1", "--config.teachers.siglip2.overrides.depth=1",
-        "--config.teachers.dinov3.overrides.depth=1"] + [
-        f"--config.optim.groups.{g}.warmup_steps=1" for g in ("encoder", "heads")]),
-    "cogvit_siglip": ("configs/cogvit_siglip.py:tiny", _VISION_DATA + [
-        "--config.data.text_len=40", "--config.data.patch_budgets=(32, 16)", "--config.model.vision.depth=1",
-        "--config.model.text.depth=1"] + [f"--config.optim.groups.{g}.warmup_steps=1"
-                                          for g in ("vision", "text", "projection")]),
-}
-
 
 def _command(stage: str, workdir: Path, data_dir: Path, steps: int = STEPS) -> list[str]:
-    config, flags = STAGE_RUNS[stage]
-    return [sys.executable, "-m", "glm5v_jax.main", f"--config={config}", f"--workdir={workdir}",
-            f"--config.total_steps={steps}", "--config.log_every=1", "--config.checkpoint_every=4",
-            "--config.eval_every=0", f"--config.data.data_dir={data_dir}"] + flags
-
-
-def _env(data_dir: Path):
-    """Each stage's job starts four times (reference, SIGTERM, SIGKILL, resume): a persistent
-    compilation cache next to their data compiles its steps once. XLA_FLAGS: conftest's."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    env["JAX_COMPILATION_CACHE_DIR"] = str(data_dir.parent / f"{data_dir.name}_jit_cache")
-    return env
+    return stage_command(stage, workdir, data_dir, steps)
 
 
 def _run(stage, workdir, data_dir, steps=STEPS):

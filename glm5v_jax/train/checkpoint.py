@@ -101,6 +101,7 @@ def step_files(step_dir: epath.Path) -> list[str]:
 def write_checksums(step_dir: epath.Path) -> tuple[int, float]:
     """`<step_dir>/checksums.json`: {relative path: [bytes, sha256]} of every file; atomic where the
     file system allows. Returns (bytes hashed, seconds)."""
+    step_dir = as_path(step_dir)
     t0, sums, total = time.time(), {}, 0
     for rel in step_files(step_dir):
         path = step_dir / rel
@@ -117,6 +118,7 @@ def write_checksums(step_dir: epath.Path) -> tuple[int, float]:
 def verify_checksums(step_dir: epath.Path) -> str | None:
     """None when every recorded file is present with its size and sha256 (or no checksums were
     recorded); else what is wrong, naming the file."""
+    step_dir = as_path(step_dir)
     record = step_dir / CHECKSUMS
     if not record.exists():
         return None
