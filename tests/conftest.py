@@ -33,7 +33,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 # the long ones first (longest-processing-time order) keeps both workers busy to the finish.
 # Costs from `--durations` on the 2-core CI machine, most expensive first.
 SLOW_MODULES = ("test_aot.py", "test_trainer.py", "test_mmtp_ablation.py", "test_sharded_training.py",
-                "test_multihost.py", "test_colabs.py", "test_fault_injection.py", "test_cogvit_mim_sharded.py", "test_kernel_training.py",
+                "test_multihost.py", "test_colabs.py", "test_fault_injection.py",
+                "test_cogvit_mim_sharded.py", "test_kernel_training.py",
                 "test_vlm.py", "test_expert_parallel.py", "test_muon.py", "test_qk_clip.py")
 
 

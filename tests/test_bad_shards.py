@@ -19,27 +19,13 @@ from glm5v_jax.data.pipeline import PipelineConfig, array_record_source, make_ba
 from glm5v_jax.data.source_registry import open_sources, source_config
 from glm5v_jax.data.sources import TfdsCaptionSource, UnreadableFilesError, is_bad_record
 from glm5v_jax.errors import ConfigError
+from helpers import FakeTokenizer
 
 array_record_module = pytest.importorskip("array_record.python.array_record_module")
 tf_example_pb2 = pytest.importorskip("tensorflow_datasets.proto").tf_example_pb2
 
 N_PER_SHARD = 16  # 48x48 noise PNGs, ~7 KB each: a shard spans 3 blocks of 64 KiB, its middle is data
 CAPTION = re.compile(r"rec ([a-z]-\d\d)")
-
-
-class FakeTokenizer:
-    """Byte-level: id = 16 + byte; specials below 16 (eos = pad = 0)."""
-
-    eos_id = pad_id = 0
-    gmask_id, sop_id, system_id, user_id, assistant_id = 1, 2, 3, 4, 5
-    begin_image_id, end_image_id, image_id, begin_box_id, end_box_id = 6, 7, 8, 9, 10
-    vocab_size, padded_vocab_size = 272, 384
-
-    def encode(self, text):
-        return [16 + b for b in text.encode("utf-8")]
-
-    def decode(self, ids):
-        return bytes(int(i) - 16 for i in ids if i >= 16).decode("utf-8", errors="replace")
 
 
 TOK = FakeTokenizer()

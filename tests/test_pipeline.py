@@ -15,21 +15,7 @@ from glm5v_jax.data.batch import validate_vlm_batch
 from glm5v_jax.data.pipeline import (STAT_KEYS, PipelineConfig, array_record_source, make_batch_iterator,
                                      measure_throughput, mix_sources, tfds_source)
 from glm5v_jax.data.templates import SkipSample, build_document, format_boxes
-
-
-class FakeTokenizer:
-    """Byte-level: id = 16 + byte; specials below 16 (eos = pad = 0)."""
-
-    eos_id = pad_id = 0
-    gmask_id, sop_id, system_id, user_id, assistant_id = 1, 2, 3, 4, 5
-    begin_image_id, end_image_id, image_id, begin_box_id, end_box_id = 6, 7, 8, 9, 10
-    vocab_size, padded_vocab_size = 272, 384
-
-    def encode(self, text):
-        return [16 + b for b in text.encode("utf-8")]
-
-    def decode(self, ids):
-        return bytes(int(i) - 16 for i in ids if i >= 16).decode("utf-8", errors="replace")
+from helpers import FakeTokenizer
 
 
 TOK = FakeTokenizer()
