@@ -83,7 +83,7 @@ def report(r: dict) -> str:
         f"| hashing / save | {r['hash_s'] / max(r['save_s'], 1e-9):.2f} |",
         f"| verification at restore | {r['verify_s']:.2f} s |",
         f"| restore (verification included) | {r['restore_s']:.2f} s |",
-        f"| checksums.json | one line per file: path, bytes, sha256 |",
+        "| checksums.json | one line per file: path, bytes, sha256 |",
         "",
         "The hashing runs in a background thread after the save finalizes, so training steps overlap it;",
         "the main thread only waits for it at the end of the run. The verification reads every file once",
