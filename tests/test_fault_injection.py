@@ -169,3 +169,29 @@ def test_second_signal_exits_at_once_and_the_next_run_resumes(finished, data_dir
     out = _run(workdir, data_dir, steps=8)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "stale" in out.stderr and "resuming at step" in out.stderr
+
+
+def test_sigkill_during_a_save_then_restart_is_exact(finished, data_dir, tmp_path):
+    """SIGKILL while step 2's checkpoint is being written (its orbax temporary directory exists), then
+    a restart: the incomplete save is ignored, the dead run's lock is stale, and step 4's parameters
+    equal those of the uninterrupted run bit for bit."""
+    import signal
+
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(_command(workdir, data_dir), cwd=ROOT, env=cli_env(data_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline, during = time.time() + 300, None
+    while during is None and time.time() < deadline and proc.poll() is None:
+        ckpts = workdir / "checkpoints"
+        during = next((p.name for p in ckpts.iterdir() if p.name.startswith("2.orbax-checkpoint-tmp")), None) \
+            if ckpts.is_dir() else None
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert during is not None, "the save of step 2 was not seen"
+    out = _run(workdir, data_dir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a = ocp.StandardCheckpointer().restore(finished / "checkpoints" / "4" / "state")
+    b = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "4" / "state")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
