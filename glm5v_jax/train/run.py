@@ -19,6 +19,7 @@ All paths go through `etils.epath`, so run directories can live on `gs://`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -377,8 +378,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | epath.P
     workdir = as_path(workdir)
     stage = stage_module(config)
     plan = mesh_plan(config)  # the mesh, and every check on it, before anything is built
-    with RunLock(workdir, enabled=jax.process_index() == 0):
+    with lock_run_directory(workdir):
         return run(stage.setup(config, workdir, plan), workdir)
+
+
+@contextlib.contextmanager
+def lock_run_directory(workdir: epath.Path):
+    """`RunLock` held by process 0; on several hosts its outcome is shared, so that every process
+    stops (ConfigError) when the directory is locked instead of waiting in a collective."""
+    lock, refused = RunLock(workdir, enabled=jax.process_index() == 0), None
+    try:
+        lock.acquire()
+    except ConfigError as e:
+        refused = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(refused is None))) and refused is None:
+            refused = ConfigError("workdir", f"process 0 could not lock {workdir} (see its error)")
+    if refused is not None:
+        raise refused
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def _brief(metrics: Mapping[str, float]) -> str:
