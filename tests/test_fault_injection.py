@@ -65,10 +65,14 @@ def finished(tmp_path_factory, data_dir):
         time.sleep(0.1)
     loser = next(p for p in procs if p.poll() is not None)
     winner = next(p for p in procs if p is not loser)
-    assert loser.returncode == 2, loser.stderr.read()[-3000:]
-    line = loser.stderr.read().strip().splitlines()[-1]
+    loser_err = loser.stderr.read()
+    if loser.returncode != 2 or winner.poll() is not None:
+        winner.kill()
+        raise AssertionError(f"exits {loser.returncode}, {winner.wait()}:\n{loser_err[-3000:]}\n---\n"
+                             f"{winner.stderr.read()[-3000:]}")
+    line = loser_err.strip().splitlines()[-1]
     assert line.startswith("config error: workdir:") and "run.lock" in line and "pid" in line, line
-    assert winner.poll() is None  # still training: a run started now is the staggered case
+    assert winner.poll() is None, winner.stderr.read()[-3000:]  # still training: the staggered case
     late = _run(workdir, data_dir)
     assert late.returncode == 2 and "run.lock" in _refusal(late)
     assert winner.wait(timeout=600) == 0, winner.stderr.read()[-3000:]
