@@ -157,3 +157,29 @@ def test_failed_async_save_is_reported_at_once(tmp_path):
     assert "REPORTED saving checkpoint step 2" in out.stdout, out.stderr[-3000:]
     assert "File too large" in out.stdout
     assert Checkpointer(tmp_path).restore_latest({"w": jnp.zeros(256)}).step == 1
+
+
+def test_finished_saves_are_logged(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="glm5v_jax.train.checkpoint"):
+        _save_steps(tmp_path, [1, 2])
+    assert "checkpoint step 1 saved in" in caplog.text and "checkpoint step 2: sha256 of" in caplog.text
+
+
+def test_orbax_errors_reach_the_console_as_one_line():
+    """`quiet_orbax_logs` (installed by the command line): an orbax record logged with a traceback
+    through absl keeps its first line only."""
+    from glm5v_jax.train.checkpoint import quiet_orbax_logs
+
+    quiet_orbax_logs()
+    quiet_orbax_logs()  # idempotent
+    logger = logging.getLogger("absl")
+    assert sum(type(f).__name__ == "_OneLineOrbax" for f in logger.filters) == 1
+    try:
+        raise ValueError("a tree mismatch\n" + "\n".join(f"  leaf {i}" for i in range(5000)))
+    except ValueError:
+        record = logger.makeRecord("absl", logging.ERROR, "/x/orbax/checkpoint/_src/handler.py", 1,
+                                   "restore failed: %s", ("line one\nline two",), sys.exc_info())
+    for f in logger.filters:
+        f.filter(record)
+    assert record.getMessage() == "restore failed: line one" and record.exc_info is None
+    assert "\n" not in logging.Formatter().format(record)
