@@ -1,4 +1,5 @@
-"""Pure-jnp reference implementations: attention with GQA/segments and grouped matmul.
+"""Pure-jnp reference implementations: attention with GQA/segments, paged attention over a KV
+cache, and grouped matmul.
 
 These are the twins of the Pallas kernels (issue: kernels) and the `xla` path of
 the model. Conventions shared with the kernels:
@@ -11,6 +12,9 @@ the model. Conventions shared with the kernels:
 * causal masking compares the index within the row (packed rows restart their
   documents through segment ids, so index order is enough).
 * the per-head maximum logit (for QK-Clip) is taken over visible pairs only.
+* paged K/V (the generation cache) `[KV, P, page, D]`: P pages of `page` tokens per KV head,
+  the layout of jax's Pallas TPU paged-attention kernel; a row's page table `[N]` lists its
+  pages in order, so its token t lives in page `table[t // page]` at slot `t % page`.
 """
 from __future__ import annotations
 
@@ -112,20 +116,61 @@ def attention_reference(
     logits, mask = _masked_logits(q, k, causal=causal, q_segment_ids=q_segment_ids,
                                   kv_segment_ids=kv_segment_ids, scale=scale)
     max_logits = _head_max(logits, mask) if return_max_logits else None
-    if mask is not None:
-        logits = jnp.where(mask, logits, _NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if mask is not None:
-        # Rows that see no key at all (padding) give zeros, not a uniform average.
-        probs = jnp.where(mask, probs, 0.0)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(jnp.float32))
-    out = out.reshape(b, s, h, d).astype(q.dtype)
+    out, probs = _attend(logits, mask, v, q.dtype)
     extras = []
     if return_probs:
         extras.append(probs.reshape(b, h, s, probs.shape[-1]))
     if return_max_logits:
         extras.append(max_logits)
     return (out, *extras) if extras else out
+
+
+def _attend(logits: jax.Array, mask: jax.Array | None, v: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """Softmax of masked logits `[B, KV, G, S, T]` times v `[B, T, KV, D]`: (`[B, S, H, D]` in `dtype`,
+    probabilities). Rows that see no key at all (padding) give zeros, not a uniform average."""
+    b, kv, g, s, _ = logits.shape
+    if mask is not None:
+        logits = jnp.where(mask, logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        probs = jnp.where(mask, probs, 0.0)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(jnp.float32))
+    return out.reshape(b, s, kv * g, v.shape[-1]).astype(dtype), probs
+
+
+def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
+    """Paged K or V `[KV, P, page, D]` and page tables `[B, N]` -> contiguous `[B, N * page, KV, D]`."""
+    g = pages[:, page_table]  # [KV, B, N, page, D]
+    kv, b, n, size, d = g.shape
+    return g.transpose(1, 2, 3, 0, 4).reshape(b, n * size, kv, d)
+
+
+def paged_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    lengths: jax.Array,
+    *,
+    q_positions: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """Attention of new queries over a paged KV cache, in float32; returns `[B, S, H, D]` in q's dtype.
+
+    q `[B, S, H, D]` (S = 1 for decode, a chunk for extend/verify); k_pages, v_pages `[KV, P, page, D]`;
+    page_table `[B, N]` int32; lengths `[B]`: cached tokens of each row (the new ones included).
+    Query s of row b sees key t when t < lengths[b] and, with `q_positions [B, S]` (the queries'
+    token indices in their row), t <= q_positions[b, s] (causal). A row with lengths 0 gives zeros.
+    """
+    k = gather_pages(k_pages, page_table)
+    v = gather_pages(v_pages, page_table)
+    t = jnp.arange(k.shape[1])
+    mask = jnp.broadcast_to(t[None, None, :] < lengths[:, None, None], (q.shape[0], q.shape[1], k.shape[1]))
+    if q_positions is not None:
+        mask = mask & (t[None, None, :] <= q_positions[:, :, None])
+    logits, _ = _masked_logits(q, k, causal=False, q_segment_ids=None, kv_segment_ids=None, scale=scale)
+    out, _ = _attend(logits, mask[:, None, None], v, q.dtype)
+    return out
 
 
 def gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
