@@ -8,7 +8,7 @@ ground truth that the Pallas kernels are tested against.
   BlockSizes       its tile sizes
   gmm, tgmm        MoE grouped matmul and its transposed form (TPU Mosaic, GPU Triton)
   attention_reference, attention_max_logits, gmm_reference   pure-jnp twins
-  paged_attention_reference, gather_pages   attention over a paged KV cache (generation)
+  paged_attention_reference, paged_write, gather_pages   a paged KV cache (generation)
 """
 
 from glm5v_jax.kernels.attention_common import BlockSizes
@@ -20,7 +20,8 @@ from glm5v_jax.kernels.reference import (
     gather_pages,
     gmm_reference,
     paged_attention_reference,
+    paged_write,
 )
 
 __all__ = ["BlockSizes", "attention_max_logits", "attention_reference", "flash_attention", "gather_pages", "gmm",
-           "gmm_reference", "paged_attention_reference", "tgmm"]
+           "gmm_reference", "paged_attention_reference", "paged_write", "tgmm"]

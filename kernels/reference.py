@@ -145,6 +145,18 @@ def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
     return g.transpose(1, 2, 3, 0, 4).reshape(b, n * size, kv, d)
 
 
+def paged_write(pages: jax.Array, new: jax.Array, page_table: jax.Array, token_index: jax.Array,
+                valid: jax.Array) -> jax.Array:
+    """Store K or V of new tokens: pages `[KV, P, page, D]`, new `[B, S, KV, D]` at token indices
+    `token_index [B, S]` of rows with tables `page_table [B, N]`; tokens where `valid [B, S]` is False
+    (padding of a bucket) are dropped, never written."""
+    _, num_pages, page_size, _ = pages.shape
+    page_of = jnp.clip(token_index // page_size, 0, page_table.shape[1] - 1)
+    slot = jnp.where(valid, jnp.take_along_axis(page_table, page_of, axis=1), num_pages)  # out of range: dropped
+    values = new.transpose(2, 0, 1, 3).astype(pages.dtype)  # [KV, B, S, D]
+    return pages.at[:, slot, token_index % page_size].set(values, mode="drop")
+
+
 def paged_attention_reference(
     q: jax.Array,
     k_pages: jax.Array,

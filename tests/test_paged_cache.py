@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from glm5v_jax.generate.kv_cache import StackCache, copy_pages, write_tokens
+from glm5v_jax.generate.kv_cache import StackCache, copy_pages
 from glm5v_jax.generate.pages import OutOfPages, PagePool, pages_needed
-from glm5v_jax.kernels import attention_reference, gather_pages, paged_attention_reference
+from glm5v_jax.kernels import attention_reference, gather_pages, paged_attention_reference, paged_write
 
 KV, H, D, PAGE, N = 2, 4, 8, 4, 5  # a row holds up to N * PAGE = 20 tokens
 LENGTHS = np.array([20, 7, 1, 13, 4])
@@ -61,7 +61,7 @@ def test_written_tokens_read_back_and_padding_is_dropped():
     new = jnp.asarray(rng.normal(size=(2, 6, KV, D)), jnp.float32)
     positions = jnp.asarray([[2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5]], jnp.int32)
     valid = jnp.asarray([[True] * 6, [True] * 4 + [False] * 2])
-    layer0 = jax.jit(write_tokens)(cache["k"][0], new, table, positions, valid)
+    layer0 = jax.jit(paged_write)(cache["k"][0], new, table, positions, valid)
     back = np.asarray(gather_pages(layer0, table))  # [B, 3 * PAGE, KV, D]
     np.testing.assert_array_equal(back[0, 2:8], np.asarray(new[0]))
     np.testing.assert_array_equal(back[1, 0:4], np.asarray(new[1, :4]))

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm5v_jax.errors import ConfigError
-from glm5v_jax.kernels.reference import attention_max_logits, attention_reference
+from glm5v_jax.kernels.reference import (attention_max_logits, attention_reference, paged_attention_reference,
+                                         paged_write)
 from glm5v_jax.layers.attention_kernels import cudnn_attention, pallas_attention
 from glm5v_jax.layers.norms import rms_normalize
 from glm5v_jax.layers.params import normal, ones, param, zeros
@@ -167,3 +168,29 @@ class Attention(nnx.Module):
         if return_max_logits:
             return out, jax.lax.stop_gradient(max_logits.astype(jnp.float32))
         return out
+
+    def cached(self, x: jax.Array, cache: dict[str, jax.Array], pages: "CachePages", *,
+               rotary: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Causal attention of new tokens x `[B, S, E]` over a paged KV cache (generation): their K/V
+        are written into `cache` ({"k", "v"}: `[KV, P, page, D]`, this layer's pages) at
+        `pages.token_index`, then every query attends to its row's cached tokens up to itself.
+        Returns (`[B, S, E]`, the updated cache)."""
+        q, k = self.queries_keys(x, rotary)
+        v = self._project(x.astype(self.dtype), self.v, self.v_bias)
+        k_pages = paged_write(cache["k"], k, pages.page_table, pages.token_index, pages.valid)
+        v_pages = paged_write(cache["v"], v, pages.page_table, pages.token_index, pages.valid)
+        out = paged_attention_reference(q, k_pages, v_pages, pages.page_table, pages.lengths,
+                                        q_positions=pages.token_index, scale=self.head_dim**-0.5)
+        out = jnp.einsum("bshd,hde->bse", out.astype(self.dtype), self.o[...].astype(self.dtype))
+        return constrain(out, RESIDUAL), {"k": k_pages, "v": v_pages}
+
+
+class CachePages(NamedTuple):
+    """Where a step's new tokens go in a paged KV cache (`glm5v_jax.generate`): per row its page
+    table `[B, N]` and cached length after the step `[B]`; per new token its index in the row
+    `[B, S]` and whether it is a real token (False: bucket padding, never written) `[B, S]`."""
+
+    page_table: jax.Array
+    lengths: jax.Array
+    token_index: jax.Array
+    valid: jax.Array

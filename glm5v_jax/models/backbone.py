@@ -17,13 +17,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm5v_jax.errors import ConfigError
-from glm5v_jax.layers.attention import Attention
+from glm5v_jax.layers.attention import Attention, CachePages
 from glm5v_jax.layers.mlp import SwiGLU
 from glm5v_jax.layers.moe import MoE, update_router_bias
 from glm5v_jax.layers.norms import RMSNorm
 from glm5v_jax.layers.params import normal, param
 from glm5v_jax.layers.rope import Rotary
-from glm5v_jax.layers.stack import scan_layers, stacked
+from glm5v_jax.layers.stack import scan_layers, scan_layers_with, stacked
 from glm5v_jax.models.specs import BackboneSpec
 from glm5v_jax.sharding.context import RESIDUAL, constrain
 
@@ -62,6 +62,16 @@ class DecoderBlock(nnx.Module):
         else:
             y, aux = self.mlp(self.mlp_norm(x)), {}
         return constrain(x + y.astype(x.dtype), RESIDUAL), {**aux, **attn_aux}
+
+    def cached(self, x, rotary, cache, pages: CachePages):
+        """The block on new tokens over a paged KV cache: (x, updated cache, aux)."""
+        attn, cache = self.attn.cached(self.attn_norm(x), cache, pages, rotary=rotary)
+        x = x + attn
+        if self.is_moe:
+            y, aux = self.mlp(self.mlp_norm(x), token_mask=pages.valid)
+        else:
+            y, aux = self.mlp(self.mlp_norm(x)), {}
+        return constrain(x + y.astype(x.dtype), RESIDUAL), cache, aux
 
 
 class GLMBackbone(nnx.Module):
@@ -117,6 +127,27 @@ class GLMBackbone(nnx.Module):
         if self.spec.track_max_logits:
             aux["attn_max_logits"] = max_logits
         return x, aux
+
+    def stacks(self) -> dict[str, nnx.Module]:
+        """The layer stacks by name, in order: "dense_layers", "moe_layers" (those that exist)."""
+        return {name: s for name, s in (("dense_layers", self.dense_layers), ("moe_layers", self.moe_layers))
+                if s is not None}
+
+    def run_layers_cached(self, x: jax.Array, positions: jax.Array, cache: dict, pages: CachePages):
+        """The decoder stack on new tokens' embeddings x `[B, S, H]` at rotary `positions` (`[B, S, 3]` or
+        `[B, S]`) over a paged KV cache {stack name: {"k", "v"}: `[L, KV, P, page, D]`} (generation).
+        Returns (h before the final norm, the updated cache, expert_load `[L_moe, E]` or None)."""
+        rotary = self.rotary_tables(positions)
+
+        def body(block, h, layer_cache):
+            h, layer_cache, aux = block.cached(h, rotary, layer_cache, pages)
+            return h, (layer_cache, aux.get("expert_load"))
+
+        out, load = {}, None
+        for name, stack in self.stacks().items():
+            x, (out[name], stack_load) = scan_layers_with(stack, x, cache[name], body)
+            load = stack_load if name == "moe_layers" else load
+        return x, out, load
 
     def attention_max_logits(self, aux, prefix: str = "") -> dict[str, jax.Array]:
         """{attention-module path: max logits `[L, H]`} from `run_layers`' aux.
