@@ -108,3 +108,25 @@ def test_mrope_positions_without_images_are_per_segment_arange():
         assert got.shape == (2, 8, 3)
         for a in range(3):
             np.testing.assert_array_equal(got[..., a], want)
+
+
+def test_positions_continue_chunk_by_chunk_as_over_the_whole_sequence():
+    """Generation: a prompt with an image, decoded tokens one at a time, an image appended
+    mid-conversation (with a padded bucket) and more decoding give `mrope_positions` of the whole."""
+    from glm5v_jax.models.positions import continue_positions
+
+    img = 9
+    a, b = np.array([2, 3]), np.array([2, 2])  # merged grids (rows, cols)
+    seq = [1, 2, 3] + [img] * 6 + [4, 5] + [img] * 4 + [6, 7, 8]
+    full = np.asarray(mrope_positions(jnp.asarray([seq]), jnp.ones((1, len(seq)), jnp.int32), img,
+                                      jnp.asarray([a, b]), jnp.asarray([True, True])))[0]
+    chunks = [(seq[:9], [a], 0), ([4], [], 0), ([5], [], 0), (seq[11:16], [b], 3), ([7], [], 0), ([8], [], 0)]
+    offset, got = jnp.zeros((1,), jnp.int32), []
+    for tokens, grids, pad in chunks:
+        toks = jnp.asarray([tokens + [0] * pad])
+        valid = jnp.asarray([[True] * len(tokens) + [False] * pad])
+        grid = jnp.asarray(grids, jnp.int32).reshape(-1, 2) if grids else None
+        pos, offset = continue_positions(toks, valid, offset, img, grid)
+        got.extend(np.asarray(pos)[0, :len(tokens)])
+    np.testing.assert_array_equal(np.stack(got), full)
+    assert int(offset[0]) == int(full[-1, 0]) + 1

@@ -32,6 +32,39 @@ def image_token_layout(is_image: jax.Array, merged_grid: jax.Array, image_valid:
     return img.reshape(shape), row.reshape(shape), col.reshape(shape), last.reshape(shape)
 
 
+def _advance(tokens, image_token_id, merged_grid, image_valid):
+    """(how far each token moves t on `[B, S]`, is_image, row, col): text 1, an image block its span
+    max(gh, gw) at its last token and 0 before."""
+    is_image = tokens == image_token_id
+    if merged_grid is None or merged_grid.shape[0] == 0:
+        zeros = jnp.zeros(tokens.shape, jnp.int32)
+        return jnp.ones(tokens.shape, jnp.int32), jnp.zeros_like(is_image), zeros, zeros
+    if image_valid is None:
+        image_valid = jnp.ones(merged_grid.shape[:1], bool)
+    img, row, col, last = image_token_layout(is_image, merged_grid, image_valid)
+    span = jnp.max(merged_grid, axis=-1)[img]
+    return jnp.where(is_image, jnp.where(last, span, 0), 1).astype(jnp.int32), is_image, row, col
+
+
+def continue_positions(
+    tokens: jax.Array,
+    valid: jax.Array,
+    offsets: jax.Array,
+    image_token_id: int,
+    merged_grid: jax.Array | None = None,
+    image_valid: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Positions `[B, S, 3]` of new tokens appended to sequences whose next position is `offsets [B]`
+    (generation: a prompt chunk, decoded tokens, a tool result or an image appended mid-conversation),
+    and the offsets after them `[B]`. `valid [B, S]`: real tokens (False: bucket padding, at the end);
+    `merged_grid` lists the images of these tokens in order. Chunk by chunk, this gives what
+    `mrope_positions` gives the whole sequence."""
+    positions = mrope_positions(tokens, valid.astype(jnp.int32), image_token_id, merged_grid, image_valid)
+    advance, _, _, _ = _advance(tokens, image_token_id, merged_grid, image_valid)
+    moved = jnp.sum(jnp.where(valid, advance, 0), axis=1)
+    return positions + offsets[:, None, None].astype(jnp.int32), (offsets + moved).astype(jnp.int32)
+
+
 def mrope_positions(
     tokens: jax.Array,
     segment_ids: jax.Array,
@@ -40,17 +73,7 @@ def mrope_positions(
     image_valid: jax.Array | None = None,
 ) -> jax.Array:
     """Position ids `[B, S, 3]` int32; without images all three axes equal the index."""
-    is_image = tokens == image_token_id
-    if merged_grid is None or merged_grid.shape[0] == 0:
-        advance = jnp.ones(tokens.shape, jnp.int32)
-        row = col = jnp.zeros(tokens.shape, jnp.int32)
-        is_image = jnp.zeros_like(is_image)
-    else:
-        if image_valid is None:
-            image_valid = jnp.ones(merged_grid.shape[:1], bool)
-        img, row, col, last = image_token_layout(is_image, merged_grid, image_valid)
-        span = jnp.max(merged_grid, axis=-1)[img]
-        advance = jnp.where(is_image, jnp.where(last, span, 0), 1).astype(jnp.int32)
+    advance, is_image, row, col = _advance(tokens, image_token_id, merged_grid, image_valid)
     exclusive = jnp.cumsum(advance, axis=1) - advance
     prev = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
     doc_start = segment_ids != prev
