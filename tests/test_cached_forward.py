@@ -64,3 +64,60 @@ def test_cached_chunks_and_decode_equal_the_full_forward():
     for r in range(b):
         np.testing.assert_allclose(got[r, :lengths[r]], np.asarray(full_logits)[r, :lengths[r]], rtol=1e-5,
                                    atol=1e-5)
+
+
+def _blocks(row: np.ndarray, image_id: int) -> list[tuple[int, int]]:
+    """(start, end) of each run of image tokens in a row."""
+    out, start = [], None
+    for i, t in enumerate(list(row) + [-1]):
+        if t == image_id and start is None:
+            start = i
+        elif t != image_id and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def test_vlm_extend_with_images_then_decode_equals_the_full_forward():
+    """A prompt with one image, an extend that appends two more images mid-conversation (CogViT and the
+    projector run on the chunk's images only), then one-token decode steps: the logits of the whole
+    sequence's forward, and its M-RoPE positions."""
+    from glm5v_jax.models.vlm import GLM5V
+    from helpers import IMAGE_ID, small_batch
+
+    spec = small_spec()
+    model = GLM5V(spec, rngs=nnx.Rngs(0))
+    batch = {k: np.asarray(v) for k, v in small_batch(rows=1, seq_len=64).items()}
+    batch["segment_ids"] = (batch["segment_ids"] != 0).astype(np.int32)  # one sequence
+    length = int(batch["segment_ids"].sum())
+    full = model({k: jnp.asarray(v) for k, v in batch.items()})
+    full_positions = np.asarray(model.positions({k: jnp.asarray(v) for k, v in batch.items()}))
+    blocks = _blocks(batch["tokens"][0, :length], IMAGE_ID)
+    assert len(blocks) == 3 and blocks[-1][1] < length - 2
+    image_keys = ("patches", "patch_yx", "patch_valid", "image_grid", "image_valid")
+
+    num_pages = 20
+    table = jnp.asarray(np.random.default_rng(1).permutation(num_pages)[None, :PAGES_PER_ROW * 3], jnp.int32)
+    cache = _cache(spec.backbone, num_pages)
+
+    @nnx.jit
+    def extend(model, cache, chunk, index, lengths, offsets):
+        pages = CachePages(table, lengths, index, chunk["valid"])
+        out = model.extend_cached(chunk, offsets, cache, pages)
+        return out["logits"], out["positions"], out["cache"], out["offsets"]
+
+    first = blocks[0][1] + 2  # the prompt: text, the first image, two more tokens
+    second = blocks[-1][1] + 1  # the extend: up to just after the last image
+    spans = [(0, first, slice(0, 1)), (first, second, slice(1, 3))] + [(s, s + 1, None) for s in range(second, length)]
+    offsets = jnp.zeros((1,), jnp.int32)
+    logits, positions = [], []
+    for start, end, images in spans:
+        chunk = {"tokens": jnp.asarray(batch["tokens"][:, start:end]), "valid": jnp.ones((1, end - start), bool)}
+        if images is not None:
+            chunk.update({k: jnp.asarray(batch[k][images]) for k in image_keys})
+        out, pos, cache, offsets = extend(model, cache, chunk, jnp.arange(start, end, dtype=jnp.int32)[None],
+                                          jnp.asarray([end], jnp.int32), offsets)
+        logits.append(np.asarray(out)[0])
+        positions.append(np.asarray(pos)[0])
+    np.testing.assert_array_equal(np.concatenate(positions), full_positions[0, :length])
+    np.testing.assert_allclose(np.concatenate(logits), np.asarray(full["logits"])[0, :length], rtol=1e-5, atol=1e-5)

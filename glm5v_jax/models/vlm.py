@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm5v_jax.layers.attention import CachePages
 from glm5v_jax.models.backbone import GLMBackbone
 from glm5v_jax.models.cogvit import CogViT
 from glm5v_jax.models.mmtp import MMTP
-from glm5v_jax.models.positions import mrope_positions
+from glm5v_jax.models.positions import continue_positions, mrope_positions
 from glm5v_jax.models.projector import Projector
 from glm5v_jax.models.specs import TrunkGradient, VLMSpec
 
@@ -105,14 +106,39 @@ class GLM5V(nnx.Module):
         return mrope_positions(batch["tokens"], batch["segment_ids"], self.spec.image_token_id,
                                merged, batch.get("image_valid"))
 
-    def __call__(self, batch):
-        tokens, segment_ids = batch["tokens"], batch["segment_ids"]
+    def embed(self, batch) -> tuple[jax.Array, jax.Array, bool]:
+        """(token embeddings `[B, S, H]` with the vision features at the image tokens, is_visual
+        `[B, S]`, whether the batch has images); CogViT and the projector run once per image."""
+        tokens = batch["tokens"]
         is_visual = tokens == self.spec.image_token_id
         embeds = self.backbone.embed_tokens(tokens)
         has_images = "patches" in batch and batch["patches"].shape[0] > 0
         if has_images:
             feats, feats_valid = self.encode_images(batch)
             embeds = scatter_image_features(embeds, is_visual, feats, feats_valid)
+        return embeds, is_visual, has_images
+
+    def extend_cached(self, chunk, offsets: jax.Array, cache: dict, pages: CachePages) -> dict:
+        """New tokens of sequences held in a paged KV cache (generation: a prompt or a chunk of it, decoded
+        tokens, a tool result or an image appended mid-conversation).
+
+        chunk: `tokens [B, S]`, `valid [B, S]` (False: bucket padding) and, when the chunk holds image
+        tokens, its images in order (`patches`, `patch_yx`, `patch_valid`, `image_grid`, `image_valid`);
+        offsets `[B]`: each sequence's next M-RoPE position. Returns logits `[B, S, V]`, h (before the
+        final norm), the updated cache, the new offsets, positions, embeds, is_visual and expert_load.
+        """
+        embeds, is_visual, _ = self.embed(chunk)
+        grid = chunk.get("image_grid")
+        merged = None if grid is None else grid // self.spec.vision.merge_size
+        positions, offsets = continue_positions(chunk["tokens"], chunk["valid"], offsets, self.spec.image_token_id,
+                                                merged, chunk.get("image_valid"))
+        h, cache, load = self.backbone.run_layers_cached(embeds, positions, cache, pages)
+        return dict(logits=self.backbone.logits(h), h=h, cache=cache, offsets=offsets, positions=positions,
+                    embeds=embeds, is_visual=is_visual, expert_load=load)
+
+    def __call__(self, batch):
+        tokens, segment_ids = batch["tokens"], batch["segment_ids"]
+        embeds, is_visual, has_images = self.embed(batch)
         positions = self.positions(batch)
         isolate = (self.mtp is not None and has_images
                    and self.spec.mtp.trunk_gradient == TrunkGradient.ISOLATE_VISION)
