@@ -3,6 +3,8 @@
   pages.py     host page pool: free list, reference counts, fork with copy-on-write of the last page
   kv_cache.py  the device cache (pages per layer stack) and page copies (copy-on-write of forks)
   sampling.py  per-request sampling parameters as arrays; tokens with logp_raw and logp_sampled
+  decode.py    jitted prefill and on-device multi-step decode (cache donated, per-row stop), and the
+               offline `generate(model, prompts, ...)` built on them
 
 The backbone runs over the cache with `GLMBackbone.run_layers_cached` (`layers.attention.CachePages`
 says where the new tokens go).
