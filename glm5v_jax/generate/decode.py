@@ -90,10 +90,12 @@ def decode(graphdef, state, cache, table, first, lengths, offsets, limits, stop_
     return cache, toks, raw, smp, count, stopped
 
 
-def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
-             stop_ids: Sequence[int] = (), page_size: int = 16, capacity: int | None = None,
-             temperature=0.0, top_k=0, top_p=1.0, seed=0) -> Generated:
-    """Text prompts (token ids) -> up to `max_new_tokens` new tokens each, with both logprobs.
+def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, images: dict | None = None,
+             max_new_tokens: int = 32, stop_ids: Sequence[int] = (), page_size: int = 16,
+             capacity: int | None = None, temperature=0.0, top_k=0, top_p=1.0, seed=0) -> Generated:
+    """Prompts (token ids; `images`: the image slots of their `<|image|>` blocks in order, as
+    `run_loader.image_inputs` gives them, concatenated) -> up to `max_new_tokens` new tokens each,
+    with both logprobs.
 
     Each row gets `pages_needed(capacity)` pages (capacity: prompt + max_new_tokens by default); the
     prompt is one extend padded to a power-of-two bucket, then one on-device decode loop.
@@ -118,6 +120,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, max_new_tok
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     chunk = {"tokens": jnp.asarray(tokens), "valid": jnp.asarray(np.arange(s)[None] < lengths[:, None])}
+    chunk.update({k: jnp.asarray(v) for k, v in (images or {}).items()})
     params = sampling_params(b, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     table_j, lengths_j = jnp.asarray(table), jnp.asarray(lengths)
     cache, offsets, first, raw0, smp0 = prefill(graphdef, state, cache, chunk, table_j, lengths_j, params)
