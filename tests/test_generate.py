@@ -78,3 +78,24 @@ def test_sampling_parameter_changes_compile_nothing(model):
     assert (decode_lib.prefill._cache_size(), decode_lib.decode._cache_size()) == sizes
     assert a.tokens.tolist() == b.tokens.tolist()  # seeded: reproducible
     assert (a.logp_sampled[:, :4] <= 0).all() and (a.logp_sampled >= a.logp_raw - 1e-6).all()
+
+
+def test_a_group_prefills_once_and_forks_equal_independent_samples(model, monkeypatch):
+    """n=4 samples of a prompt: one prefill row per prompt, forks sharing its pages (the last partial
+    page copied): the same tokens and logprobs as four independent copies of the prompt."""
+    rows = []
+    real = decode_lib.prefill
+
+    def counting(graphdef, state, cache, chunk, *args):
+        rows.append(int(chunk["tokens"].shape[0]))
+        return real(graphdef, state, cache, chunk, *args)
+
+    monkeypatch.setattr(decode_lib, "prefill", counting)
+    kw = dict(max_new_tokens=5, page_size=4, temperature=1.0, seed=10)  # prompt 0: 7 tokens, a partial page
+    group = generate(model, PROMPTS, n=4, **kw)
+    assert rows == [2]  # one prefill of the two prompts, not eight
+    copies = generate(model, [PROMPTS[0]] * 4 + [PROMPTS[1]] * 4, **kw)
+    np.testing.assert_array_equal(group.tokens, copies.tokens)
+    np.testing.assert_allclose(group.logp_raw, copies.logp_raw, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(group.logp_sampled, copies.logp_sampled, rtol=1e-5, atol=1e-6)
+    assert len({tuple(t) for t in group.tokens[:4].tolist()}) > 1  # the samples differ

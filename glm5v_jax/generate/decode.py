@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glm5v_jax.generate.kv_cache import StackCache
+from glm5v_jax.generate.kv_cache import StackCache, copy_pages
 from glm5v_jax.generate.pages import PagePool, pages_needed
 from glm5v_jax.generate.sampling import SamplingParams, sample, sampling_params
 from glm5v_jax.layers.attention import CachePages
@@ -41,16 +41,21 @@ def _bucket(n: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def prefill(graphdef, state, cache, chunk, table, lengths, params: SamplingParams):
-    """Every row's prompt in one extend; returns (cache, offsets, first token, logp_raw, logp_sampled)."""
+def prefill(graphdef, state, cache, chunk, table, lengths):
+    """Every row's prompt in one extend; returns (cache, offsets, the logits after each prompt `[B, V]`)."""
     model = nnx.merge(graphdef, state)
     b, s = chunk["tokens"].shape
     index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     out = model.extend_cached(chunk, jnp.zeros((b,), jnp.int32), cache, CachePages(table, lengths, index,
                                                                                      chunk["valid"]))
     last = jnp.take_along_axis(out["logits"], (lengths - 1)[:, None, None], axis=1)[:, 0]
-    tokens, logp_raw, logp_sampled = sample(last, params, lengths)
-    return out["cache"], out["offsets"], tokens, logp_raw, logp_sampled
+    return out["cache"], out["offsets"], last
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def fork_pages(cache, src, dst):
+    """Every stack's copy-on-write page copies of the forks of a group."""
+    return {name: copy_pages(c, src, dst) for name, c in cache.items()}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=(2,))
@@ -90,15 +95,17 @@ def decode(graphdef, state, cache, table, first, lengths, offsets, limits, stop_
     return cache, toks, raw, smp, count, stopped
 
 
-def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, images: dict | None = None,
+def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, images: dict | None = None, n: int = 1,
              max_new_tokens: int = 32, stop_ids: Sequence[int] = (), page_size: int = 16,
              capacity: int | None = None, temperature=0.0, top_k=0, top_p=1.0, seed=0) -> Generated:
     """Prompts (token ids; `images`: the image slots of their `<|image|>` blocks in order, as
-    `run_loader.image_inputs` gives them, concatenated) -> up to `max_new_tokens` new tokens each,
-    with both logprobs.
+    `run_loader.image_inputs` gives them, concatenated) -> `n` samples of up to `max_new_tokens` new
+    tokens each (rows prompt-major: prompt i's samples are rows i*n .. i*n+n-1), with both logprobs.
 
-    Each row gets `pages_needed(capacity)` pages (capacity: prompt + max_new_tokens by default); the
-    prompt is one extend padded to a power-of-two bucket, then one on-device decode loop.
+    Each prompt is prefilled once (one extend padded to a power-of-two bucket; CogViT and the projector
+    once per image); its other n-1 samples are forks sharing its full pages, with their own copy of the
+    last partial page. Sampling parameters broadcast over the rows; a scalar `seed` gives row r the
+    stream seed + r. Then one on-device decode loop.
     """
     graphdef, state = nnx.split(model)
     spec = model.backbone.spec
@@ -110,30 +117,51 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, images: dic
     if lengths.max() >= capacity:
         raise ValueError(f"generate: a prompt of {lengths.max()} tokens leaves no room in capacity {capacity}")
     per_row = pages_needed(capacity, page_size)
-    pool = PagePool(b * per_row, page_size)
-    table = np.array([pool.allocate(per_row) for _ in range(b)], np.int32)
-    stacks = {name: StackCache(n, spec.num_kv_heads, spec.head_dim)
-              for name, n in (("dense_layers", spec.first_k_dense), ("moe_layers", spec.num_moe_layers)) if n}
-    cache = {name: s.init(pool.num_pages, page_size, spec.dtype) for name, s in stacks.items()}
+    pool = PagePool(b * n * per_row, page_size)
+    parents = [pool.allocate(per_row) for _ in range(b)]
+    stacks = {name: StackCache(k, spec.num_kv_heads, spec.head_dim)
+              for name, k in (("dense_layers", spec.first_k_dense), ("moe_layers", spec.num_moe_layers)) if k}
+    cache = {name: st.init(pool.num_pages, page_size, spec.dtype) for name, st in stacks.items()}
     s = _bucket(lengths.max())
     tokens = np.zeros((b, s), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     chunk = {"tokens": jnp.asarray(tokens), "valid": jnp.asarray(np.arange(s)[None] < lengths[:, None])}
     chunk.update({k: jnp.asarray(v) for k, v in (images or {}).items()})
-    params = sampling_params(b, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    table_j, lengths_j = jnp.asarray(table), jnp.asarray(lengths)
-    cache, offsets, first, raw0, smp0 = prefill(graphdef, state, cache, chunk, table_j, lengths_j, params)
+    cache, offsets, last = prefill(graphdef, state, cache, chunk, jnp.asarray(parents, jnp.int32),
+                                   jnp.asarray(lengths))
+    rows, copies = [], []
+    for i, pages in enumerate(parents):
+        rows.append(pages)
+        for _ in range(n - 1):
+            child = pool.fork(pages, int(lengths[i]))
+            pool.grow(child.pages, int(lengths[i]), capacity)
+            rows.append(child.pages)
+            copies += child.copies
+    if copies:
+        src, dst = (jnp.asarray(c, jnp.int32) for c in zip(*copies))
+        cache = fork_pages(cache, src, dst)
+    table = jnp.asarray(rows, jnp.int32)
+    lengths = np.repeat(lengths, n)
+    seeds = np.asarray(seed) + (np.arange(b * n) if np.ndim(seed) == 0 else 0)
+    params = sampling_params(b * n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seeds)
+    lengths_j = jnp.asarray(lengths)
+    first, raw0, smp0 = _sample(jnp.repeat(last, n, axis=0), params, lengths_j)
     limits = np.minimum(max_new_tokens, capacity - lengths)
     stops = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
-    cache, toks, raw, smp, count, stopped = decode(graphdef, state, cache, table_j, first, lengths_j, offsets,
-                                                   jnp.asarray(limits, jnp.int32), stops, max_new_tokens - 1,
-                                                   params)
+    cache, toks, raw, smp, count, stopped = decode(graphdef, state, cache, table, first, lengths_j,
+                                                   jnp.repeat(offsets, n), jnp.asarray(limits, jnp.int32), stops,
+                                                   max_new_tokens - 1, params)
     raw, smp = np.array(raw), np.array(smp)  # writable copies
     raw[:, 0], smp[:, 0] = np.asarray(raw0), np.asarray(smp0)
     count, stopped = np.asarray(count), np.asarray(stopped)
-    finish = ["stop" if st else "capacity" if capacity - ln < max_new_tokens and n >= capacity - ln else "length"
-              for st, n, ln in zip(stopped, count, lengths)]
-    for row in table:
-        pool.release(list(row))
+    finish = ["stop" if st else "capacity" if capacity - ln < max_new_tokens and k >= capacity - ln else "length"
+              for st, k, ln in zip(stopped, count, lengths)]
+    for pages in rows:
+        pool.release(list(pages))
+    if pool.free_pages != pool.num_pages:  # every page handed out is freed exactly once
+        raise RuntimeError(f"generate: {pool.num_pages - pool.free_pages} pages leaked")
     return Generated(np.asarray(toks), raw, smp, count, finish)
+
+
+_sample = jax.jit(sample)
