@@ -99,3 +99,24 @@ def test_a_group_prefills_once_and_forks_equal_independent_samples(model, monkey
     np.testing.assert_allclose(group.logp_raw, copies.logp_raw, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(group.logp_sampled, copies.logp_sampled, rtol=1e-5, atol=1e-6)
     assert len({tuple(t) for t in group.tokens[:4].tolist()}) > 1  # the samples differ
+
+
+def test_a_model_sharded_over_eight_devices_generates_the_same(model):
+    """The model's parameters FSDP- and tensor-sharded over 8 fake CPU devices (the trainer's rules):
+    greedy tokens equal one device's, logprobs within f32 reassociation."""
+    from glm5v_jax.sharding.mesh import MeshSpec, make_mesh
+    from glm5v_jax.sharding.partition import create_sharded
+    from glm5v_jax.sharding.rules import DEFAULT_RULES, check_rules, parameter_shardings
+
+    mesh = make_mesh(MeshSpec(shape=(1, 4, 2, 1)), jax.devices()[:8])
+    rules = check_rules(DEFAULT_RULES, mesh.axis_names)
+
+    def make():
+        return GLM5V(small_spec(), rngs=nnx.Rngs(0))
+
+    graphdef, state, _ = create_sharded(make, mesh, parameter_shardings(nnx.eval_shape(make), mesh, rules))
+    assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(state))
+    sharded = nnx.merge(graphdef, state)
+    one, eight = (generate(m, PROMPTS, max_new_tokens=5, page_size=4) for m in (model, sharded))
+    np.testing.assert_array_equal(one.tokens, eight.tokens)
+    np.testing.assert_allclose(one.logp_raw, eight.logp_raw, rtol=1e-5, atol=1e-5)
