@@ -191,3 +191,8 @@ def cli_env(data_dir) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env["JAX_COMPILATION_CACHE_DIR"] = str(Path(data_dir).parent / f"{Path(data_dir).name}_jit_cache")
     return env
+
+
+def checkpoint_array_files(step_dir) -> list[Path]:
+    """The files holding a checkpoint step's array bytes (the state item's OCDBT data files), sorted."""
+    return sorted(f for f in (Path(step_dir) / "state").rglob("*") if f.is_file() and f.parent.name == "d")

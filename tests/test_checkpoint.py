@@ -5,7 +5,6 @@ import json
 import logging
 import subprocess
 import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.train.checkpoint import CHECKSUMS, Checkpointer
+from helpers import checkpoint_array_files
 
 
 def _state(v):
@@ -26,11 +26,6 @@ def _save_steps(directory, steps, **meta):
         ck.save(s, _state(s), {"next_index": s}, {"seed": 0}, meta=meta, force=True)
     ck.close()
     return ck
-
-
-def _array_files(step_dir: Path) -> list[Path]:
-    """The files holding the state's array bytes (OCDBT data files)."""
-    return sorted(f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d")
 
 
 def test_restore_newest_with_meta_and_checksums(tmp_path):
@@ -62,7 +57,7 @@ def test_corrupted_newest_falls_back_and_is_kept(tmp_path, caplog):
 def test_corrupted_array_bytes_are_caught_by_checksums(tmp_path, caplog, damage):
     """Array bytes that still decode (orbax would load them silently) fail the sha256 at restore."""
     _save_steps(tmp_path, [1, 2])
-    target = max(_array_files(tmp_path / "2"), key=lambda f: f.stat().st_size)
+    target = max(checkpoint_array_files(tmp_path / "2"), key=lambda f: f.stat().st_size)
     raw = bytearray(target.read_bytes())
     if damage == "overwrite_4k":
         start = max(0, len(raw) // 2 - 2048)

@@ -87,7 +87,7 @@ def test_pool_forks_share_full_pages_copy_the_last_and_free_each_page_once():
     for child in children:
         assert child.pages[:2] == parent[:2] and len(child.copies) == 1 and child.copies[0][0] == parent[2]
     assert pool.refcount(0) == 4 and pool.refcount(2) == 1 and pool.free_pages == 4
-    added = pool.grow(children[0].pages, 10, 13)  # the child fills its copy and needs one more page
+    added = pool.grow(children[0].pages, 13)  # the child fills its copy and needs one more page
     assert len(added) == 1 and len(children[0].pages) == 4
     freed = pool.release(parent)
     assert freed == [2]  # the shared pages stay while the children hold them

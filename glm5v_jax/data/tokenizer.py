@@ -137,6 +137,9 @@ def train_tokenizer(
     return Tokenizer(path)
 
 
+RUN_FILE = "tokenizer.model"  # where a run keeps its tokenizer, in its directory (the VLM stages, generation)
+
+
 class Tokenizer:
     """A loaded SentencePiece model plus the GLM special-token ids.
 

@@ -135,7 +135,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, images: dic
         rows.append(pages)
         for _ in range(n - 1):
             child = pool.fork(pages, int(lengths[i]))
-            pool.grow(child.pages, int(lengths[i]), capacity)
+            pool.grow(child.pages, capacity)
             rows.append(child.pages)
             copies += child.copies
     if copies:

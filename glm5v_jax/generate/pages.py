@@ -72,9 +72,8 @@ class PagePool:
                 freed.append(p)
         return freed
 
-    def grow(self, pages: list[int], length: int, new_length: int) -> list[int]:
-        """Pages appended to a sequence's table for it to go from `length` to `new_length` tokens."""
-        del length
+    def grow(self, pages: list[int], new_length: int) -> list[int]:
+        """Pages appended to a sequence's table (in place, and returned) for it to hold `new_length` tokens."""
         extra = pages_needed(new_length, self.page_size) - len(pages)
         added = self.allocate(extra) if extra > 0 else []
         pages.extend(added)

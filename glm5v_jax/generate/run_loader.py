@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from glm5v_jax.data.pipeline import preprocess_image
-from glm5v_jax.data.tokenizer import Tokenizer
+from glm5v_jax.data.tokenizer import RUN_FILE, Tokenizer
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.models.build import vlm_spec_from_config
 from glm5v_jax.models.vlm import GLM5V
@@ -24,7 +24,6 @@ from glm5v_jax.paths import as_path
 from glm5v_jax.train.init_from import apply_init_from
 
 VLM_TRAINERS = ("vlm_pretrain", "vlm_sft")
-TOKENIZER_FILE = "tokenizer.model"  # as the VLM stages keep it (glm5v_jax.train.vlm_pretrain)
 
 
 class _Run(nnx.Module):
@@ -44,7 +43,7 @@ def load_run(workdir: str, step: int | None = None) -> tuple[GLM5V, Tokenizer, m
     if config.get("trainer", "") not in VLM_TRAINERS:
         raise ConfigError("workdir", f"{workdir} was trained by {config.get('trainer', '?')!r}; generation needs a "
                                      f"VLM run ({', '.join(VLM_TRAINERS)})")
-    tokenizer_path = workdir / TOKENIZER_FILE
+    tokenizer_path = workdir / RUN_FILE
     if not tokenizer_path.exists():
         raise ConfigError("workdir", f"{tokenizer_path} not found (the VLM stages keep their tokenizer there)")
     spec = vlm_spec_from_config(config.model)

@@ -39,10 +39,16 @@ def step_is_finite(metrics: Mapping[str, jax.Array]) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(jnp.asarray(metrics[k], jnp.float32))) for k in keys]))
 
 
+def _leaf_is_finite(x) -> jax.Array:
+    """True when a leaf holds no NaN or infinity (integers and keys always do not)."""
+    if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.all(jnp.isfinite(x))
+    return jnp.asarray(True)
+
+
 def tree_is_finite(tree: Any) -> jax.Array:
-    """True when every floating leaf of `tree` is finite (integers and keys always are)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    """True when every leaf of `tree` is finite."""
+    leaves = [_leaf_is_finite(x) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
@@ -65,10 +71,7 @@ def guard_step(fn: Callable, mode: str = "stop") -> Callable:
     return guarded
 
 
-@jax.jit
-def _finite_leaves(tree):
-    return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
-                        else jnp.asarray(True), tree)
+_finite_leaves = jax.jit(lambda tree: jax.tree.map(_leaf_is_finite, tree))
 
 
 def nonfinite_leaves(state: Any, limit: int = 5) -> list[str]:
@@ -101,12 +104,15 @@ class NonFiniteMonitor:
             return []
         step, metrics = self._pending
         self._pending = None
-        values = {k: float(np.asarray(metrics[k])) for k in LOSS_KEYS + ("grad_norm",) if k in metrics}
-        bad = float(metrics[FLAG]) if FLAG in metrics else not all(np.isfinite(v) for v in values.values())
+
+        def values():  # host copies of the loss and gradient norm (only when the flag is absent or set)
+            return {k: float(np.asarray(metrics[k])) for k in LOSS_KEYS + ("grad_norm",) if k in metrics}
+
+        bad = float(metrics[FLAG]) if FLAG in metrics else not all(np.isfinite(v) for v in values().values())
         if not bad:
             self._in_a_row = 0
             return [(step, {k: v for k, v in metrics.items() if k != FLAG})]
-        seen = ", ".join(f"{k} {v}" for k, v in values.items())
+        seen = ", ".join(f"{k} {v}" for k, v in values().items())
         if self.mode == "stop" or FLAG not in metrics:  # no flag: the step was not guarded, cannot be undone
             raise NonFiniteError(f"step {step}: non-finite training ({seen}); stopped without saving it. Lower "
                                  "the learning rates (config.optim.groups.*.lr), or set config.nonfinite=skip to "

@@ -27,7 +27,7 @@ from flax import nnx
 
 from glm5v_jax.data import pipeline as pipeline_lib
 from glm5v_jax.data.source_registry import open_sources, tokenizer_from_config
-from glm5v_jax.data.tokenizer import Tokenizer
+from glm5v_jax.data.tokenizer import RUN_FILE, Tokenizer
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.losses.lm import vlm_loss
 from glm5v_jax.models.build import vlm_spec_from_config
@@ -45,8 +45,9 @@ BATCH_KEYS = ("tokens", "segment_ids", "loss_mask", "patches", "patch_yx", "patc
               "image_valid")
 
 # ----------------------------------------------------------------------------- data
-TOKENIZER_FILE = "tokenizer.model"  # the run's tokenizer, kept in its directory (stages chained by
-                                    # init_from read it from there, so ids and vocabulary match)
+# The run's tokenizer, kept in its directory: stages chained by init_from read it from there, so ids
+# and vocabulary match.
+TOKENIZER_FILE = RUN_FILE
 
 
 def save_tokenizer(tokenizer: Tokenizer, workdir: epath.Path) -> None:
