@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from glm5v_jax.generate import decode as decode_lib
-from glm5v_jax.generate.decode import generate
+from glm5v_jax.generate.offline import generate
 from glm5v_jax.models.vlm import GLM5V
 from helpers import small_spec
 
@@ -72,10 +72,10 @@ def test_rows_stop_on_their_own(model):
 
 def test_sampling_parameter_changes_compile_nothing(model):
     generate(model, PROMPTS, max_new_tokens=4, page_size=4, temperature=1.0, seed=1)
-    sizes = (decode_lib.prefill._cache_size(), decode_lib.decode._cache_size())
+    sizes = (decode_lib.extend._cache_size(), decode_lib.decode_steps._cache_size())
     a = generate(model, PROMPTS, max_new_tokens=4, page_size=4, temperature=0.7, top_k=5, top_p=0.9, seed=2)
     b = generate(model, PROMPTS, max_new_tokens=4, page_size=4, temperature=0.7, top_k=5, top_p=0.9, seed=2)
-    assert (decode_lib.prefill._cache_size(), decode_lib.decode._cache_size()) == sizes
+    assert (decode_lib.extend._cache_size(), decode_lib.decode_steps._cache_size()) == sizes
     assert a.tokens.tolist() == b.tokens.tolist()  # seeded: reproducible
     assert (a.logp_sampled[:, :4] <= 0).all() and (a.logp_sampled >= a.logp_raw - 1e-6).all()
 
@@ -84,13 +84,13 @@ def test_a_group_prefills_once_and_forks_equal_independent_samples(model, monkey
     """n=4 samples of a prompt: one prefill row per prompt, forks sharing its pages (the last partial
     page copied): the same tokens and logprobs as four independent copies of the prompt."""
     rows = []
-    real = decode_lib.prefill
+    real = decode_lib.extend
 
     def counting(graphdef, state, cache, chunk, *args):
         rows.append(int(chunk["tokens"].shape[0]))
         return real(graphdef, state, cache, chunk, *args)
 
-    monkeypatch.setattr(decode_lib, "prefill", counting)
+    monkeypatch.setattr(decode_lib, "extend", counting)
     kw = dict(max_new_tokens=5, page_size=4, temperature=1.0, seed=10)  # prompt 0: 7 tokens, a partial page
     group = generate(model, PROMPTS, n=4, **kw)
     assert rows == [2]  # one prefill of the two prompts, not eight

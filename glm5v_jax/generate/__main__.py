@@ -21,7 +21,7 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Most tokens to generate."
 def answer(workdir: str, prompt: str, *, image: bytes | None = None, step: int | None = None, system: str = "",
            **kwargs) -> str:
     """The run's answer to one user turn (with an image): what the command line prints."""
-    from glm5v_jax.generate.decode import generate
+    from glm5v_jax.generate.offline import generate
     from glm5v_jax.generate.run_loader import chat_prompt, image_inputs, load_run
 
     model, tokenizer, _ = load_run(workdir, step)

@@ -1,0 +1,440 @@
+"""The generation engine: a host scheduler with continuous batching over the paged cache.
+
+    engine = Engine(model, max_slots=64, max_seq_len=4096)
+    rid = engine.submit(Request(tokens, images, n=8, sampling=Sampling(temperature=1.0), on_done=cb))
+    engine.run()              # or engine.step() from a loop of your own; cb(Completion) as requests finish
+
+A request waits in a FIFO queue until its n samples have free slots and the pages of the whole turn
+(prompt + max_new_tokens, at most `max_seq_len`) are free: a request that does not fit yet waits, it never
+fails or evicts another. Once admitted, its prompt is extended in chunks (batched with the other admitted
+prompts, CogViT and the projector once per image), its n-1 other samples fork the prompt's pages
+(copy-on-write of the last partial page), and every slot decodes `steps` tokens per device call; a slot
+that finishes is refilled at the next call. Shapes are bucketed (prompt chunks to powers of two, images
+to powers of two, the decode page-table width to powers of two), so after the buckets have been seen
+nothing compiles, whatever the requests, their sampling parameters or the weights.
+
+`extend(id, tokens)` continues a conversation held with `Request(keep=True)`; `abort(ids)` returns the
+partial samples; `update_weights(model, version)` stamps later tokens with `version`; `metrics()`.
+The engine is thread-safe (one lock): an RL pipeline may submit and abort from other threads while one
+thread runs it.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from glm5v_jax.generate import decode
+from glm5v_jax.generate.kv_cache import StackCache
+from glm5v_jax.generate.pages import PagePool, pages_needed
+from glm5v_jax.generate.requests import IMAGE_KEYS, Completion, Request, Sample, Sampling, check_images, chunks
+from glm5v_jax.generate.sampling import sampling_params
+
+
+def _pow2(n: int, low: int = 1) -> int:
+    return max(low, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+class _Seq:
+    """One sample on the engine: its pages, cache length, M-RoPE offset, slot and output so far."""
+
+    def __init__(self, job: "_Job", index: int):
+        self.job, self.index = job, index
+        self.sample = Sample()
+        self.first: tuple[int, float, float] | None = None  # the token sampled after the prompt
+        self.pages: list[int] = []
+        self.length = self.offset = self.count = self.limit = 0
+        self.slot: int | None = None
+
+
+class _Job:
+    """A request on the engine, one turn at a time: queued -> running -> held (keep) | done."""
+
+    def __init__(self, rid: int, request: Request, seed: int):
+        self.id, self.request, self.seed = rid, request, seed
+        self.seqs = [_Seq(self, i) for i in range(request.n)]
+        self.state = "queued"
+        self.new_tokens = np.asarray(request.tokens, np.int32)  # this turn's tokens to append
+        self.new_images = request.images
+        self.budget = request.max_new_tokens
+        self.stop = list(request.stop)
+        self.prompt_length = len(self.new_tokens)
+        self.copies: list[tuple[int, int]] = []
+
+
+class Engine:
+    """Continuous batching of requests over `max_slots` decode slots and a pool of `num_pages` pages."""
+
+    def __init__(self, model: nnx.Module, *, max_slots: int = 8, max_seq_len: int = 512, page_size: int = 16,
+                 num_pages: int | None = None, prefill_rows: int = 4, max_chunk: int = 256, min_chunk: int = 16,
+                 steps: int = 8, max_stop_ids: int = 4, mesh: jax.sharding.Mesh | None = None):
+        self.graphdef, self.state = nnx.split(model)
+        self.spec = model.spec
+        backbone = self.spec.backbone
+        self.max_slots, self.page_size, self.steps = max_slots, page_size, steps
+        self.prefill_rows, self.max_chunk, self.min_chunk = prefill_rows, _pow2(max_chunk), min_chunk
+        self.max_stop_ids = max_stop_ids
+        self.pages_per_seq = pages_needed(max_seq_len, page_size)
+        self.capacity = max_seq_len  # tokens a sequence may hold
+        self.pool = PagePool(num_pages or max_slots * self.pages_per_seq, page_size)
+        stacks = {name: StackCache(k, backbone.num_kv_heads, backbone.head_dim)
+                  for name, k in (("dense_layers", backbone.first_k_dense), ("moe_layers", backbone.num_moe_layers))
+                  if k}
+        self.cache = {name: st.init(self.pool.num_pages, page_size, backbone.dtype) for name, st in stacks.items()}
+        if mesh is not None:
+            self.cache = jax.device_put(self.cache, cache_sharding(mesh, backbone.num_kv_heads))
+        self.version = 0
+        self._slot_seq: list[tuple[_Job, _Seq] | None] = [None] * max_slots
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._jobs: dict[int, _Job] = {}
+        self._next_id = 0
+        self._lock = threading.RLock()
+        self._metrics = collections.Counter()
+
+    # ---------------------------------------------------------------- requests in
+    def submit(self, request: Request) -> int:
+        """Queue a request; returns its id. ValueError (naming the field) for a request that could never run."""
+        with self._lock:
+            rid = self._next_id
+            seed = request.sampling.seed if request.sampling.seed is not None else rid * 1_000_003
+            job = _Job(rid, request, seed)
+            self._check(job, what=f"request {rid}")
+            self._next_id += 1
+            self._jobs[rid] = job
+            self._queue.append(job)
+            self._metrics["requests"] += 1
+            return rid
+
+    def extend(self, rid: int, tokens, images: dict | None = None, *, max_new_tokens: int | None = None,
+               stop=None) -> None:
+        """Continue held request `rid` (submitted with keep=True, its last turn finished): its last token and
+        `tokens` (a tool result, the next user turn, with `<|image|>` blocks for `images`) are appended to
+        its cache and it generates again; on_done is called with the whole conversation's samples."""
+        with self._lock:
+            job = self._job(rid)
+            if job.state != "held":
+                raise ValueError(f"request {rid} is {job.state}; only a held request (keep=True, finished) "
+                                 "can be extended")
+            seq = job.seqs[0]
+            job.new_tokens = np.asarray([seq.sample.tokens[-1], *tokens], np.int32)
+            job.new_images = images
+            job.budget = max_new_tokens or job.request.max_new_tokens
+            seq.count = 0
+            job.stop = list(job.stop if stop is None else stop)
+            self._check(job, what=f"extend of request {rid}")
+            job.state = "queued"
+            seq.sample.finish = None
+            self._queue.append(job)
+
+    def release(self, rid: int) -> None:
+        """Free the cache of held request `rid`."""
+        with self._lock:
+            job = self._job(rid)
+            if job.state != "held":
+                raise ValueError(f"request {rid} is {job.state}, not held")
+            self._drop(job)
+
+    def abort(self, ids: Iterable[int]) -> list[Completion]:
+        """Stop requests now: their partial samples (tokens, logprobs, remaining budget, finish "abort"), and
+        their slots and pages freed. on_done is not called for them. KeyError for an unknown id."""
+        with self._lock:
+            jobs = [self._job(rid) for rid in ids]
+            out = []
+            for job in jobs:
+                if job.state == "done":
+                    continue
+                if job.state == "queued":
+                    self._queue.remove(job)
+                for seq in job.seqs:
+                    if seq.sample.finish is None:
+                        self._end(seq, "abort")
+                self._drop(job)
+                self._metrics["aborted"] += 1
+                out.append(self._completion(job))
+            return out
+
+    def update_weights(self, model: nnx.Module | nnx.State, version: int) -> None:
+        """New weights (same structure, shapes and dtypes) for every later step; their tokens carry
+        `version`. Compiles nothing."""
+        state = model if isinstance(model, nnx.State) else nnx.split(model)[1]
+        old = jax.tree.map(lambda x: (x.shape, x.dtype), self.state)
+        new = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+        if jax.tree.structure(old) != jax.tree.structure(new) or jax.tree.leaves(old) != jax.tree.leaves(new):
+            raise ValueError("update_weights: the new weights differ from the engine's in structure, shape or dtype")
+        with self._lock:
+            self.state, self.version = state, int(version)
+
+    # ---------------------------------------------------------------- running
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._queue and all(s is None for s in self._slot_seq)
+
+    def step(self) -> list[Completion]:
+        """One scheduler iteration: admit what fits and extend it, then one decode call of `steps` tokens
+        per live slot. Returns the requests that finished (their on_done already called)."""
+        with self._lock:
+            finished: list[Completion] = []
+            admitted = self._admit()
+            if admitted:
+                self._prefill(admitted, finished)
+            if any(s is not None for s in self._slot_seq):
+                self._decode(finished)
+            return finished
+
+    def run(self) -> list[Completion]:
+        """Step until nothing is queued or running; returns every completion in finishing order."""
+        done = []
+        while not self.idle:
+            done += self.step()
+        return done
+
+    def metrics(self) -> dict[str, float]:
+        """Counters since construction, and the current load."""
+        with self._lock:
+            m = dict(self._metrics)
+            m.update(queued=len(self._queue), running_slots=sum(s is not None for s in self._slot_seq),
+                     held=sum(j.state == "held" for j in self._jobs.values()), free_pages=self.pool.free_pages,
+                     num_pages=self.pool.num_pages, weight_version=self.version)
+            total = m.get("slot_steps", 0)
+            m["useful_slot_fraction"] = m.get("useful_slot_steps", 0) / total if total else 0.0
+            return m
+
+    # ---------------------------------------------------------------- internals
+    def _job(self, rid: int) -> _Job:
+        if rid not in self._jobs:
+            raise KeyError(f"unknown request id {rid!r}")
+        return self._jobs[rid]
+
+    def _check(self, job: _Job, *, what: str) -> None:
+        r, vocab = job.request, self.spec.backbone.vocab_size
+        tokens = job.new_tokens
+        if tokens.ndim != 1 or len(tokens) == 0:
+            raise ValueError(f"{what}: tokens must be a non-empty list of ids")
+        if tokens.min() < 0 or tokens.max() >= vocab:
+            raise ValueError(f"{what}: token ids must be in [0, {vocab})")
+        if not 1 <= r.n <= self.max_slots:
+            raise ValueError(f"{what}: n={r.n} must be in [1, max_slots={self.max_slots}]")
+        if r.keep and r.n != 1:
+            raise ValueError(f"{what}: keep=True needs n=1 (a held conversation is one sequence)")
+        if job.budget < 1:
+            raise ValueError(f"{what}: max_new_tokens must be >= 1, got {job.budget}")
+        if len(job.stop) > self.max_stop_ids:
+            raise ValueError(f"{what}: {len(job.stop)} stop ids, the engine takes at most {self.max_stop_ids}")
+        sampling_params(1, temperature=r.sampling.temperature, top_k=r.sampling.top_k, top_p=r.sampling.top_p)
+        if job.new_images is not None and any(k not in job.new_images for k in IMAGE_KEYS):
+            raise ValueError(f"{what}: images need {IMAGE_KEYS}")
+        check_images(tokens, job.new_images, self.spec.image_token_id, self.spec.vision.merge_size, what)
+        chunks(tokens, self.spec.image_token_id, self.max_chunk)  # an image block longer than a chunk: refused
+        length = job.seqs[0].length + len(tokens)
+        if length >= self.capacity:
+            raise ValueError(f"{what}: {length} tokens leave no room to generate in max_seq_len={self.capacity}")
+        if self._turn_pages(job) > self.pool.num_pages:
+            raise ValueError(f"{what}: needs {self._turn_pages(job)} pages, the pool has {self.pool.num_pages}")
+
+    def _final_length(self, job: _Job) -> int:
+        return min(job.seqs[0].length + len(job.new_tokens) + job.budget, self.capacity)
+
+    def _turn_pages(self, job: _Job) -> int:
+        """Free pages this turn needs: the first sample's growth, plus each fork's unshared pages."""
+        need = pages_needed(self._final_length(job), self.page_size)
+        prompt = job.seqs[0].length + len(job.new_tokens)
+        return need - len(job.seqs[0].pages) + (job.request.n - 1) * (need - prompt // self.page_size)
+
+    def _admit(self) -> list[_Job]:
+        admitted = []
+        free = [i for i, s in enumerate(self._slot_seq) if s is None]
+        while self._queue:
+            job = self._queue[0]
+            if len(job.seqs) > len(free) or self._turn_pages(job) > self.pool.free_pages:
+                self._metrics["admission_waits"] += 1  # waits its turn: no slot or not enough free pages
+                break
+            self._queue.popleft()
+            final = self._final_length(job)
+            first = job.seqs[0]
+            self.pool.grow(first.pages, final)
+            prompt = first.length + len(job.new_tokens)
+            job.copies = []
+            for seq in job.seqs[1:]:
+                fork = self.pool.fork(first.pages, prompt)
+                self.pool.grow(fork.pages, final)
+                seq.pages, job.copies = fork.pages, job.copies + fork.copies
+            for seq in job.seqs:
+                seq.slot = free.pop(0)
+                self._slot_seq[seq.slot] = (job, seq)
+            job.state = "running"
+            admitted.append(job)
+        return admitted
+
+    def _prefill(self, jobs: list[_Job], finished: list[Completion]) -> None:
+        """Extend every admitted job's first sample by its new tokens, chunk by chunk, batched; sample each
+        job's first tokens; copy the forks' pages."""
+        work = [(job, chunks(job.new_tokens, self.spec.image_token_id, self.max_chunk)) for job in jobs]
+        for j in range(max(len(c) for _, c in work)):
+            rows = [(job, c[j], j == len(c) - 1) for job, c in work if j < len(c)]
+            for i in range(0, len(rows), self.prefill_rows):
+                self._extend_call(rows[i:i + self.prefill_rows])
+        copies = [c for job in jobs for c in job.copies]
+        if copies:
+            pad = [(copies[0][0], copies[0][0])] * (self.max_slots - len(copies))  # a page onto itself
+            src, dst = (jnp.asarray(x, jnp.int32) for x in zip(*(copies + pad)))
+            self.cache = decode.copy_forked_pages(self.cache, src, dst)
+        for job in jobs:
+            first = job.seqs[0]
+            for seq in job.seqs[1:]:
+                seq.length, seq.offset = first.length, first.offset
+        self._first_tokens(jobs, finished)
+
+    def _extend_call(self, rows) -> None:
+        r, width = self.prefill_rows, self.pages_per_seq
+        n_max = max(end - start for _, (start, end, _, _), _ in rows)
+        s = min(_pow2(n_max, self.min_chunk), self.max_chunk)
+        tokens, valid = np.zeros((r, s), np.int32), np.zeros((r, s), bool)
+        table, start, offsets = np.zeros((r, width), np.int32), np.zeros((r,), np.int32), np.zeros((r,), np.int32)
+        images = []
+        for i, (job, (a, b, ia, ib), _) in enumerate(rows):
+            seq = job.seqs[0]
+            tokens[i, :b - a], valid[i, :b - a] = job.new_tokens[a:b], True
+            table[i, :len(seq.pages)] = seq.pages
+            start[i], offsets[i] = seq.length, seq.offset
+            if ib > ia:
+                images.append({k: np.asarray(job.new_images[k])[ia:ib] for k in IMAGE_KEYS})
+        chunk = {"tokens": jnp.asarray(tokens), "valid": jnp.asarray(valid)}
+        if images:
+            chunk.update(_pad_images(images))
+            self._metrics["images_encoded"] += int(chunk["image_valid"].sum())
+        self.cache, new_offsets, self._last = decode.extend(self.graphdef, self.state, self.cache, chunk,
+                                                            jnp.asarray(table), jnp.asarray(start),
+                                                            jnp.asarray(offsets))
+        new_offsets = np.asarray(new_offsets)
+        self._metrics["prefill_calls"] += 1
+        for i, (job, (a, b, _, _), _) in enumerate(rows):
+            seq = job.seqs[0]
+            seq.length += b - a
+            seq.offset = int(new_offsets[i])
+        last_rows = [(i, job) for i, (job, _, is_last) in enumerate(rows) if is_last]
+        if last_rows:
+            self._sample_first(last_rows)
+
+    def _sample_first(self, last_rows) -> None:
+        """The first token of every sample of the jobs whose prompts ended in the last extend call."""
+        b = self.max_slots
+        rows, counter = np.zeros((b,), np.int32), np.zeros((b,), np.int32)
+        temp, top_k, top_p, seed = np.zeros((b,), np.float32), np.zeros((b,), np.int32), np.ones((b,)), np.zeros(b)
+        slots = []
+        for row, job in last_rows:
+            s = job.request.sampling
+            for seq in job.seqs:
+                k = len(slots)
+                rows[k], counter[k] = row, job.seqs[0].length
+                temp[k], top_k[k], top_p[k], seed[k] = s.temperature, s.top_k, s.top_p, job.seed + seq.index
+                slots.append((job, seq))
+        params = sampling_params(b, temperature=temp, top_k=top_k, top_p=top_p, seed=seed)
+        tok, raw, smp = (np.asarray(x) for x in decode.sample_rows(self._last, jnp.asarray(rows), params,
+                                                                   jnp.asarray(counter)))
+        for k, (job, seq) in enumerate(slots):
+            seq.first = (int(tok[k]), float(raw[k]), float(smp[k]))
+
+    def _first_tokens(self, jobs: list[_Job], finished: list[Completion]) -> None:
+        for job in jobs:
+            for seq in job.seqs:
+                t, lr, ls = seq.first
+                self._emit(seq, t, lr, ls)
+                seq.count, seq.limit = 1, min(job.budget, self.capacity - seq.length)
+                if t in job.stop:
+                    self._end(seq, "stop")
+                elif seq.count >= seq.limit:
+                    self._end(seq, "length" if seq.limit == job.budget else "capacity")
+            self._maybe_done(job, finished)
+
+    def _emit(self, seq: _Seq, token: int, logp_raw: float, logp_sampled: float) -> None:
+        s = seq.sample
+        s.tokens.append(token)
+        s.logp_raw.append(logp_raw)
+        s.logp_sampled.append(logp_sampled)
+        s.versions.append(self.version)
+        self._metrics["tokens"] += 1
+
+    def _decode(self, finished: list[Completion]) -> None:
+        b, k = self.max_slots, self.max_stop_ids
+        live_seqs = [(i, js) for i, js in enumerate(self._slot_seq) if js is not None and js[1].sample.finish is None]
+        longest = max(js[1].length for _, js in live_seqs) + self.steps
+        width = min(_pow2(pages_needed(longest, self.page_size)), self.pages_per_seq)
+        table = np.zeros((b, width), np.int32)
+        pending, length, offset, count, limit = (np.zeros((b,), np.int32) for _ in range(5))
+        live, stop_ids = np.zeros((b,), bool), np.full((b, k), -1, np.int32)
+        temp, top_k, top_p, seed = np.zeros((b,), np.float32), np.zeros((b,), np.int32), np.ones((b,)), np.zeros(b)
+        for i, (job, seq) in live_seqs:
+            n = min(len(seq.pages), width)
+            table[i, :n] = seq.pages[:n]
+            pending[i], length[i], offset[i] = seq.sample.tokens[-1], seq.length, seq.offset
+            count[i], limit[i], live[i] = seq.count, seq.limit, True
+            stop_ids[i, :len(job.stop)] = job.stop
+            s = job.request.sampling
+            temp[i], top_k[i], top_p[i], seed[i] = s.temperature, s.top_k, s.top_p, job.seed + seq.index
+        slots = decode.Slots(*(jnp.asarray(x) for x in (table, pending, length, offset, live, count, limit, stop_ids)))
+        params = sampling_params(b, temperature=temp, top_k=top_k, top_p=top_p, seed=seed)
+        self.cache, after, emitted = decode.decode_steps(self.graphdef, self.state, self.steps, self.cache, slots,
+                                                         params)
+        toks, raw, smp, stopped = (np.asarray(x) for x in emitted)
+        length, offset, count, still = (np.asarray(x) for x in (after.length, after.offset, after.count, after.live))
+        ran = int((toks >= 0).any(axis=0).sum())
+        self._metrics.update(decode_calls=1, decode_steps=ran, slot_steps=ran * b, useful_slot_steps=int((toks >= 0).sum()))
+        for i, (job, seq) in live_seqs:
+            for t in np.flatnonzero(toks[i] >= 0):
+                self._emit(seq, int(toks[i, t]), float(raw[i, t]), float(smp[i, t]))
+            seq.length, seq.offset, seq.count = int(length[i]), int(offset[i]), int(count[i])
+            if not still[i]:
+                self._end(seq, "stop" if stopped[i] else "length" if seq.limit == job.budget else "capacity")
+        for job in {id(j): j for _, (j, _) in live_seqs}.values():
+            self._maybe_done(job, finished)
+
+    def _end(self, seq: _Seq, reason: str) -> None:
+        seq.sample.finish = reason
+        seq.sample.remaining = max(seq.job.budget - seq.count, 0)
+        if seq.slot is not None:
+            self._slot_seq[seq.slot] = None
+            seq.slot = None
+
+    def _maybe_done(self, job: _Job, finished: list[Completion]) -> None:
+        if job.state != "running" or any(s.sample.finish is None for s in job.seqs):
+            return
+        if job.request.keep:
+            job.state = "held"
+        else:
+            self._drop(job)
+        self._metrics["completed"] += 1
+        done = self._completion(job)
+        finished.append(done)
+        if job.request.on_done is not None:
+            job.request.on_done(done)
+
+    def _drop(self, job: _Job) -> None:
+        for seq in job.seqs:
+            if seq.pages:
+                self.pool.release(seq.pages)
+            seq.pages = []
+        job.state = "done"
+
+    def _completion(self, job: _Job) -> Completion:
+        return Completion(job.id, job.prompt_length, [s.sample for s in job.seqs])
+
+
+def _pad_images(images: list[dict]) -> dict:
+    """The chunk's images in order, padded to a power-of-two count with invalid images."""
+    joined = {k: np.concatenate([im[k] for im in images]) for k in IMAGE_KEYS}
+    n = len(joined["image_valid"])
+    pad = _pow2(n) - n
+    out = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in joined.items()}
+    return {k: jnp.asarray(v) for k, v in out.items()}
+
+
+def cache_sharding(mesh: jax.sharding.Mesh, num_kv_heads: int):
+    """The cache on a mesh: KV heads over `tensor` when they divide, every other axis replicated."""
+    axis = "tensor" if "tensor" in mesh.axis_names and num_kv_heads % mesh.shape["tensor"] == 0 else None
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axis, None, None, None))
