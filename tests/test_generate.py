@@ -36,7 +36,7 @@ def _naive_greedy(model, prompt, n, width=16):
         tokens[0, :len(seq)] = seq
         segments = (np.arange(width) < len(seq)).astype(np.int32)[None]
         logits = _forward(model, jnp.asarray(tokens), jnp.asarray(segments))[0, len(seq) - 1]
-        t = int(jnp.argmax(logits))
+        t = int(jnp.argmax(logits.at[model.spec.image_token_id].set(-jnp.inf)))  # never the <|image|> id
         out.append(t)
         logps.append(float(jax.nn.log_softmax(logits)[t]))
         seq.append(t)

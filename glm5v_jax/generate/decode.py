@@ -68,17 +68,18 @@ def extend(graphdef, state, cache, chunk, table, start, offsets):
     return out["cache"], out["offsets"], last
 
 
-@jax.jit
-def sample_rows(last, rows, params: SamplingParams, counter):
+@functools.partial(jax.jit, static_argnums=(4,))
+def sample_rows(last, rows, params: SamplingParams, counter, banned: tuple[int, ...] = ()):
     """Slot i's first token from `last[rows[i]]` (`last [R, V]`, rows `[B]`): (tokens, logp_raw, logp_sampled)."""
-    return sample(last[rows], params, counter)
+    return sample(last[rows], params, counter, banned)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2), donate_argnums=(3,))
-def decode_steps(graphdef, state, steps: int, cache, slots: Slots, params: SamplingParams):
+@functools.partial(jax.jit, static_argnums=(0, 2, 6), donate_argnums=(3,))
+def decode_steps(graphdef, state, steps: int, cache, slots: Slots, params: SamplingParams,
+                 banned: tuple[int, ...] = ()):
     """Up to `steps` decode steps of the live slots. Each step feeds a slot's pending token, samples the
-    next (stream counter: its token index) and ends the slot after a stop id or at its limit. Returns
-    (cache, slots after the steps, Emitted)."""
+    next (stream counter: its token index; never a `banned` id) and ends the slot after a stop id or at its
+    limit. Returns (cache, slots after the steps, Emitted)."""
     b = slots.pending.shape[0]
 
     def cond(carry):
@@ -93,7 +94,7 @@ def decode_steps(graphdef, state, steps: int, cache, slots: Slots, params: Sampl
         pages = CachePages(slots.table, slots.length + live, slots.length[:, None], live[:, None])
         out = model.extend_cached({"tokens": slots.pending[:, None], "valid": live[:, None]}, slots.offset,
                                   cache, pages)
-        nxt, lr, ls = sample(out["logits"][:, 0], params, slots.length + 1)
+        nxt, lr, ls = sample(out["logits"][:, 0], params, slots.length + 1, banned)
         count = slots.count + live
         hit = live & jnp.any(nxt[:, None] == slots.stop_ids, axis=1)
         toks = toks.at[:, i].set(jnp.where(live, nxt, -1))

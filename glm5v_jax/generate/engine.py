@@ -25,15 +25,19 @@ import threading
 from typing import Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from glm5v_jax.generate import decode
 from glm5v_jax.generate.kv_cache import StackCache
 from glm5v_jax.generate.pages import PagePool, pages_needed
-from glm5v_jax.generate.requests import IMAGE_KEYS, Completion, Request, Sample, Sampling, check_images, chunks
+from glm5v_jax.generate.requests import IMAGE_DTYPES, IMAGE_KEYS, Completion, Request, Sample, check_images, chunks
 from glm5v_jax.generate.sampling import sampling_params
+
+
+def _put(x: np.ndarray) -> jax.Array:
+    """Host array to device. (Not `jnp.asarray`: on some jax versions that compiles a copy per new shape.)"""
+    return jax.device_put(x)
 
 
 def _pow2(n: int, low: int = 1) -> int:
@@ -77,7 +81,8 @@ class Engine:
         self.spec = model.spec
         backbone = self.spec.backbone
         self.max_slots, self.page_size, self.steps = max_slots, page_size, steps
-        self.prefill_rows, self.max_chunk, self.min_chunk = prefill_rows, _pow2(max_chunk), min_chunk
+        self.prefill_rows, self.max_chunk = prefill_rows, _pow2(max_chunk)
+        self.min_chunk = min(_pow2(min_chunk), self.max_chunk)
         self.max_stop_ids = max_stop_ids
         self.pages_per_seq = pages_needed(max_seq_len, page_size)
         self.capacity = max_seq_len  # tokens a sequence may hold
@@ -88,6 +93,7 @@ class Engine:
         self.cache = {name: st.init(self.pool.num_pages, page_size, backbone.dtype) for name, st in stacks.items()}
         if mesh is not None:
             self.cache = jax.device_put(self.cache, cache_sharding(mesh, backbone.num_kv_heads))
+        self.banned = (self.spec.image_token_id,)  # an <|image|> placeholder needs an image: never sampled
         self.version = 0
         self._slot_seq: list[tuple[_Job, _Seq] | None] = [None] * max_slots
         self._queue: collections.deque[_Job] = collections.deque()
@@ -170,6 +176,43 @@ class Engine:
             self.state, self.version = state, int(version)
 
     # ---------------------------------------------------------------- running
+    def warmup(self, max_images: int = 0) -> int:
+        """Compile every shape the engine can meet now (prompt chunks up to `max_images` images each,
+        every decode page-table width), so that serving compiles nothing. Writes nothing into the cache.
+        Returns the number of shapes run."""
+        with self._lock:
+            r, v = self.prefill_rows, self.spec.vision
+            width, shapes = self.pages_per_seq, 0
+            image_counts = [0] + [1 << i for i in range(_pow2(max_images).bit_length()) if max_images]
+            zeros_r = _put(np.zeros((r,), np.int32))
+            s = self.min_chunk
+            while s <= self.max_chunk:
+                for k in image_counts:
+                    chunk = {"tokens": _put(np.zeros((r, s), np.int32)), "valid": _put(np.zeros((r, s), bool))}
+                    if k:
+                        shapes_of = {"patches": (k, v.max_patches, v.patch_size ** 2 * 3),
+                                     "patch_yx": (k, v.max_patches, 2), "patch_valid": (k, v.max_patches),
+                                     "image_grid": (k, 2), "image_valid": (k,)}
+                        chunk.update({n: _put(np.zeros(shp, IMAGE_DTYPES[n])) for n, shp in shapes_of.items()})
+                    self.cache, _, self._last = decode.extend(self.graphdef, self.state, self.cache, chunk,
+                                                              _put(np.zeros((r, width), np.int32)), zeros_r, zeros_r)
+                    shapes += 1
+                s *= 2
+            b = self.max_slots
+            params = sampling_params(b, temperature=np.zeros(b, np.float32), top_k=np.zeros(b, np.int32),
+                                     top_p=np.ones(b), seed=np.zeros(b))
+            zeros_b = _put(np.zeros((b,), np.int32))
+            decode.sample_rows(self._last, zeros_b, params, zeros_b, self.banned)
+            self.cache = decode.copy_forked_pages(self.cache, zeros_b, zeros_b)
+            widths = sorted({min(1 << i, width) for i in range(width.bit_length() + 1)})
+            for w in widths:
+                slots = decode.Slots(_put(np.zeros((b, w), np.int32)), zeros_b, zeros_b, zeros_b,
+                                     _put(np.zeros((b,), bool)), zeros_b, zeros_b,
+                                     _put(np.full((b, self.max_stop_ids), -1, np.int32)))
+                self.cache, _, _ = decode.decode_steps(self.graphdef, self.state, self.steps, self.cache, slots,
+                                                       params, self.banned)
+            return shapes + 2 + len(widths)
+
     @property
     def idle(self) -> bool:
         with self._lock:
@@ -282,7 +325,7 @@ class Engine:
         copies = [c for job in jobs for c in job.copies]
         if copies:
             pad = [(copies[0][0], copies[0][0])] * (self.max_slots - len(copies))  # a page onto itself
-            src, dst = (jnp.asarray(x, jnp.int32) for x in zip(*(copies + pad)))
+            src, dst = (_put(np.asarray(x, np.int32)) for x in zip(*(copies + pad)))
             self.cache = decode.copy_forked_pages(self.cache, src, dst)
         for job in jobs:
             first = job.seqs[0]
@@ -304,13 +347,13 @@ class Engine:
             start[i], offsets[i] = seq.length, seq.offset
             if ib > ia:
                 images.append({k: np.asarray(job.new_images[k])[ia:ib] for k in IMAGE_KEYS})
-        chunk = {"tokens": jnp.asarray(tokens), "valid": jnp.asarray(valid)}
+        chunk = {"tokens": _put(tokens), "valid": _put(valid)}
         if images:
-            chunk.update(_pad_images(images))
-            self._metrics["images_encoded"] += int(chunk["image_valid"].sum())
+            padded = _pad_images(images)
+            self._metrics["images_encoded"] += int(padded["image_valid"].sum())
+            chunk.update({k: _put(v) for k, v in padded.items()})
         self.cache, new_offsets, self._last = decode.extend(self.graphdef, self.state, self.cache, chunk,
-                                                            jnp.asarray(table), jnp.asarray(start),
-                                                            jnp.asarray(offsets))
+                                                            _put(table), _put(start), _put(offsets))
         new_offsets = np.asarray(new_offsets)
         self._metrics["prefill_calls"] += 1
         for i, (job, (a, b, _, _), _) in enumerate(rows):
@@ -335,8 +378,8 @@ class Engine:
                 temp[k], top_k[k], top_p[k], seed[k] = s.temperature, s.top_k, s.top_p, job.seed + seq.index
                 slots.append((job, seq))
         params = sampling_params(b, temperature=temp, top_k=top_k, top_p=top_p, seed=seed)
-        tok, raw, smp = (np.asarray(x) for x in decode.sample_rows(self._last, jnp.asarray(rows), params,
-                                                                   jnp.asarray(counter)))
+        tok, raw, smp = (np.asarray(x) for x in decode.sample_rows(self._last, _put(rows), params,
+                                                                   _put(counter), self.banned))
         for k, (job, seq) in enumerate(slots):
             seq.first = (int(tok[k]), float(raw[k]), float(smp[k]))
 
@@ -377,14 +420,15 @@ class Engine:
             stop_ids[i, :len(job.stop)] = job.stop
             s = job.request.sampling
             temp[i], top_k[i], top_p[i], seed[i] = s.temperature, s.top_k, s.top_p, job.seed + seq.index
-        slots = decode.Slots(*(jnp.asarray(x) for x in (table, pending, length, offset, live, count, limit, stop_ids)))
+        slots = decode.Slots(*(_put(x) for x in (table, pending, length, offset, live, count, limit, stop_ids)))
         params = sampling_params(b, temperature=temp, top_k=top_k, top_p=top_p, seed=seed)
         self.cache, after, emitted = decode.decode_steps(self.graphdef, self.state, self.steps, self.cache, slots,
-                                                         params)
+                                                         params, self.banned)
         toks, raw, smp, stopped = (np.asarray(x) for x in emitted)
         length, offset, count, still = (np.asarray(x) for x in (after.length, after.offset, after.count, after.live))
         ran = int((toks >= 0).any(axis=0).sum())
-        self._metrics.update(decode_calls=1, decode_steps=ran, slot_steps=ran * b, useful_slot_steps=int((toks >= 0).sum()))
+        self._metrics.update(decode_calls=1, decode_steps=ran, slot_steps=ran * b,
+                             useful_slot_steps=int((toks >= 0).sum()))
         for i, (job, seq) in live_seqs:
             for t in np.flatnonzero(toks[i] >= 0):
                 self._emit(seq, int(toks[i, t]), float(raw[i, t]), float(smp[i, t]))
@@ -422,16 +466,20 @@ class Engine:
         job.state = "done"
 
     def _completion(self, job: _Job) -> Completion:
-        return Completion(job.id, job.prompt_length, [s.sample for s in job.seqs])
+        """A snapshot: the engine's own samples keep growing if the conversation is extended."""
+        return Completion(job.id, job.prompt_length, [_copy_sample(s.sample) for s in job.seqs])
 
 
-def _pad_images(images: list[dict]) -> dict:
+def _copy_sample(s: Sample) -> Sample:
+    return Sample(list(s.tokens), list(s.logp_raw), list(s.logp_sampled), list(s.versions), s.finish, s.remaining)
+
+
+def _pad_images(images: list[dict]) -> dict[str, np.ndarray]:
     """The chunk's images in order, padded to a power-of-two count with invalid images."""
-    joined = {k: np.concatenate([im[k] for im in images]) for k in IMAGE_KEYS}
+    joined = {k: np.concatenate([np.asarray(im[k], dt) for im in images]) for k, dt in IMAGE_DTYPES.items()}
     n = len(joined["image_valid"])
     pad = _pow2(n) - n
-    out = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in joined.items()}
-    return {k: jnp.asarray(v) for k, v in out.items()}
+    return {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in joined.items()}
 
 
 def cache_sharding(mesh: jax.sharding.Mesh, num_kv_heads: int):

@@ -12,7 +12,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-IMAGE_KEYS = ("patches", "patch_yx", "patch_valid", "image_grid", "image_valid")
+IMAGE_DTYPES = {"patches": np.float32, "patch_yx": np.int32, "patch_valid": np.bool_, "image_grid": np.int32,
+                "image_valid": np.bool_}  # one image slot's arrays (`run_loader.image_inputs`), as compiled
+IMAGE_KEYS = tuple(IMAGE_DTYPES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,8 +46,8 @@ def sampling_params(rows: int, *, temperature=1.0, top_k=0, top_p=1.0, seed=0) -
         raise ValueError(f"top_k must be >= 0 (0: no limit), got {k.tolist()}")
     if ((p <= 0) | (p > 1)).any():
         raise ValueError(f"top_p must be in (0, 1], got {p.tolist()}")
-    return SamplingParams(jnp.asarray(t), jnp.asarray(k), jnp.asarray(p),
-                          jnp.asarray((s & 0xFFFFFFFF).astype(np.uint32).view(np.int32)))
+    arrays = (t, k, p, (s & 0xFFFFFFFF).astype(np.uint32).view(np.int32))
+    return SamplingParams(*(jax.device_put(np.array(a)) for a in arrays))  # (jnp.asarray may compile a copy)
 
 
 def sampling_logits(logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
@@ -66,11 +66,14 @@ def sampling_logits(logits: jax.Array, params: SamplingParams) -> tuple[jax.Arra
     return jnp.where(keep, scaled, _NEG), order
 
 
-def sample(logits: jax.Array, params: SamplingParams, counter: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def sample(logits: jax.Array, params: SamplingParams, counter: jax.Array,
+           banned: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One token per row from logits `[B, V]`: (tokens `[B]` int32, logp_raw `[B]`, logp_sampled `[B]`).
-    `counter [B]`: the row's position in its request's stream (e.g. its token index)."""
+    `counter [B]`: the row's position in its request's stream (e.g. its token index). `banned`: ids never
+    sampled (the `<|image|>` placeholder, which only an image may fill); logp_raw still uses every logit."""
     logits = logits.astype(jnp.float32)
-    cut, order = sampling_logits(logits, params)
+    allowed = logits.at[:, list(banned)].set(_NEG) if banned else logits
+    cut, order = sampling_logits(allowed, params)
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s.astype(jnp.uint32)), c))(params.seed, counter)
     drawn = jax.vmap(jax.random.categorical)(keys, cut)  # an index into the sorted order
     greedy = params.temperature <= 0
