@@ -10,6 +10,11 @@ pre-softmax logit over the visible pairs, the statistic QK-Clip reads
 produce it alongside the output; for the others it is computed separately from q
 and k by `attention_max_logits`. Either way it carries no gradient and leaves the
 output unchanged; without the request nothing extra is computed.
+
+Generation (`Attention.cached`) reads the paged KV cache through the same table: an
+implementation's `paged` core, `paged_attention_reference` when it lists none. `pallas`
+lists the `glm5v_jax.kernels.paged_attention` dispatcher (jax's TPU decode kernel on TPU,
+the reference elsewhere, so CPU results are the reference's bit for bit).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm5v_jax.errors import ConfigError
+from glm5v_jax.kernels.paged_attention import paged_attention
 from glm5v_jax.kernels.reference import (attention_max_logits, attention_reference, paged_attention_reference,
                                          paged_write)
 from glm5v_jax.layers.attention_kernels import cudnn_attention, pallas_attention
@@ -36,23 +42,33 @@ class AttentionCore(NamedTuple):
     fn(q [B,S,H,D], k/v [B,T,KV,D], *, causal, q_segment_ids, kv_segment_ids, scale) -> [B,S,H,D];
     with `returns_max_logits`, fn also accepts `return_max_logits=True` and then returns
     `(out, max_logits [H])` (per-head max of scale * q.k over the visible pairs).
+    `paged`: its attention over the paged KV cache (generation), with the signature and
+    semantics of `paged_attention_reference`; None means that reference.
     """
 
     fn: Callable[..., jax.Array]
     returns_max_logits: bool = False
+    paged: Callable[..., jax.Array] | None = None
 
 
 # The attention cores, by `attention_impl` name.
 ATTENTION_IMPLS: dict[str, AttentionCore] = {
     "xla": AttentionCore(attention_reference, returns_max_logits=True),
-    "pallas": AttentionCore(pallas_attention),
+    "pallas": AttentionCore(pallas_attention, paged=paged_attention),
     "cudnn": AttentionCore(cudnn_attention),
 }
 
 
-def register_attention_impl(name: str, fn: Callable[..., jax.Array], *, returns_max_logits: bool = False) -> None:
+def register_attention_impl(name: str, fn: Callable[..., jax.Array], *, returns_max_logits: bool = False,
+                            paged: Callable[..., jax.Array] | None = None) -> None:
     """Add an attention core of your own to `ATTENTION_IMPLS` (selectable as `attention_impl=name`)."""
-    ATTENTION_IMPLS[name] = AttentionCore(fn, returns_max_logits)
+    ATTENTION_IMPLS[name] = AttentionCore(fn, returns_max_logits, paged)
+
+
+def get_paged_attention_impl(name: str) -> Callable[..., jax.Array]:
+    """The paged-cache core of implementation `name` (`paged_attention_reference` if it lists none)."""
+    get_attention_impl(name)
+    return ATTENTION_IMPLS[name].paged or paged_attention_reference
 
 
 def get_attention_impl(name: str) -> Callable[..., jax.Array]:
@@ -173,14 +189,15 @@ class Attention(nnx.Module):
                rotary: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Causal attention of new tokens x `[B, S, E]` over a paged KV cache (generation): their K/V
         are written into `cache` ({"k", "v"}: `[KV, P, page, D]`, this layer's pages) at
-        `pages.token_index`, then every query attends to its row's cached tokens up to itself.
+        `pages.token_index`, then every query attends to its row's cached tokens up to itself
+        (through the `paged` core of `impl`; see the module docstring).
         Returns (`[B, S, E]`, the updated cache)."""
         q, k = self.queries_keys(x, rotary)
         v = self._project(x.astype(self.dtype), self.v, self.v_bias)
         k_pages = paged_write(cache["k"], k, pages.page_table, pages.token_index, pages.valid)
         v_pages = paged_write(cache["v"], v, pages.page_table, pages.token_index, pages.valid)
-        out = paged_attention_reference(q, k_pages, v_pages, pages.page_table, pages.lengths,
-                                        q_positions=pages.token_index, scale=self.head_dim**-0.5)
+        out = get_paged_attention_impl(self.impl)(q, k_pages, v_pages, pages.page_table, pages.lengths,
+                                                  q_positions=pages.token_index, scale=self.head_dim**-0.5)
         out = jnp.einsum("bshd,hde->bse", out.astype(self.dtype), self.o[...].astype(self.dtype))
         return constrain(out, RESIDUAL), {"k": k_pages, "v": v_pages}
 
