@@ -196,3 +196,36 @@ def cli_env(data_dir) -> dict:
 def checkpoint_array_files(step_dir) -> list[Path]:
     """The files holding a checkpoint step's array bytes (the state item's OCDBT data files), sorted."""
     return sorted(f for f in (Path(step_dir) / "state").rglob("*") if f.is_file() and f.parent.name == "d")
+
+
+# ----------------------------------------------------------------------------- generation over the paged cache
+def paged_cache(stacks: dict[str, int], backbone, num_pages: int, page_size: int) -> dict:
+    """A zero paged KV cache {stack name: {"k", "v"}} for `stacks` {name: layers} (e.g.
+    `GLM5V.cache_stacks()`) of a backbone spec's attention shape."""
+    from glm5v_jax.generate.kv_cache import StackCache
+
+    return {name: StackCache(n, backbone.num_kv_heads, backbone.head_dim).init(num_pages, page_size)
+            for name, n in stacks.items()}
+
+
+def image_blocks(row, image_id: int = IMAGE_ID) -> list[tuple[int, int]]:
+    """(start, end) of each run of image tokens in a row of token ids."""
+    out, start = [], None
+    for i, t in enumerate(list(row) + [-1]):
+        if t == image_id and start is None:
+            start = i
+        elif t != image_id and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+IMAGE_KEYS = ("patches", "patch_yx", "patch_valid", "image_grid", "image_valid")
+
+
+def one_sequence_batch(seq_len: int = 64) -> tuple[dict, int]:
+    """`small_batch(rows=1)` as numpy, its packed documents joined into one sequence (generation tests),
+    and that sequence's length."""
+    batch = {k: np.asarray(v) for k, v in small_batch(rows=1, seq_len=seq_len).items()}
+    batch["segment_ids"] = (batch["segment_ids"] != 0).astype(np.int32)
+    return batch, int(batch["segment_ids"].sum())

@@ -34,6 +34,12 @@ and `glm4_moe_mtp.py` applies `self.hnorm(previous_hidden_states)`). So hnorm
 normalises an already-normalised h^0. For k > 1 (GLM-4.5 ships one depth, so no
 checkpoint decides it) the state passed on is h^k before `head_norm`, as vLLM's
 `Glm4MoeMultiTokenPredictorLayer.forward` returns it (sglang's NextN passes the normed one).
+
+Generation (`MMTP.extend_cached`, called through `GLM5V.extend_mtp_cached`): each depth has its own
+paged KV cache (stack `stack_name(d)`, one layer). Depth k's entry for position i can only be computed
+once t_{i+k} is known, so its stream lags the main one by k tokens. The cache is *compacted*: it holds
+the in-stream entries only, in order (`stream_cache_pages`), so `mask` mode needs no key mask; keys keep
+their real M-RoPE positions in the rotary. In the other modes every position is in the stream.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm5v_jax.layers.attention import CachePages
 from glm5v_jax.layers.norms import RMSNorm
 from glm5v_jax.layers.params import normal, param
 from glm5v_jax.models.backbone import DecoderBlock, GLMBackbone
@@ -55,16 +62,42 @@ def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
     return jnp.concatenate([x[:, k:], pad], axis=1)
 
 
-def stream_segments(segment_ids: jax.Array, is_visual: jax.Array, depth: int, mode: MMTPMode) -> jax.Array:
-    """Segment ids of the depth-k MTP stream `[B, S]` (0 = position not in the stream).
+def stream_keep(segment, next_segment, is_visual, next_is_visual, mode: MMTPMode) -> jax.Array:
+    """The MTP stream rule, elementwise: is the entry of position i (segment id `segment`, 0 = none;
+    `is_visual`) whose depth-k input is token i+k (`next_segment`, `next_is_visual`) in the stream?
 
-    Position i is in the stream when token i+k exists in the same document; in
-    `mask` mode also neither token i nor token i+k may be visual.
+    Token i+k must exist in the same document; in `mask` mode neither token may be visual.
     """
-    keep = (segment_ids != 0) & (shift_left(segment_ids, depth) == segment_ids)
+    keep = (segment != 0) & (next_segment == segment)
     if mode == MMTPMode.MASK:
-        keep &= ~is_visual & ~shift_left(is_visual, depth, fill=True)
+        keep &= ~is_visual & ~next_is_visual
+    return keep
+
+
+def stream_segments(segment_ids: jax.Array, is_visual: jax.Array, depth: int, mode: MMTPMode) -> jax.Array:
+    """Segment ids of the depth-k MTP stream `[B, S]` (0 = position not in the stream), by `stream_keep`."""
+    keep = stream_keep(segment_ids, shift_left(segment_ids, depth), is_visual,
+                       shift_left(is_visual, depth, fill=True), mode)
     return jnp.where(keep, segment_ids, 0)
+
+
+def stream_cache_pages(table: jax.Array, stream_lengths: jax.Array, in_stream: jax.Array
+                       ) -> tuple[CachePages, jax.Array]:
+    """Where a chunk's entries go in a depth's *compacted* paged cache, which holds only in-stream
+    entries, in order: entry s of row b (`in_stream [B, S]`) is written at `stream_lengths[b]` plus the
+    number of in-stream entries before it in the chunk; the others are never written. Returns
+    (CachePages whose `token_index` is that compact index, also the causal query index, and the
+    stream lengths after the chunk `[B]`)."""
+    in_stream = in_stream.astype(bool)
+    rank = jnp.cumsum(in_stream.astype(jnp.int32), axis=1) - in_stream
+    lengths = (stream_lengths + jnp.sum(in_stream, axis=1)).astype(jnp.int32)
+    index = (stream_lengths[:, None] + rank).astype(jnp.int32)
+    return CachePages(table, lengths, index, in_stream), lengths
+
+
+def stack_name(depth_index: int) -> str:
+    """The paged-cache stack of MTP depth `depth_index` (0-based): "mtp_0", "mtp_1", ..."""
+    return f"mtp_{depth_index}"
 
 
 class MTPDepth(nnx.Module):
@@ -79,12 +112,22 @@ class MTPDepth(nnx.Module):
         self.block = DecoderBlock(spec, moe=moe, rngs=rngs)
         self.head_norm = RMSNorm(h, eps=spec.norm_eps, param_dtype=pdt, rngs=rngs)
 
-    def __call__(self, h_prev, emb_next, rotary, segment_ids):
-        """h_prev, emb_next `[B, S, H]` -> (h^k `[B, S, H]` before head_norm, aux)."""
+    def _input(self, h_prev, emb_next):
+        """h' = eh_proj [enorm(e); hnorm(h)] in the compute dtype."""
         dt = self.dtype
         x = jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1).astype(dt)
-        x = x @ self.eh_proj[...].astype(dt)
-        return self.block(x, rotary, segment_ids)
+        return x @ self.eh_proj[...].astype(dt)
+
+    def __call__(self, h_prev, emb_next, rotary, segment_ids):
+        """h_prev, emb_next `[B, S, H]` -> (h^k `[B, S, H]` before head_norm, aux)."""
+        return self.block(self._input(h_prev, emb_next), rotary, segment_ids)
+
+    def cached(self, h_prev, emb_next, rotary, cache, pages: CachePages):
+        """The depth on new stream entries over its paged cache ({"k", "v"}: `[1, KV, P, page, D]`):
+        (h^k before head_norm, the updated cache, aux)."""
+        layer = {name: a[0] for name, a in cache.items()}
+        h, layer, aux = self.block.cached(self._input(h_prev, emb_next), rotary, layer, pages)
+        return h, {name: a[None] for name, a in layer.items()}, aux
 
 
 class MMTP(nnx.Module):
@@ -94,6 +137,44 @@ class MMTP(nnx.Module):
         self.spec = spec
         moe = spec.moe_block if spec.moe_block is not None else backbone.num_moe_layers > 0
         self.depths = nnx.List([MTPDepth(backbone, moe=moe, rngs=rngs) for _ in range(spec.num_depths)])
+
+    def h0(self, backbone: GLMBackbone, h: jax.Array) -> jax.Array:
+        """The depth-1 input h^0 from the trunk's output before the final norm (`spec.h0_norm`,
+        `spec.trunk_gradient`)."""
+        if self.spec.h0_norm == H0Norm.FINAL_NORM:
+            h = backbone.final_norm(h)
+        if self.spec.trunk_gradient == TrunkGradient.STOP:
+            h = jax.lax.stop_gradient(h)
+        return h
+
+    def stream_embeds(self, backbone: GLMBackbone, tokens: jax.Array, input_embeds: jax.Array | None,
+                      is_visual: jax.Array) -> jax.Array:
+        """What the MTP stream reads as the embedding of each token `[B, S, H]` (depth k uses token
+        i+k's at position i): the backbone's merged input embedding in `visual_embed` mode (token
+        embeddings where `input_embeds` is None), the token embedding (the shared `<|image|>` row at
+        image positions) otherwise, zeros at visual positions in `mask` mode."""
+        if self.spec.mode == MMTPMode.VISUAL_EMBED and input_embeds is not None:
+            embeds = input_embeds
+        else:
+            embeds = backbone.embed_tokens(tokens)
+        if self.spec.mode == MMTPMode.MASK:
+            embeds = jnp.where(is_visual[..., None], 0, embeds)
+        return embeds
+
+    def extend_cached(self, backbone: GLMBackbone, depth_index: int, h_prev: jax.Array, next_embeds: jax.Array,
+                      positions: jax.Array, in_stream: jax.Array, cache: dict, table: jax.Array,
+                      stream_lengths: jax.Array):
+        """Entries of depth `depth_index + 1` over its compacted paged cache (`stream_cache_pages`);
+        see `GLM5V.extend_mtp_cached`. Returns (logits `[B, S, V]`, h `[B, S, H]`, cache, lengths)."""
+        depth = self.depths[depth_index]
+        if depth_index == 0:
+            h_prev = self.h0(backbone, h_prev)
+        keep = in_stream.astype(bool)[..., None]
+        pages, lengths = stream_cache_pages(table, stream_lengths, in_stream)
+        h, cache, _ = depth.cached(jnp.where(keep, h_prev, 0), jnp.where(keep, next_embeds, 0),
+                                   backbone.rotary_tables(positions), cache, pages)
+        h = jnp.where(keep, h, 0)
+        return backbone.head_logits(depth.head_norm(h)), h, cache, lengths
 
     def __call__(
         self,
@@ -115,22 +196,12 @@ class MMTP(nnx.Module):
         `[B, S, H]` (e_{i+k}, for inspection), list of the blocks' aux (MoE load and
         balance loss)).
         """
-        mode = self.spec.mode
-        if self.spec.h0_norm == H0Norm.FINAL_NORM:
-            h0 = backbone.final_norm(h0)
-        if self.spec.trunk_gradient == TrunkGradient.STOP:
-            h0 = jax.lax.stop_gradient(h0)
-        if mode == MMTPMode.VISUAL_EMBED:
-            stream_embeds = input_embeds
-        else:  # image positions hold the <|image|> id: one shared embedding row
-            stream_embeds = backbone.embed_tokens(tokens)
-        if mode == MMTPMode.MASK:
-            stream_embeds = jnp.where(is_visual[..., None], 0, stream_embeds)
+        stream_embeds = self.stream_embeds(backbone, tokens, input_embeds, is_visual)
         rotary = backbone.rotary_tables(positions)
         logits, segments, inputs, auxes = [], [], [], []
-        h = h0
+        h = self.h0(backbone, h0)
         for k, depth in enumerate(self.depths, start=1):
-            seg_k = stream_segments(segment_ids, is_visual, k, mode)
+            seg_k = stream_segments(segment_ids, is_visual, k, self.spec.mode)
             in_stream = (seg_k != 0)[..., None]
             emb_k = jnp.where(in_stream, shift_left(stream_embeds, k), 0)
             h_in = jnp.where(in_stream, h, 0)

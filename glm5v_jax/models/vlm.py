@@ -20,7 +20,7 @@ from flax import nnx
 from glm5v_jax.layers.attention import CachePages
 from glm5v_jax.models.backbone import GLMBackbone
 from glm5v_jax.models.cogvit import CogViT
-from glm5v_jax.models.mmtp import MMTP
+from glm5v_jax.models.mmtp import MMTP, stack_name, stream_keep
 from glm5v_jax.models.positions import continue_positions, mrope_positions
 from glm5v_jax.models.projector import Projector
 from glm5v_jax.models.specs import TrunkGradient, VLMSpec
@@ -132,9 +132,51 @@ class GLM5V(nnx.Module):
         merged = None if grid is None else grid // self.spec.vision.merge_size
         positions, offsets = continue_positions(chunk["tokens"], chunk["valid"], offsets, self.spec.image_token_id,
                                                 merged, chunk.get("image_valid"))
-        h, cache, load = self.backbone.run_layers_cached(embeds, positions, cache, pages)
-        return dict(logits=self.backbone.logits(h), h=h, cache=cache, offsets=offsets, positions=positions,
-                    embeds=embeds, is_visual=is_visual, expert_load=load)
+        h, updated, load = self.backbone.run_layers_cached(embeds, positions, cache, pages)
+        return dict(logits=self.backbone.logits(h), h=h, cache={**cache, **updated}, offsets=offsets,
+                    positions=positions, embeds=embeds, is_visual=is_visual, expert_load=load)
+
+    def cache_stacks(self) -> dict[str, int]:
+        """{paged-cache stack name: number of layers} of every stack `extend_cached` and
+        `extend_mtp_cached` read: "dense_layers", "moe_layers" (those that exist), "mtp_0", ..."""
+        spec = self.spec.backbone
+        layers = {"dense_layers": spec.first_k_dense, "moe_layers": spec.num_moe_layers}
+        depths = 0 if self.mtp is None else len(self.mtp.depths)
+        return {**{name: layers[name] for name in self.backbone.stacks()}, **{stack_name(i): 1 for i in range(depths)}}
+
+    def mtp_in_stream(self, tokens: jax.Array, next_tokens: jax.Array, known: jax.Array) -> jax.Array:
+        """Which entries are in an MTP depth's stream `[B, S]`: entry (position i) has token `tokens`
+        (t_i) and, for depth k, `next_tokens` (t_{i+k}); `known`: the entry is real and t_{i+k} is known.
+        The rule of the training forward (`mmtp.stream_keep`): in `mask` mode neither token is visual."""
+        image = self.spec.image_token_id
+        seg = known.astype(jnp.int32)
+        return stream_keep(seg, seg, tokens == image, next_tokens == image, self.spec.mtp.mode)
+
+    def mtp_stream_embeds(self, tokens: jax.Array, embeds: jax.Array | None = None) -> jax.Array:
+        """The MTP stream's embedding of tokens `[B, S]` -> `[B, S, H]`: `embeds` (the merged input
+        embeddings `extend_cached` returns) in `visual_embed` mode, else the token embeddings (the
+        `<|image|>` row at images). Sampled text tokens need no `embeds`; image tokens do in `visual_embed`."""
+        return self.mtp.stream_embeds(self.backbone, tokens, embeds, tokens == self.spec.image_token_id)
+
+    def extend_mtp_cached(self, depth_index: int, h_prev: jax.Array, next_embeds: jax.Array, positions: jax.Array,
+                          in_stream: jax.Array, cache: dict, table: jax.Array, stream_lengths: jax.Array) -> dict:
+        """New entries of MTP depth k = depth_index + 1 over its paged cache (stack `mmtp.stack_name`).
+
+        The entry of position i reads h^{k-1}_i and the stream embedding of token t_{i+k}; its logits
+        predict t_{i+k+1}. Per entry (`[B, S, ...]`, in position order, after the row's cached ones):
+        h_prev `[B, S, H]`: for depth_index 0 the `h` of `extend_cached` (before the final norm; h0_norm
+        is applied here), else the previous depth's returned `h`; next_embeds `[B, S, H]`:
+        `mtp_stream_embeds` of t_{i+k}; positions `[B, S, 3]`: position i's M-RoPE positions (`positions`
+        of `extend_cached`); in_stream `[B, S]` (`mtp_in_stream`; False also for bucket padding). The
+        depth's cache is compacted: it holds in-stream entries only, `stream_lengths [B]` of them per row
+        before the call, under the same page table `table [B, N]` as the backbone. Returns logits
+        `[B, S, V]`, h `[B, S, H]` (before head_norm; both zero off the stream), the whole cache with
+        this depth's stack updated, and stream_lengths after the call."""
+        name = stack_name(depth_index)
+        logits, h, updated, lengths = self.mtp.extend_cached(self.backbone, depth_index, h_prev, next_embeds,
+                                                             positions, in_stream, cache[name], table,
+                                                             stream_lengths)
+        return dict(logits=logits, h=h, cache={**cache, name: updated}, stream_lengths=lengths)
 
     def __call__(self, batch):
         tokens, segment_ids = batch["tokens"], batch["segment_ids"]
