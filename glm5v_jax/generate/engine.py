@@ -28,11 +28,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from glm5v_jax.generate import decode
+from glm5v_jax.generate import decode, speculative
 from glm5v_jax.generate.kv_cache import StackCache
 from glm5v_jax.generate.pages import PagePool, pages_needed
 from glm5v_jax.generate.requests import IMAGE_DTYPES, IMAGE_KEYS, Completion, Request, Sample, check_images, chunks
 from glm5v_jax.generate.sampling import sampling_params
+from glm5v_jax.models.mmtp import MMTPMode, stack_name, stream_keep
 
 
 def _put(x: np.ndarray) -> jax.Array:
@@ -51,6 +52,7 @@ class _Seq:
         self.job, self.index = job, index
         self.sample = Sample()
         self.first: tuple[int, float, float] | None = None  # the token sampled after the prompt
+        self.draft: dict[str, np.ndarray] | None = None  # speculation: MTP entries waiting (`speculative.Draft`)
         self.pages: list[int] = []
         self.length = self.offset = self.count = self.limit = 0
         self.slot: int | None = None
@@ -76,20 +78,23 @@ class Engine:
 
     def __init__(self, model: nnx.Module, *, max_slots: int = 8, max_seq_len: int = 512, page_size: int = 16,
                  num_pages: int | None = None, prefill_rows: int = 4, max_chunk: int = 256, min_chunk: int = 16,
-                 steps: int = 8, max_stop_ids: int = 4, mesh: jax.sharding.Mesh | None = None):
+                 steps: int = 8, max_stop_ids: int = 4, mesh: jax.sharding.Mesh | None = None, speculate: int = 0):
         self.graphdef, self.state = nnx.split(model)
         self.spec = model.spec
         backbone = self.spec.backbone
+        if speculate and model.mtp is None:
+            raise ValueError("Engine: speculate needs a model with MTP depths (spec.mtp.num_depths >= 1)")
+        self.speculate = speculate  # drafts per round; then `steps` counts rounds
         self.max_slots, self.page_size, self.steps = max_slots, page_size, steps
         self.prefill_rows, self.max_chunk = prefill_rows, _pow2(max_chunk)
         self.min_chunk = min(_pow2(min_chunk), self.max_chunk)
         self.max_stop_ids = max_stop_ids
-        self.pages_per_seq = pages_needed(max_seq_len, page_size)
+        self.pages_per_seq = pages_needed(max_seq_len + speculate, page_size)  # a verify writes k past the end
         self.capacity = max_seq_len  # tokens a sequence may hold
         self.pool = PagePool(num_pages or max_slots * self.pages_per_seq, page_size)
+        mtp_stacks = {stack_name(i) for i in range(self.spec.mtp.num_depths)}
         stacks = {name: StackCache(k, backbone.num_kv_heads, backbone.head_dim)
-                  for name, k in (("dense_layers", backbone.first_k_dense), ("moe_layers", backbone.num_moe_layers))
-                  if k}
+                  for name, k in model.cache_stacks().items() if speculate or name not in mtp_stacks}
         self.cache = {name: st.init(self.pool.num_pages, page_size, backbone.dtype) for name, st in stacks.items()}
         if mesh is not None:
             self.cache = jax.device_put(self.cache, cache_sharding(mesh, backbone.num_kv_heads))
@@ -194,8 +199,12 @@ class Engine:
                                      "patch_yx": (k, v.max_patches, 2), "patch_valid": (k, v.max_patches),
                                      "image_grid": (k, 2), "image_valid": (k,)}
                         chunk.update({n: _put(np.zeros(shp, IMAGE_DTYPES[n])) for n, shp in shapes_of.items()})
-                    self.cache, _, self._last = decode.extend(self.graphdef, self.state, self.cache, chunk,
-                                                              _put(np.zeros((r, width), np.int32)), zeros_r, zeros_r)
+                    args = (self.graphdef, self.state, self.cache, chunk, _put(np.zeros((r, width), np.int32)),
+                            zeros_r, zeros_r)
+                    if self.speculate:
+                        self.cache, _, self._last, _ = speculative.extend_speculative(*args, self._empty_drafts(r))
+                    else:
+                        self.cache, _, self._last = decode.extend(*args)
                     shapes += 1
                 s *= 2
             b = self.max_slots
@@ -209,9 +218,17 @@ class Engine:
                 slots = decode.Slots(_put(np.zeros((b, w), np.int32)), zeros_b, zeros_b, zeros_b,
                                      _put(np.zeros((b,), bool)), zeros_b, zeros_b,
                                      _put(np.full((b, self.max_stop_ids), -1, np.int32)))
-                self.cache, _, _ = decode.decode_steps(self.graphdef, self.state, self.steps, self.cache, slots,
-                                                       params, self.banned)
+                if self.speculate:
+                    self.cache, *_ = speculative.speculative_steps(self.graphdef, self.state, self.speculate,
+                                                                   self.steps, self.cache, slots,
+                                                                   self._empty_drafts(b), params, self.banned)
+                else:
+                    self.cache, _, _ = decode.decode_steps(self.graphdef, self.state, self.steps, self.cache, slots,
+                                                           params, self.banned)
             return shapes + 2 + len(widths)
+
+    def _empty_drafts(self, rows: int) -> speculative.Draft:
+        return speculative.stack_drafts([], rows, self.speculate + 1, self.spec.backbone.embed_dim)
 
     @property
     def idle(self) -> bool:
@@ -246,6 +263,12 @@ class Engine:
                      num_pages=self.pool.num_pages, weight_version=self.version)
             total = m.get("slot_steps", 0)
             m["useful_slot_fraction"] = m.get("useful_slot_steps", 0) / total if total else 0.0
+            if m.get("spec_rounds"):  # tau: tokens per round; acceptance rate of draft j given j-1 accepted
+                m["spec_tau"] = m["spec_tokens"] / m["spec_rounds"]
+                reached = m["spec_rounds"]
+                for j in range(1, self.speculate + 1):
+                    m[f"spec_acceptance_{j}"] = m[f"spec_accepted_{j}"] / reached if reached else 0.0
+                    reached = m[f"spec_accepted_{j}"]
             return m
 
     # ---------------------------------------------------------------- internals
@@ -281,13 +304,26 @@ class Engine:
             raise ValueError(f"{what}: needs {self._turn_pages(job)} pages, the pool has {self.pool.num_pages}")
 
     def _final_length(self, job: _Job) -> int:
-        return min(job.seqs[0].length + len(job.new_tokens) + job.budget, self.capacity)
+        """Tokens the turn may write: prompt and budget up to capacity, and a verify's k drafts."""
+        return min(job.seqs[0].length + len(job.new_tokens) + job.budget, self.capacity) + self.speculate
+
+    def _private_from(self, job: _Job) -> int:
+        """The first index a fork may write in any stack: the prompt's length, or with speculation the
+        MTP stream's committed length after the prompt (shorter: compacted)."""
+        tokens = job.new_tokens
+        if not self.speculate:
+            return len(tokens)
+        visual = tokens == self.spec.image_token_id
+        ones = np.ones(len(tokens) - 1, bool)
+        keep = stream_keep(ones, ones, visual[:-1], visual[1:], MMTPMode(self.spec.mtp.mode))
+        return int(np.sum(keep))
 
     def _turn_pages(self, job: _Job) -> int:
         """Free pages this turn needs: the first sample's growth, plus each fork's unshared pages."""
         need = pages_needed(self._final_length(job), self.page_size)
         prompt = job.seqs[0].length + len(job.new_tokens)
-        return need - len(job.seqs[0].pages) + (job.request.n - 1) * (need - prompt // self.page_size)
+        private = min(prompt, self._private_from(job)) if job.request.n > 1 else prompt
+        return need - len(job.seqs[0].pages) + (job.request.n - 1) * (need - private // self.page_size)
 
     def _admit(self) -> list[_Job]:
         admitted = []
@@ -303,8 +339,9 @@ class Engine:
             self.pool.grow(first.pages, final)
             prompt = first.length + len(job.new_tokens)
             job.copies = []
+            private = self._private_from(job) if job.request.n > 1 else prompt
             for seq in job.seqs[1:]:
-                fork = self.pool.fork(first.pages, prompt)
+                fork = self.pool.fork(first.pages, prompt, private)
                 self.pool.grow(fork.pages, final)
                 seq.pages, job.copies = fork.pages, job.copies + fork.copies
             for seq in job.seqs:
@@ -331,6 +368,7 @@ class Engine:
             first = job.seqs[0]
             for seq in job.seqs[1:]:
                 seq.length, seq.offset = first.length, first.offset
+                seq.draft = None if first.draft is None else {k: v.copy() for k, v in first.draft.items()}
         self._first_tokens(jobs, finished)
 
     def _extend_call(self, rows) -> None:
@@ -352,14 +390,25 @@ class Engine:
             padded = _pad_images(images)
             self._metrics["images_encoded"] += int(padded["image_valid"].sum())
             chunk.update({k: _put(v) for k, v in padded.items()})
-        self.cache, new_offsets, self._last = decode.extend(self.graphdef, self.state, self.cache, chunk,
-                                                            _put(table), _put(start), _put(offsets))
+        args = (self.graphdef, self.state, self.cache, chunk, _put(table), _put(start), _put(offsets))
+        if self.speculate:
+            for job, _, _ in rows:
+                if job.seqs[0].draft is None:
+                    job.seqs[0].draft = speculative.empty_draft(self.speculate + 1, self.spec.backbone.embed_dim)
+            drafts = speculative.stack_drafts([job.seqs[0].draft for job, _, _ in rows], r, self.speculate + 1,
+                                              self.spec.backbone.embed_dim)
+            self.cache, new_offsets, self._last, left = speculative.extend_speculative(*args, drafts)
+            left = jax.device_get(left)
+        else:
+            self.cache, new_offsets, self._last = decode.extend(*args)
         new_offsets = np.asarray(new_offsets)
         self._metrics["prefill_calls"] += 1
         for i, (job, (a, b, _, _), _) in enumerate(rows):
             seq = job.seqs[0]
             seq.length += b - a
             seq.offset = int(new_offsets[i])
+            if self.speculate:
+                seq.draft = speculative.row_draft(left, i)
         last_rows = [(i, job) for i, (job, _, is_last) in enumerate(rows) if is_last]
         if last_rows:
             self._sample_first(last_rows)
@@ -388,6 +437,8 @@ class Engine:
             for seq in job.seqs:
                 t, lr, ls = seq.first
                 self._emit(seq, t, lr, ls)
+                if seq.draft is not None:  # the prompt's last position waited for this token
+                    seq.draft["next_tokens"][seq.draft["count"] - 1] = t
                 seq.count, seq.limit = 1, min(job.budget, self.capacity - seq.length)
                 if t in job.stop:
                     self._end(seq, "stop")
@@ -406,7 +457,7 @@ class Engine:
     def _decode(self, finished: list[Completion]) -> None:
         b, k = self.max_slots, self.max_stop_ids
         live_seqs = [(i, js) for i, js in enumerate(self._slot_seq) if js is not None and js[1].sample.finish is None]
-        longest = max(js[1].length for _, js in live_seqs) + self.steps
+        longest = max(js[1].length for _, js in live_seqs) + self.steps * (self.speculate + 1)
         width = min(_pow2(pages_needed(longest, self.page_size)), self.pages_per_seq)
         table = np.zeros((b, width), np.int32)
         pending, length, offset, count, limit = (np.zeros((b,), np.int32) for _ in range(5))
@@ -422,14 +473,27 @@ class Engine:
             temp[i], top_k[i], top_p[i], seed[i] = s.temperature, s.top_k, s.top_p, job.seed + seq.index
         slots = decode.Slots(*(_put(x) for x in (table, pending, length, offset, live, count, limit, stop_ids)))
         params = sampling_params(b, temperature=temp, top_k=top_k, top_p=top_p, seed=seed)
-        self.cache, after, emitted = decode.decode_steps(self.graphdef, self.state, self.steps, self.cache, slots,
-                                                         params, self.banned)
+        if self.speculate:
+            k1, hidden = self.speculate + 1, self.spec.backbone.embed_dim
+            drafts = speculative.stack_drafts([js[1].draft if js is not None else None for js in self._slot_seq], b,
+                                              k1, hidden)
+            self.cache, after, drafts, emitted, acc = speculative.speculative_steps(
+                self.graphdef, self.state, self.speculate, self.steps, self.cache, slots, drafts, params, self.banned)
+            drafts, acc = jax.device_get((drafts, acc))
+            ran, useful = int(acc.ran), int(acc.rounds)
+            self._metrics.update(spec_rounds=useful, spec_tokens=int(acc.emitted),
+                                 **{f"spec_accepted_{j + 1}": int(a) for j, a in enumerate(acc.accepted)})
+        else:
+            self.cache, after, emitted = decode.decode_steps(self.graphdef, self.state, self.steps, self.cache, slots,
+                                                             params, self.banned)
         toks, raw, smp, stopped = (np.asarray(x) for x in emitted)
         length, offset, count, still = (np.asarray(x) for x in (after.length, after.offset, after.count, after.live))
-        ran = int((toks >= 0).any(axis=0).sum())
-        self._metrics.update(decode_calls=1, decode_steps=ran, slot_steps=ran * b,
-                             useful_slot_steps=int((toks >= 0).sum()))
+        if not self.speculate:
+            ran, useful = int((toks >= 0).any(axis=0).sum()), int((toks >= 0).sum())
+        self._metrics.update(decode_calls=1, decode_steps=ran, slot_steps=ran * b, useful_slot_steps=useful)
         for i, (job, seq) in live_seqs:
+            if self.speculate:
+                seq.draft = speculative.row_draft(drafts, i)
             for t in np.flatnonzero(toks[i] >= 0):
                 self._emit(seq, int(toks[i, t]), float(raw[i, t]), float(smp[i, t]))
             seq.length, seq.offset, seq.count = int(length[i]), int(offset[i]), int(count[i])

@@ -79,11 +79,13 @@ class PagePool:
         pages.extend(added)
         return added
 
-    def fork(self, pages: list[int], length: int) -> Fork:
+    def fork(self, pages: list[int], length: int, private_from: int | None = None) -> Fork:
         """A child of a sequence of `length` tokens held in `pages`: the full pages shared, the last
-        partial one (if any) copied into a fresh page. OutOfPages (nothing changed) if none is free."""
+        partial one (if any) copied into a fresh page. OutOfPages (nothing changed) if none is free.
+        `private_from`: the first token index either sequence may still write (default `length`; less when
+        another stream sharing the table, such as a compacted MTP stream, is shorter): its page on is copied."""
         used = pages[:pages_needed(length, self.page_size)]
-        full = length // self.page_size
+        full = min(length, length if private_from is None else private_from) // self.page_size
         shared, partial = used[:full], used[full:]
         fresh = self.allocate(len(partial))
         self.retain(shared)

@@ -82,3 +82,15 @@ def sample(logits: jax.Array, params: SamplingParams, counter: jax.Array,
     logp_raw = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
     logp_cut = jnp.take_along_axis(jax.nn.log_softmax(cut, axis=-1), drawn[:, None], axis=-1)[:, 0]
     return tokens, logp_raw, jnp.where(greedy, 0.0, logp_cut)
+
+
+def sampled_logprobs(logits: jax.Array, params: SamplingParams, banned: tuple[int, ...] = ()) -> jax.Array:
+    """The log-probabilities `[B, V]` (token order) of the distribution `sample` draws from: logits /
+    temperature, cut by top-k / top-p and `banned`, renormalised (-1e30 where cut). For greedy rows this is
+    the temperature-1 distribution; callers take its argmax."""
+    logits = logits.astype(jnp.float32)
+    allowed = logits.at[:, list(banned)].set(_NEG) if banned else logits
+    cut, order = sampling_logits(allowed, params)
+    logp = jnp.where(cut > _NEG / 2, jax.nn.log_softmax(cut, axis=-1), _NEG)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.zeros_like(logp).at[rows, order].set(logp)
