@@ -45,6 +45,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every = 50 if tiny else 1000
     config.measure_pipeline_batches = 0
     config.data.eval_batches = 32 if tiny else 50  # answers per task: enough to compare step 0 with the end
+    # Generated-answer accuracy per task (glm5v_jax.train.vlm_sft, eval/generated/<task>): greedy answers to
+    # the first eval_generate_examples answers of each scored task (count, colour, position, qa, grounding,
+    # ocr) in those batches, at most eval_generate_max_new_tokens tokens each (shapes-world answers take at
+    # most about 40 with their closing token: a grounding answer of two boxes). 0 turns it off.
+    config.data.eval_generate_examples = 16
+    config.data.eval_generate_max_new_tokens = 48
     # Conversations (glm5v_jax.data.conversations): turns per conversation, chance of a system
     # message and of one text-only turn in an image conversation.
     config.data.sft = ml_collections.ConfigDict(dict(min_turns=2, max_turns=5, system_prob=0.5, text_turn_prob=0.5))

@@ -12,7 +12,8 @@ Loss mask: the answer tokens plus the token that closes each answer (the next `<
 convention of `glm5v_jax.losses.lm` (the mask is read at the target position). Next to the
 mask, `task_ids` (the `TASK_IDS` entry of the answer a target belongs to, 0 elsewhere) and
 `answer_ids` (1, 2, ... per answer, 0 elsewhere) let `answer_accuracy` score teacher-forced
-answers per task.
+answers per task, and `answer_prompts` cut a packed batch into generation prompts whose
+generated answers `score_generated` scores per task (`GENERATED_SCORING`).
 
 Image records (shapes world, or any record with the same fields) give turns of the families
 count / colour / position (the record's QA pairs by their `kind`; other kinds are "qa"),
@@ -25,10 +26,11 @@ passes (the pipeline seeds it from (seed, record id, epoch)). NumPy only: runs i
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, MutableMapping, NamedTuple
+from typing import Any, Mapping, MutableMapping, NamedTuple, Sequence
 
 import numpy as np
 
+from glm5v_jax.data import answer_scoring
 from glm5v_jax.data.shapes_world import COLOURS_ZH, CORNERS, SHAPES_ZH
 from glm5v_jax.data.templates import (CAPTION_PROMPT_EN, CAPTION_PROMPT_ZH, OCR_PROMPT, SkipSample, as_str,
                                       box_answer_ids, chat_document, format_boxes, grounding_targets, qa_items)
@@ -273,3 +275,81 @@ def add_counts(a: Mapping[str, tuple[int, int]], b: Mapping[str, tuple[int, int]
 def accuracy_metrics(counts: Mapping[str, tuple[int, int]], prefix: str = "answer_acc/") -> dict[str, float]:
     """{prefix + task: accuracy} for the tasks with at least one answer."""
     return {prefix + k: c / n for k, (c, n) in counts.items() if n}
+
+
+# ----------------------------------------------------------------------------- generated answers
+
+# How a generated answer is scored, per task (`score_generated`): "exact" (exact match after whitespace
+# normalisation), "boxes" (the boxes parse, and pair off one-to-one with the reference boxes at IoU >= 0.5:
+# `answer_scoring.boxes_match`) or "text" (exact match, and the edit-distance similarity
+# `answer_scoring.text_similarity`). Caption and text answers (free text, document continuations) are not
+# generated: no rule scores them.
+GENERATED_SCORING = {"count": "exact", "colour": "exact", "position": "exact", "qa": "exact",
+                     "grounding": "boxes", "ocr": "text"}
+
+
+class AnswerPrompt(NamedTuple):
+    """One complete answer of a packed SFT batch, as a generation prompt and its reference."""
+
+    task: str
+    prompt: np.ndarray  # int32 [L]: its conversation up to the answer (`...<|assistant|>\n`), earlier answers in
+    reference: np.ndarray  # int32 [K]: the answer's tokens, without the token that closes it
+    image_slots: tuple[int, ...]  # the batch's image slots of the prompt's image blocks, in order
+
+
+def answer_prompts(batch: Mapping[str, Any], *, begin_image_id: int,
+                   closing_ids: Sequence[int]) -> list[AnswerPrompt]:
+    """Every answer of an SFT batch (`glm5v_jax.data.pipeline`, document_kind "sft") whose closing token
+    (`closing_ids`: `<|user|>`, `<|endoftext|>`) is in the row (a document cut at seq_len loses its last
+    answers), row by row in order. The prompt is the answer's document from its first token (so the
+    chat template and the earlier turns with their reference answers, as in training) to the answer's
+    first token; its image blocks are the row's image slots in order of appearance (row b owns slots
+    b*M .. b*M+M-1)."""
+    tokens, segments, tasks, answers = (np.asarray(batch[k]) for k in ("tokens", "segment_ids", "task_ids",
+                                                                        "answer_ids"))
+    rows = tokens.shape[0]
+    slots_per_row = len(np.asarray(batch["image_valid"])) // rows if "image_valid" in batch else 0
+    names = {tid: name for name, tid in TASK_IDS.items()}
+    closing = np.asarray(list(closing_ids))
+    out = []
+    for r in range(rows):
+        blocks = np.flatnonzero(tokens[r] == begin_image_id)  # the j-th block's image is in slot r*M + j
+        for k in range(1, int(answers[r].max(initial=0)) + 1):
+            at = np.flatnonzero(answers[r] == k)
+            if len(at) < 2 or not np.isin(tokens[r, at[-1]], closing):
+                continue
+            start = int(np.argmax(segments[r] == segments[r, at[0]]))
+            images = tuple(r * slots_per_row + j for j in np.flatnonzero((blocks >= start) & (blocks < at[0])))
+            out.append(AnswerPrompt(names[int(tasks[r, at[0]])], tokens[r, start:at[0]].copy(),
+                                    tokens[r, at[:-1]].copy(), images))
+    return out
+
+
+def score_generated(task: str, prediction: str, reference: str) -> dict[str, float]:
+    """{"correct": 1.0 or 0.0} of a generated answer (decoded text) against the reference answer, by the
+    task's rule in GENERATED_SCORING, with "similarity" (1 - normalised edit distance) for "text"."""
+    rule = GENERATED_SCORING.get(task)
+    if rule is None:
+        raise ValueError(f"no scoring rule for task {task!r}; scored tasks: {sorted(GENERATED_SCORING)}")
+    if rule == "boxes":
+        reference_boxes = answer_scoring.parse_boxes(reference)
+        if reference_boxes is None:
+            raise ValueError(f"the reference grounding answer {reference!r} does not parse")
+        return {"correct": float(answer_scoring.boxes_match(answer_scoring.parse_boxes(prediction),
+                                                            reference_boxes))}
+    out = {"correct": float(answer_scoring.exact_match(prediction, reference))}
+    if rule == "text":
+        out["similarity"] = answer_scoring.text_similarity(prediction, reference)
+    return out
+
+
+def generated_metrics(scores: Sequence[tuple[str, Mapping[str, float]]],
+                      prefix: str = "generated/") -> dict[str, float]:
+    """Means over (task, `score_generated` result) pairs: {prefix + task: accuracy,
+    prefix + task + "_similarity": mean similarity} for the tasks present."""
+    sums: dict[str, list[float]] = {}
+    for task, score in scores:
+        for name, value in score.items():
+            key = prefix + task + ("" if name == "correct" else f"_{name}")
+            sums.setdefault(key, []).append(float(value))
+    return {k: float(np.mean(v)) for k, v in sums.items()}

@@ -9,22 +9,32 @@ data and evaluation; the run layer (`glm5v_jax.train.run`) does the loop, checkp
      (answers and the assistant's closing token)
   -> the tokenizer of the `init_from` run (its `tokenizer.model`), so ids and vocabulary match
   -> evaluate: validation losses and teacher-forced answer accuracy per task (an answer counts when
-     every one of its target tokens is the argmax of the main head), at step 0 (the starting
-     checkpoint's score) and every `eval_every` steps; `eval_table.md` compares them at the end.
+     every one of its target tokens is the argmax of the main head, `eval/answer_acc/<task>`), and
+     generated-answer accuracy (`eval/generated/<task>`, `eval/generated/ocr_similarity`): the first
+     `data.eval_generate_examples` answers of each scored task in the same batches, answered greedily
+     from their prompt (the chat template and earlier turns, as trained; the image) up to the closing
+     token or `data.eval_generate_max_new_tokens`, decoded and scored (`conversations.GENERATED_SCORING`);
+     at step 0 (the starting checkpoint's score) and every `eval_every` steps; `eval_table.md` compares
+     them at the end.
 """
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from etils import epath
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm5v_jax.data import conversations
 from glm5v_jax.data.tokenizer import Tokenizer
+from glm5v_jax.errors import ConfigError
+from glm5v_jax.generate.offline import generate
+from glm5v_jax.generate.requests import IMAGE_KEYS  # one image slot's arrays
 from glm5v_jax.train import run as run_lib
 from glm5v_jax.train import vlm_pretrain
 from glm5v_jax.train.init_from import parse_init_from
@@ -60,7 +70,80 @@ def eval_fn(mj: vlm_pretrain.ModelJob, config: ml_collections.ConfigDict, plan: 
                    out_shardings=(replicated, replicated))
 
 
+# ----------------------------------------------------------------------------- generated answers
+def generation_settings(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(answers generated per scored task, most new tokens per answer) from config.data; (0, _): off."""
+    n = config.data.get("eval_generate_examples", 0)
+    max_new = config.data.get("eval_generate_max_new_tokens", 48)
+    for field, value, low in (("eval_generate_examples", n, 0), ("eval_generate_max_new_tokens", max_new, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"config.data.{field}", f"expected an integer >= {low}, got {value!r}"
+                              + (" (0 turns generated answers off)" if low == 0 else ""))
+    return n, max_new
+
+
+def take_answer_prompts(batch: dict, tokenizer: Tokenizer, wanted: dict[str, int]) -> list[tuple]:
+    """(AnswerPrompt, its image arrays) for the answers of `batch` whose task still `wanted` (task ->
+    how many more; decremented)."""
+    out = []
+    if not any(wanted.values()):
+        return out
+    for p in conversations.answer_prompts(batch, begin_image_id=tokenizer.begin_image_id,
+                                          closing_ids=(tokenizer.user_id, tokenizer.eos_id)):
+        if wanted.get(p.task, 0) > 0:
+            wanted[p.task] -= 1
+            slots = list(p.image_slots)
+            out.append((p, {k: np.asarray(batch[k])[slots] for k in IMAGE_KEYS}))
+    return out
+
+
+def generate_answers(model: nnx.Module, items: Sequence[tuple], tokenizer: Tokenizer, *, rows: int,
+                     max_new_tokens: int) -> list[str]:
+    """Greedy answers (decoded, closing token left out) to `items` ((AnswerPrompt, image arrays)),
+    `rows` prompts per `generate` call (bounds the prefill's `[rows, prompt, vocab]` logits); the last
+    call is padded with repeats and every call gets the same capacity, so all calls, and the next
+    evaluation's (the same prompts), have the same shapes."""
+    stops = (tokenizer.user_id, tokenizer.eos_id)
+    capacity = max(len(p.prompt) for p, _ in items) + max_new_tokens
+    rows = min(rows, len(items))
+    answers = []
+    for start in range(0, len(items), rows):
+        chunk = list(items[start:start + rows])
+        padded = chunk + [chunk[-1]] * (rows - len(chunk))
+        images = [im for _, im in padded if len(im["image_valid"])]
+        arrays = {k: np.concatenate([im[k] for im in images]) for k in IMAGE_KEYS} if images else None
+        out = generate(model, [p.prompt.tolist() for p, _ in padded], images=arrays, max_new_tokens=max_new_tokens,
+                       stop_ids=stops, capacity=capacity)
+        for r in range(len(chunk)):
+            toks = out.tokens[r, :out.count[r]].tolist()
+            end = next((i for i, t in enumerate(toks) if t in stops), len(toks))
+            answers.append(tokenizer.decode(toks[:end]))
+    return answers
+
+
+def generated_answer_metrics(model: nnx.Module, items: Sequence[tuple], tokenizer: Tokenizer, *, rows: int,
+                             max_new_tokens: int) -> dict[str, float]:
+    """`eval/generated/<task>` (accuracy; `eval/generated/ocr_similarity` too) and
+    `eval/generated_answers/<task>` (how many) of the greedy answers to `items` (`take_answer_prompts`)."""
+    t0 = time.time()
+    answers = generate_answers(model, items, tokenizer, rows=rows, max_new_tokens=max_new_tokens)
+    scores = [(p.task, conversations.score_generated(p.task, answer, tokenizer.decode(p.reference)))
+              for (p, _), answer in zip(items, answers)]
+    out = {f"eval/{k}": v for k, v in conversations.generated_metrics(scores).items()}
+    for task in conversations.GENERATED_SCORING:
+        n = sum(t == task for t, _ in scores)
+        if n:
+            out[f"eval/generated_answers/{task}"] = float(n)
+    log.info("generated-answer evaluation: %d answers in %.1f s", len(items), time.time() - t0)
+    return out
+
+
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan) -> run_lib.Job:
+    n_generate, max_new = generation_settings(config)
+    if n_generate and jax.process_count() > 1:  # each host holds other eval rows; generate() is one-host
+        log.warning("generated-answer evaluation runs on one host only: off with %d processes",
+                    jax.process_count())
+        n_generate = 0
     tokenizer = sft_tokenizer(config, workdir)
     sources, weights, tokenizer = vlm_pretrain.prepare_data(config.data, workdir, tokenizer=tokenizer)
     vlm_pretrain.check_eval_parts(config, sources)
@@ -78,7 +161,8 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
     def evaluate(state) -> dict:
         batches = vlm_pretrain.make_iterator(config.data, sources["eval"], weights, tokenizer, mj.spec, seed=0,
                                              train=False, **sft)
-        acc, counts = {}, {}
+        acc, counts, prompts = {}, {}, []
+        wanted = dict.fromkeys(conversations.GENERATED_SCORING, n_generate)
         for i, batch in enumerate(batches):
             if i >= config.data.eval_batches:
                 break
@@ -87,9 +171,13 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
             acc = run_lib.average(acc, metrics)
             counts = conversations.add_counts(counts, conversations.answer_accuracy(
                 np.asarray(jax.device_get(pred)), {k: batch[k] for k in ("tokens", "segment_ids") + SFT_KEYS}))
+            prompts += take_answer_prompts(batch, tokenizer, wanted)
         out = {f"eval/{k}": float(v.compute()) for k, v in acc.items()}
         out.update({f"eval/{k}": v for k, v in conversations.accuracy_metrics(counts).items()})
         out.update({f"eval/answers/{task}": float(total) for task, (_, total) in counts.items() if total})
+        if prompts:  # the model over the state as it is (sharded on the run's mesh; generate() follows it)
+            model = nnx.merge(mj.placed.graphdef, state).model
+            out.update(generated_answer_metrics(model, prompts, tokenizer, rows=n_generate, max_new_tokens=max_new))
         return out
 
 
