@@ -164,7 +164,44 @@ def run_one(args, mode: str, seed: int) -> dict:
         eval_steps=[r["step"] for r in evals], eval_main=curve("eval/loss/main", evals),
         eval_mtp={str(d): curve(f"eval/loss/mtp_{d}", evals) for d in depths
                   if evals and f"eval/loss/mtp_{d}" in evals[0]},
+        speculation=speculation_tau(args, workdir, seed) if args.tau_k else {},
     )
+
+
+def speculation_tau(args, workdir: Path, seed: int) -> dict:
+    """MTP speculative decoding with the run's final model: greedy, `args.tau_k` drafts per round (depth 1
+    reused), `args.tau_tokens` new tokens for `args.tau_prompts` image prompts (a shapes-world validation
+    image and the caption request, in the chat template the runs train on) and as many text prompts (the
+    first 12 tokens of a shapes-world text document). tau = tokens per verify round (1 = no draft accepted,
+    k + 1 = all); acceptance_j = P(draft j accepted | draft j-1 accepted)."""
+    from glm5v_jax.data import shapes_world
+    from glm5v_jax.data.templates import CAPTION_PROMPT_EN
+    from glm5v_jax.generate.engine import Engine
+    from glm5v_jax.generate.requests import Request
+    from glm5v_jax.generate.run_loader import chat_prompt, image_inputs, load_run
+
+    model, tokenizer, _ = load_run(str(workdir))
+    image_requests, text_requests = [], []
+    for i in range(args.tau_prompts):
+        example = shapes_world.generate_image_example(seed, "validation", i)
+        arrays, n = image_inputs(example["image"], model.spec)
+        ids = chat_prompt(tokenizer, CAPTION_PROMPT_EN, image_tokens=n)
+        image_requests.append(Request(ids, arrays, max_new_tokens=args.tau_tokens))
+        text = shapes_world.generate_text_example(seed, "validation", i)["text"]
+        text_requests.append(Request(tokenizer.encode(text)[:12], max_new_tokens=args.tau_tokens))
+    out = {}
+    for kind, requests in (("image", image_requests), ("text", text_requests)):
+        longest = max(len(r.tokens) for r in requests) + args.tau_tokens
+        engine = Engine(model, max_slots=len(requests), max_seq_len=longest, page_size=16, steps=4,
+                        max_chunk=longest, speculate=args.tau_k)
+        for r in requests:
+            engine.submit(r)
+        engine.run()
+        m = engine.metrics()
+        out[f"tau_{kind}"] = float(m["spec_tau"])
+        for j in range(1, args.tau_k + 1):
+            out[f"accept_{kind}_{j}"] = float(m[f"spec_acceptance_{j}"])
+    return out
 
 
 def vision_positions(args, seed: int) -> dict:
@@ -199,6 +236,7 @@ def summarize(run: dict, vis: dict, args) -> dict:
                                                       vis["itemsize"]))
     for d, c in run["mtp"].items():
         out[f"mtp_{d}_end"], out[f"mtp_{d}_tail"] = c[-1], tail_mean(c, args.tail)
+    out.update(run.get("speculation", {}))
     if run["eval_main"]:
         out["eval_main_end"] = run["eval_main"][-1]
         for d, c in run["eval_mtp"].items():
@@ -278,6 +316,9 @@ def write_markdown(table, runs_rows, identical, vis, args, argv, out: Path, mach
     for d in depth_keys:
         head += [f"{d} end", f"{d} last {args.tail:.0%}"]
     head += ["eval main end", "smoothness (var Δmain)", "grad spikes", "s/step", "vision B/step"]
+    spec = all("tau_image" in r for r in table)
+    if spec:
+        head += ["τ image", "τ text"]
     lines = ["# MMTP ablation: image_token vs visual_embed vs mask", "",
              f"Command: `python experiments/mmtp_ablation.py {shlex.join(argv)}`", "",
              f"Preset `{args.preset}`, {args.steps} steps, seeds {args.seeds}, "
@@ -294,6 +335,8 @@ def write_markdown(table, runs_rows, identical, vis, args, argv, out: Path, mach
             cells += [_fmt(r, f"{d}_end"), _fmt(r, f"{d}_tail")]
         cells += [_fmt(r, "eval_main_end") if "eval_main_end" in r else "-", f"{r['smoothness']:.3g}",
                   _fmt(r, "grad_spikes", 1), _fmt(r, "s_per_step", 3), f"{r['vision_bytes_per_step']:,.0f}"]
+        if spec:
+            cells += [_fmt(r, "tau_image", 2), _fmt(r, "tau_text", 2)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Per run:", "", "| mode | seed | main end | smoothness | grad spikes (steps) | s/step | wall s |",
               "|---|---|---|---|---|---|---|"]
@@ -309,8 +352,12 @@ def write_markdown(table, runs_rows, identical, vis, args, argv, out: Path, mach
               f"step); s/step = median per-step wall time (1/perf/steps_per_s, log_every=1) after the first 10% "
               f"of steps; vision B/step = sum over MTP depths of the stream positions whose input is an image "
               f"position x embed width x dtype bytes (visual_embed only; image_token and mask take no vision "
-              f"features), counted on the first {args.vision_batches} batches of each seed. See the module "
-              f"docstring.", "", "![curves](curves.png)", ""]
+              f"features), counted on the first {args.vision_batches} batches of each seed; τ = tokens per "
+              f"verify round of greedy MTP speculative decoding with the final model, "
+              f"{args.tau_k} drafts per round (depth 1 reused), {args.tau_tokens} new tokens for "
+              f"{args.tau_prompts} image prompts (a validation image and the caption request) and "
+              f"{args.tau_prompts} text prompts (`speculation_tau`; 1 = nothing accepted, "
+              f"{args.tau_k + 1} = every draft). See the module docstring.", "", "![curves](curves.png)", ""]
     text = "\n".join(lines)
     (out / "results.md").write_text(text)
     return text
@@ -368,6 +415,9 @@ def parse_args(argv=None):
     p.add_argument("--spike_k", type=float, default=2.0)
     p.add_argument("--spike_window", type=int, default=20)
     p.add_argument("--vision_batches", type=int, default=20, help="batches replayed to count vision positions")
+    p.add_argument("--tau_k", type=int, default=3, help="drafts per round for the speculative tau; 0: skip")
+    p.add_argument("--tau_prompts", type=int, default=8, help="image prompts and text prompts for tau")
+    p.add_argument("--tau_tokens", type=int, default=32, help="new tokens per tau prompt")
     p.add_argument("--batch_hash", action=argparse.BooleanOptionalAction, default=True,
                    help="log a per-step batch hash and check the modes saw identical batches")
     p.add_argument("--data_dir", type=Path, default=Path("/tmp/mmtp_ablation/data"), help="shared, built once")

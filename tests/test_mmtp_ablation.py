@@ -41,6 +41,7 @@ def result(tmp_path_factory):
     nb, seconds = execute("mmtp_ablation", {
         "STEPS": STEPS, "SEEDS": "0", "EVAL_EVERY": 0, "WORKDIR": str(tmp / "work"), "OUT_DIR": str(tmp / "out"),
         "EXTRA_ARGS": ["--batch_size", "2", "--seq_len", "128", "--vision_batches", str(STEPS),
+                       "--tau_prompts", "1", "--tau_tokens", "4",
                        *[a for item in sets for a in ("--set", item)]]})
     print(f"mmtp_ablation notebook: {seconds:.0f} s")
     out = json.loads((tmp / "out" / "results.json").read_text())
@@ -62,15 +63,17 @@ def test_outputs_written_with_a_row_per_mode(result):
     data = json.loads((out_dir / "results.json").read_text())
     assert [r["mode"] for r in data["table"]] == list(MODES)
     columns = {"main_end", "main_tail", "mtp_1_end", "mtp_1_tail", "smoothness", "grad_spikes", "s_per_step",
-               "vision_bytes_per_step", "seeds"}
+               "vision_bytes_per_step", "seeds", "tau_image", "tau_text", "accept_image_1"}
     for row in data["table"]:
         assert columns <= set(row), columns - set(row)
         assert np.isfinite(row["main_end"]) and row["s_per_step"] > 0
+        assert 1 <= row["tau_image"] <= 4 and 1 <= row["tau_text"] <= 4  # speculative decoding, k = 3
     for run in data["runs"]:
         assert len(run["loss_main"]) == len(run["mtp"]["1"]) == len(run["grad_norm"]) == STEPS
     md = (out_dir / "results.md").read_text()
     for mode in MODES:
         assert f"| {mode} |" in md
+    assert "| τ image | τ text |" in md
     assert "mmtp_ablation.py --preset tiny" in md and "jax " in md and "seed 0: yes" in md
     assert "Verdict (paired by seed, 1 seed)" in md
     assert (out_dir / "curves.png").stat().st_size > 1000
