@@ -1,17 +1,20 @@
-"""Generation: a paged KV cache and the pieces of a batched engine (layered above `models/`).
+"""Generation: a paged KV cache and a continuous-batching engine (layered above `models/`).
 
-  pages.py     host page pool: free list, reference counts, fork with copy-on-write of the last page
-  kv_cache.py  the device cache (pages per layer stack) and page copies (copy-on-write of forks)
-  sampling.py  per-request sampling parameters as arrays; tokens with logp_raw and logp_sampled
-  decode.py    jitted prefill and on-device multi-step decode (cache donated, per-row stop), and the
-               offline `generate(model, prompts, images=..., ...)` built on them
+  pages.py       host page pool: free list, reference counts, fork with copy-on-write of the last page
+  kv_cache.py    the device cache (pages per layer stack) and page copies (copy-on-write of forks)
+  sampling.py    per-request sampling parameters as arrays; tokens with logp_raw and logp_sampled
+  requests.py    Request / Sample / Completion, image-block checks, prompt chunking
+  decode.py      jitted extend (prefill, chunks, appended turns), first-token sampling, the on-device
+                 multi-step decode loop over slots (cache donated, per-slot stop), fork page copies
+  speculative.py MTP speculative decoding: draft with depth 1, verify k+1 tokens, accept, roll back
+  engine.py      the host scheduler: queue, admission by free slots and pages, batched prefill, groups,
+                 abort, multi-turn extend, versioned weight updates, metrics, warm-up
+  offline.py     `generate(model, prompts, images=..., n=...)` -> arrays, through the engine
   run_loader.py  `load_run(workdir, step=None)` -> (model, tokenizer, config) of a VLM run; the chat
-               prompt of a turn; an image preprocessed as in training
-  __main__.py  `python -m glm5v_jax.generate --workdir=RUN --prompt=... [--image=PATH]`
+                 prompt of a turn; an image preprocessed as in training
+  __main__.py    `python -m glm5v_jax.generate --workdir=RUN --prompt=... [--image=PATH]`
 
-The backbone runs over the cache with `GLMBackbone.run_layers_cached` (`layers.attention.CachePages`
-says where the new tokens go).
-
-Attention over the cache is `glm5v_jax.kernels.paged_attention_reference` (pure jnp; the Pallas TPU
-paged-attention kernel uses the same `[KV, P, page, D]` layout).
+The model runs over the cache with `GLM5V.extend_cached` (main head) and `GLM5V.extend_mtp_cached`
+(MTP depths); `layers.attention.CachePages` says where new tokens go, and `kernels.paged_attention`
+attends over the pages (reference or jax's Pallas TPU kernel).
 """
