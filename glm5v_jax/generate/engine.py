@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Iterable
+from typing import Any, Iterable
 
 import jax
 import numpy as np
 from flax import nnx
 
 from glm5v_jax.generate import decode, speculative
-from glm5v_jax.generate.kv_cache import StackCache
+from glm5v_jax.generate.kv_cache import StackCache, cache_sharding
 from glm5v_jax.generate.pages import PagePool, pages_needed
-from glm5v_jax.generate.requests import IMAGE_DTYPES, IMAGE_KEYS, Completion, Request, Sample, check_images, chunks
+from glm5v_jax.generate.requests import (IMAGE_DTYPES, IMAGE_KEYS, Completion, Request, Sample, check_images, chunks,
+                                         pad_images, pow2)
 from glm5v_jax.generate.sampling import sampling_params
 from glm5v_jax.models.mmtp import MMTPMode, stack_name, stream_keep
 
@@ -40,9 +41,6 @@ def _put(x: np.ndarray) -> jax.Array:
     """Host array to device. (Not `jnp.asarray`: on some jax versions that compiles a copy per new shape.)"""
     return jax.device_put(x)
 
-
-def _pow2(n: int, low: int = 1) -> int:
-    return max(low, 1 << (max(int(n), 1) - 1).bit_length())
 
 
 class _Seq:
@@ -86,8 +84,8 @@ class Engine:
             raise ValueError("Engine: speculate needs a model with MTP depths (spec.mtp.num_depths >= 1)")
         self.speculate = speculate  # drafts per round; then `steps` counts rounds
         self.max_slots, self.page_size, self.steps = max_slots, page_size, steps
-        self.prefill_rows, self.max_chunk = prefill_rows, _pow2(max_chunk)
-        self.min_chunk = min(_pow2(min_chunk), self.max_chunk)
+        self.prefill_rows, self.max_chunk = prefill_rows, pow2(max_chunk)
+        self.min_chunk = min(pow2(min_chunk), self.max_chunk)
         self.max_stop_ids = max_stop_ids
         self.pages_per_seq = pages_needed(max_seq_len + speculate, page_size)  # a verify writes k past the end
         self.capacity = max_seq_len  # tokens a sequence may hold
@@ -188,8 +186,8 @@ class Engine:
         with self._lock:
             r, v = self.prefill_rows, self.spec.vision
             width, shapes = self.pages_per_seq, 0
-            image_counts = [0] + [1 << i for i in range(_pow2(max_images).bit_length()) if max_images]
-            zeros_r = _put(np.zeros((r,), np.int32))
+            image_counts = [0] + [1 << i for i in range(pow2(max_images).bit_length()) if max_images]
+            zeros_r = np.zeros((r,), np.int32)
             s = self.min_chunk
             while s <= self.max_chunk:
                 for k in image_counts:
@@ -199,36 +197,16 @@ class Engine:
                                      "patch_yx": (k, v.max_patches, 2), "patch_valid": (k, v.max_patches),
                                      "image_grid": (k, 2), "image_valid": (k,)}
                         chunk.update({n: _put(np.zeros(shp, IMAGE_DTYPES[n])) for n, shp in shapes_of.items()})
-                    args = (self.graphdef, self.state, self.cache, chunk, _put(np.zeros((r, width), np.int32)),
-                            zeros_r, zeros_r)
-                    if self.speculate:
-                        self.cache, _, self._last, _ = speculative.extend_speculative(*args, self._empty_drafts(r))
-                    else:
-                        self.cache, _, self._last = decode.extend(*args)
+                    self._run_extend(chunk, np.zeros((r, width), np.int32), zeros_r, zeros_r, [])
                     shapes += 1
                 s *= 2
-            b = self.max_slots
-            params = sampling_params(b, temperature=np.zeros(b, np.float32), top_k=np.zeros(b, np.int32),
-                                     top_p=np.ones(b), seed=np.zeros(b))
-            zeros_b = _put(np.zeros((b,), np.int32))
-            decode.sample_rows(self._last, zeros_b, params, zeros_b, self.banned)
+            zeros_b = _put(np.zeros((self.max_slots,), np.int32))
+            decode.sample_rows(self._last, zeros_b, self._params([]), zeros_b, self.banned)
             self.cache = decode.copy_forked_pages(self.cache, zeros_b, zeros_b)
             widths = sorted({min(1 << i, width) for i in range(width.bit_length() + 1)})
             for w in widths:
-                slots = decode.Slots(_put(np.zeros((b, w), np.int32)), zeros_b, zeros_b, zeros_b,
-                                     _put(np.zeros((b,), bool)), zeros_b, zeros_b,
-                                     _put(np.full((b, self.max_stop_ids), -1, np.int32)))
-                if self.speculate:
-                    self.cache, *_ = speculative.speculative_steps(self.graphdef, self.state, self.speculate,
-                                                                   self.steps, self.cache, slots,
-                                                                   self._empty_drafts(b), params, self.banned)
-                else:
-                    self.cache, _, _ = decode.decode_steps(self.graphdef, self.state, self.steps, self.cache, slots,
-                                                           params, self.banned)
+                self._run_decode([], w)
             return shapes + 2 + len(widths)
-
-    def _empty_drafts(self, rows: int) -> speculative.Draft:
-        return speculative.stack_drafts([], rows, self.speculate + 1, self.spec.backbone.embed_dim)
 
     @property
     def idle(self) -> bool:
@@ -374,7 +352,7 @@ class Engine:
     def _extend_call(self, rows) -> None:
         r, width = self.prefill_rows, self.pages_per_seq
         n_max = max(end - start for _, (start, end, _, _), _ in rows)
-        s = min(_pow2(n_max, self.min_chunk), self.max_chunk)
+        s = min(pow2(n_max, self.min_chunk), self.max_chunk)
         tokens, valid = np.zeros((r, s), np.int32), np.zeros((r, s), bool)
         table, start, offsets = np.zeros((r, width), np.int32), np.zeros((r,), np.int32), np.zeros((r,), np.int32)
         images = []
@@ -387,21 +365,14 @@ class Engine:
                 images.append({k: np.asarray(job.new_images[k])[ia:ib] for k in IMAGE_KEYS})
         chunk = {"tokens": _put(tokens), "valid": _put(valid)}
         if images:
-            padded = _pad_images(images)
+            padded = pad_images(images)
             self._metrics["images_encoded"] += int(padded["image_valid"].sum())
             chunk.update({k: _put(v) for k, v in padded.items()})
-        args = (self.graphdef, self.state, self.cache, chunk, _put(table), _put(start), _put(offsets))
         if self.speculate:
             for job, _, _ in rows:
                 if job.seqs[0].draft is None:
                     job.seqs[0].draft = speculative.empty_draft(self.speculate + 1, self.spec.backbone.embed_dim)
-            drafts = speculative.stack_drafts([job.seqs[0].draft for job, _, _ in rows], r, self.speculate + 1,
-                                              self.spec.backbone.embed_dim)
-            self.cache, new_offsets, self._last, left = speculative.extend_speculative(*args, drafts)
-            left = jax.device_get(left)
-        else:
-            self.cache, new_offsets, self._last = decode.extend(*args)
-        new_offsets = np.asarray(new_offsets)
+        new_offsets, left = self._run_extend(chunk, table, start, offsets, [job.seqs[0].draft for job, _, _ in rows])
         self._metrics["prefill_calls"] += 1
         for i, (job, (a, b, _, _), _) in enumerate(rows):
             seq = job.seqs[0]
@@ -413,20 +384,33 @@ class Engine:
         if last_rows:
             self._sample_first(last_rows)
 
+    def _run_extend(self, chunk: dict, table, start, offsets, drafts: list) -> tuple[np.ndarray, Any]:
+        """One extend call (with the MTP stream when speculating): (new offsets, the drafts left or None)."""
+        args = (self.graphdef, self.state, self.cache, chunk, _put(table), _put(start), _put(offsets))
+        if not self.speculate:
+            self.cache, new_offsets, self._last = decode.extend(*args)
+            return np.asarray(new_offsets), None
+        stacked = speculative.stack_drafts(drafts, self.prefill_rows, self.speculate + 1, self.spec.backbone.embed_dim)
+        self.cache, new_offsets, self._last, left = speculative.extend_speculative(*args, stacked)
+        return np.asarray(new_offsets), jax.device_get(left)
+
+    def _params(self, rows: list[tuple[int, _Job, _Seq]]):
+        """Sampling parameters of `max_slots` rows: (row, job, seq) entries, greedy elsewhere."""
+        b = self.max_slots
+        temp, top_k, top_p, seed = np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b), np.zeros(b)
+        for i, job, seq in rows:
+            s = job.request.sampling
+            temp[i], top_k[i], top_p[i], seed[i] = s.temperature, s.top_k, s.top_p, job.seed + seq.index
+        return sampling_params(b, temperature=temp, top_k=top_k, top_p=top_p, seed=seed)
+
     def _sample_first(self, last_rows) -> None:
         """The first token of every sample of the jobs whose prompts ended in the last extend call."""
         b = self.max_slots
         rows, counter = np.zeros((b,), np.int32), np.zeros((b,), np.int32)
-        temp, top_k, top_p, seed = np.zeros((b,), np.float32), np.zeros((b,), np.int32), np.ones((b,)), np.zeros(b)
-        slots = []
-        for row, job in last_rows:
-            s = job.request.sampling
-            for seq in job.seqs:
-                k = len(slots)
-                rows[k], counter[k] = row, job.seqs[0].length
-                temp[k], top_k[k], top_p[k], seed[k] = s.temperature, s.top_k, s.top_p, job.seed + seq.index
-                slots.append((job, seq))
-        params = sampling_params(b, temperature=temp, top_k=top_k, top_p=top_p, seed=seed)
+        slots = [(job, seq) for _, job in last_rows for seq in job.seqs]
+        for k, (row, job) in enumerate((row, job) for row, job in last_rows for _ in job.seqs):
+            rows[k], counter[k] = row, job.seqs[0].length
+        params = self._params([(k, job, seq) for k, (job, seq) in enumerate(slots)])
         tok, raw, smp = (np.asarray(x) for x in decode.sample_rows(self._last, _put(rows), params,
                                                                    _put(counter), self.banned))
         for k, (job, seq) in enumerate(slots):
@@ -455,37 +439,15 @@ class Engine:
         self._metrics["tokens"] += 1
 
     def _decode(self, finished: list[Completion]) -> None:
-        b, k = self.max_slots, self.max_stop_ids
         live_seqs = [(i, js) for i, js in enumerate(self._slot_seq) if js is not None and js[1].sample.finish is None]
         longest = max(js[1].length for _, js in live_seqs) + self.steps * (self.speculate + 1)
-        width = min(_pow2(pages_needed(longest, self.page_size)), self.pages_per_seq)
-        table = np.zeros((b, width), np.int32)
-        pending, length, offset, count, limit = (np.zeros((b,), np.int32) for _ in range(5))
-        live, stop_ids = np.zeros((b,), bool), np.full((b, k), -1, np.int32)
-        temp, top_k, top_p, seed = np.zeros((b,), np.float32), np.zeros((b,), np.int32), np.ones((b,)), np.zeros(b)
-        for i, (job, seq) in live_seqs:
-            n = min(len(seq.pages), width)
-            table[i, :n] = seq.pages[:n]
-            pending[i], length[i], offset[i] = seq.sample.tokens[-1], seq.length, seq.offset
-            count[i], limit[i], live[i] = seq.count, seq.limit, True
-            stop_ids[i, :len(job.stop)] = job.stop
-            s = job.request.sampling
-            temp[i], top_k[i], top_p[i], seed[i] = s.temperature, s.top_k, s.top_p, job.seed + seq.index
-        slots = decode.Slots(*(_put(x) for x in (table, pending, length, offset, live, count, limit, stop_ids)))
-        params = sampling_params(b, temperature=temp, top_k=top_k, top_p=top_p, seed=seed)
+        width = min(pow2(pages_needed(longest, self.page_size)), self.pages_per_seq)
+        after, emitted, drafts, acc = self._run_decode([(i, job, seq) for i, (job, seq) in live_seqs], width)
+        b = self.max_slots
         if self.speculate:
-            k1, hidden = self.speculate + 1, self.spec.backbone.embed_dim
-            drafts = speculative.stack_drafts([js[1].draft if js is not None else None for js in self._slot_seq], b,
-                                              k1, hidden)
-            self.cache, after, drafts, emitted, acc = speculative.speculative_steps(
-                self.graphdef, self.state, self.speculate, self.steps, self.cache, slots, drafts, params, self.banned)
-            drafts, acc = jax.device_get((drafts, acc))
             ran, useful = int(acc.ran), int(acc.rounds)
             self._metrics.update(spec_rounds=useful, spec_tokens=int(acc.emitted),
                                  **{f"spec_accepted_{j + 1}": int(a) for j, a in enumerate(acc.accepted)})
-        else:
-            self.cache, after, emitted = decode.decode_steps(self.graphdef, self.state, self.steps, self.cache, slots,
-                                                             params, self.banned)
         toks, raw, smp, stopped = (np.asarray(x) for x in emitted)
         length, offset, count, still = (np.asarray(x) for x in (after.length, after.offset, after.count, after.live))
         if not self.speculate:
@@ -501,6 +463,32 @@ class Engine:
                 self._end(seq, "stop" if stopped[i] else "length" if seq.limit == job.budget else "capacity")
         for job in {id(j): j for _, (j, _) in live_seqs}.values():
             self._maybe_done(job, finished)
+
+    def _run_decode(self, rows: list[tuple[int, _Job, _Seq]], width: int):
+        """One decode call over every slot (`rows`: the live ones) with a page table `width` pages wide:
+        (slots after, Emitted, the drafts after and Acceptance (speculating) or None)."""
+        b = self.max_slots
+        table = np.zeros((b, width), np.int32)
+        pending, length, offset, count, limit = (np.zeros((b,), np.int32) for _ in range(5))
+        live, stop_ids = np.zeros((b,), bool), np.full((b, self.max_stop_ids), -1, np.int32)
+        for i, job, seq in rows:
+            n = min(len(seq.pages), width)
+            table[i, :n] = seq.pages[:n]
+            pending[i], length[i], offset[i] = seq.sample.tokens[-1], seq.length, seq.offset
+            count[i], limit[i], live[i] = seq.count, seq.limit, True
+            stop_ids[i, :len(job.stop)] = job.stop
+        slots = decode.Slots(*(_put(x) for x in (table, pending, length, offset, live, count, limit, stop_ids)))
+        params = self._params(rows)
+        if not self.speculate:
+            self.cache, after, emitted = decode.decode_steps(self.graphdef, self.state, self.steps, self.cache, slots,
+                                                             params, self.banned)
+            return after, emitted, None, None
+        by_slot = {i: seq.draft for i, _, seq in rows}
+        drafts = speculative.stack_drafts([by_slot.get(i) for i in range(b)], b, self.speculate + 1,
+                                          self.spec.backbone.embed_dim)
+        self.cache, after, drafts, emitted, acc = speculative.speculative_steps(
+            self.graphdef, self.state, self.speculate, self.steps, self.cache, slots, drafts, params, self.banned)
+        return (after, emitted, *jax.device_get((drafts, acc)))
 
     def _end(self, seq: _Seq, reason: str) -> None:
         seq.sample.finish = reason
@@ -531,22 +519,4 @@ class Engine:
 
     def _completion(self, job: _Job) -> Completion:
         """A snapshot: the engine's own samples keep growing if the conversation is extended."""
-        return Completion(job.id, job.prompt_length, [_copy_sample(s.sample) for s in job.seqs])
-
-
-def _copy_sample(s: Sample) -> Sample:
-    return Sample(list(s.tokens), list(s.logp_raw), list(s.logp_sampled), list(s.versions), s.finish, s.remaining)
-
-
-def _pad_images(images: list[dict]) -> dict[str, np.ndarray]:
-    """The chunk's images in order, padded to a power-of-two count with invalid images."""
-    joined = {k: np.concatenate([np.asarray(im[k], dt) for im in images]) for k, dt in IMAGE_DTYPES.items()}
-    n = len(joined["image_valid"])
-    pad = _pow2(n) - n
-    return {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in joined.items()}
-
-
-def cache_sharding(mesh: jax.sharding.Mesh, num_kv_heads: int):
-    """The cache on a mesh: KV heads over `tensor` when they divide, every other axis replicated."""
-    axis = "tensor" if "tensor" in mesh.axis_names and num_kv_heads % mesh.shape["tensor"] == 0 else None
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axis, None, None, None))
+        return Completion(job.id, job.prompt_length, [s.sample.copy() for s in job.seqs])

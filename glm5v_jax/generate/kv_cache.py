@@ -30,3 +30,9 @@ class StackCache:
 def copy_pages(cache: dict[str, jax.Array], src: jax.Array, dst: jax.Array) -> dict[str, jax.Array]:
     """Copy pages `src[i]` to `dst[i]` in every layer of a stack's cache (a fork's copy-on-write)."""
     return {name: a.at[:, :, dst].set(a[:, :, src]) for name, a in cache.items()}
+
+
+def cache_sharding(mesh: jax.sharding.Mesh, num_kv_heads: int) -> jax.sharding.NamedSharding:
+    """A stack's cache on a mesh: KV heads over `tensor` when they divide, every other axis replicated."""
+    axis = "tensor" if "tensor" in mesh.axis_names and num_kv_heads % mesh.shape["tensor"] == 0 else None
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, axis, None, None, None))

@@ -57,6 +57,10 @@ class Sample:
     finish: str | None = None
     remaining: int = 0  # tokens the turn could still have emitted
 
+    def copy(self) -> "Sample":
+        return Sample(list(self.tokens), list(self.logp_raw), list(self.logp_sampled), list(self.versions),
+                      self.finish, self.remaining)
+
 
 @dataclasses.dataclass
 class Completion:
@@ -115,3 +119,16 @@ def chunks(tokens: np.ndarray, image_token_id: int, max_chunk: int) -> list[tupl
         out.append((start, end, image, image + n_images))
         start, image = end, image + n_images
     return out
+
+
+def pow2(n: int, low: int = 1) -> int:
+    """The bucket of a size: the next power of two, at least `low`."""
+    return max(low, 1 << (max(int(n), 1) - 1).bit_length())
+
+
+def pad_images(images: list[dict]) -> dict[str, np.ndarray]:
+    """A chunk's image slots in order (`IMAGE_DTYPES`), padded to a power-of-two count with invalid images."""
+    joined = {k: np.concatenate([np.asarray(im[k], dt) for im in images]) for k, dt in IMAGE_DTYPES.items()}
+    n = len(joined["image_valid"])
+    pad = pow2(n) - n
+    return {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in joined.items()}
