@@ -1,6 +1,7 @@
 """Small model specs, batches and configs shared by the tests."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import sys
@@ -210,17 +211,25 @@ def paged_cache(stacks: dict[str, int], backbone, num_pages: int, page_size: int
 
 def image_blocks(row, image_id: int = IMAGE_ID) -> list[tuple[int, int]]:
     """(start, end) of each run of image tokens in a row of token ids."""
-    out, start = [], None
-    for i, t in enumerate(list(row) + [-1]):
-        if t == image_id and start is None:
-            start = i
-        elif t != image_id and start is not None:
-            out.append((start, i))
-            start = None
-    return out
+    from glm5v_jax.generate.requests import image_blocks as runs
+
+    return [(start, start + n) for start, n in runs(np.asarray(row), image_id)]
 
 
-IMAGE_KEYS = ("patches", "patch_yx", "patch_valid", "image_grid", "image_valid")
+@contextlib.contextmanager
+def count_compiles():
+    """Yields a list that collects one entry per XLA compilation (jax's backend-compile events) inside."""
+    compiles = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def one_sequence_batch(seq_len: int = 64) -> tuple[dict, int]:

@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glm5v_jax.generate.kv_cache import StackCache
 from glm5v_jax.layers.attention import CachePages
 from glm5v_jax.models.backbone import GLMBackbone
-from helpers import small_spec
+from helpers import image_blocks, paged_cache, small_spec
 
 PAGE, PAGES_PER_ROW = 4, 6  # a row holds up to 24 tokens
 
@@ -20,9 +19,8 @@ def _positions(index: np.ndarray) -> jnp.ndarray:
     return jnp.asarray(np.repeat(index[..., None], 3, axis=-1), jnp.int32)
 
 
-def _cache(spec, num_pages: int) -> dict:
-    return {name: StackCache(n, spec.num_kv_heads, spec.head_dim).init(num_pages, PAGE)
-            for name, n in (("dense_layers", spec.first_k_dense), ("moe_layers", spec.num_moe_layers)) if n}
+def _backbone_stacks(spec) -> dict[str, int]:
+    return {name: n for name, n in (("dense_layers", spec.first_k_dense), ("moe_layers", spec.num_moe_layers)) if n}
 
 
 def test_cached_chunks_and_decode_equal_the_full_forward():
@@ -38,7 +36,7 @@ def test_cached_chunks_and_decode_equal_the_full_forward():
 
     num_pages = b * PAGES_PER_ROW + 2
     table = jnp.asarray(rng.permutation(num_pages)[:b * PAGES_PER_ROW].reshape(b, PAGES_PER_ROW), jnp.int32)
-    cache = _cache(spec, num_pages)
+    cache = paged_cache(_backbone_stacks(spec), spec, num_pages, PAGE)
 
     @nnx.jit
     def step(model, cache, tokens, index, valid, lengths):
@@ -66,17 +64,6 @@ def test_cached_chunks_and_decode_equal_the_full_forward():
                                    atol=1e-5)
 
 
-def _blocks(row: np.ndarray, image_id: int) -> list[tuple[int, int]]:
-    """(start, end) of each run of image tokens in a row."""
-    out, start = [], None
-    for i, t in enumerate(list(row) + [-1]):
-        if t == image_id and start is None:
-            start = i
-        elif t != image_id and start is not None:
-            out.append((start, i))
-            start = None
-    return out
-
 
 def test_vlm_extend_with_images_then_decode_equals_the_full_forward():
     """A prompt with one image, an extend that appends two more images mid-conversation (CogViT and the
@@ -92,13 +79,13 @@ def test_vlm_extend_with_images_then_decode_equals_the_full_forward():
     length = int(batch["segment_ids"].sum())
     full = model({k: jnp.asarray(v) for k, v in batch.items()})
     full_positions = np.asarray(model.positions({k: jnp.asarray(v) for k, v in batch.items()}))
-    blocks = _blocks(batch["tokens"][0, :length], IMAGE_ID)
+    blocks = image_blocks(batch["tokens"][0, :length], IMAGE_ID)
     assert len(blocks) == 3 and blocks[-1][1] < length - 2
     image_keys = ("patches", "patch_yx", "patch_valid", "image_grid", "image_valid")
 
     num_pages = 20
     table = jnp.asarray(np.random.default_rng(1).permutation(num_pages)[None, :PAGES_PER_ROW * 3], jnp.int32)
-    cache = _cache(spec.backbone, num_pages)
+    cache = paged_cache(_backbone_stacks(spec.backbone), spec.backbone, num_pages, PAGE)
 
     @nnx.jit
     def extend(model, cache, chunk, index, lengths, offsets):

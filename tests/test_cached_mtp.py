@@ -16,7 +16,8 @@ from flax import nnx
 
 from glm5v_jax.layers.attention import CachePages
 from glm5v_jax.models.vlm import GLM5V
-from helpers import IMAGE_ID, IMAGE_KEYS, image_blocks, one_sequence_batch, paged_cache, small_spec
+from glm5v_jax.generate.requests import IMAGE_KEYS
+from helpers import IMAGE_ID, image_blocks, one_sequence_batch, paged_cache, small_spec
 
 PAGE = 4
 

@@ -1,5 +1,5 @@
-"""The notebooks in colabs/: each .ipynb is in sync with its py:percent twin, and the quick start runs
-to the end with small settings. (The MMTP ablation notebook runs in tests/test_mmtp_ablation.py,
+"""The notebooks in colabs/: each .ipynb is in sync with its py:percent twin, and the quick start and the
+generation notebook run to the end with small settings. (The MMTP ablation notebook runs in tests/test_mmtp_ablation.py,
 whose checks of the experiment's outputs read that one run.)"""
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import jupytext
 import nbformat
 import pytest
 
+from helpers import STAGE_RUNS
 from notebooks import COLABS, SMALL_DATA, SMALL_MODEL, execute, has_output, text_outputs, with_parameters
 
-NOTEBOOKS = ("quickstart", "mmtp_ablation")
+NOTEBOOKS = ("quickstart", "mmtp_ablation", "generate")
 
 
 def _cells(nb, kind: str) -> list[tuple[str, list[str]]]:
@@ -51,3 +52,31 @@ def test_quickstart_runs(tmp_path):
     assert has_output(nb, "image/png")  # the sample image and the loss curve
     assert (tmp_path / "work" / "checkpoints" / "3").is_dir()
     print(f"quickstart notebook: {seconds:.0f} s")
+
+
+def test_generate_runs(tmp_path):
+    """A 2-step SFT run of a 2-layer model from the command line, then every section: its answers are
+    noise, so the checks are on what is printed, not on what the model says."""
+    _, sft_flags = STAGE_RUNS["vlm_sft"]  # the small data of the command-line stage tests
+    flags = ["--config.eval_every=0", "--config.log_every=1", *sft_flags,
+             *(f"--config.{k}={v}" for k, v in SMALL_MODEL.items())]
+    workdir = tmp_path / "sft"
+    nb, seconds = execute("generate", {"WORKDIR": str(workdir), "DATA_DIR": str(tmp_path / "data"), "STEPS": 2,
+                                       "FLAGS": flags, "IMAGES": 2, "N": 3, "MAX_NEW_TOKENS": 6})
+    text = text_outputs(nb)
+    print(text)
+    assert "step 2/2" in text and (workdir / "checkpoints" / "2").is_dir()
+    assert has_output(nb, "image/png")  # the shapes-world images
+    # Section 2: a caption and the questions of both images, each with the model's answer and the reference.
+    for i in range(2):
+        assert f"image {i}\n  caption   model: " in text
+    assert text.count("reference: ") >= 2 + 2 * 2 and "exact answers:" in text
+    assert "'prefill_calls': " in text and "'useful_slot_fraction': " in text
+    # Section 3: the group's samples cost one prefill (the others are forks).
+    assert "prefill calls for the 3 samples: 1" in text
+    assert "3 samples at temperature 1.0:" in text and "logp_sampled" in text
+    # Section 4: held, extended, released.
+    assert "held conversations: 1" in text and "held after release: 0" in text
+    # Section 5: the command line ran and printed an answer.
+    assert "$ python -m glm5v_jax.generate --workdir=" in text and "command line: " in text
+    print(f"generate notebook: {seconds:.0f} s")

@@ -15,7 +15,7 @@ from glm5v_jax.generate.engine import Engine
 from glm5v_jax.generate.requests import Request, Sampling
 from glm5v_jax.generate.speculative import accept_drafts
 from glm5v_jax.models.vlm import GLM5V
-from helpers import small_spec
+from helpers import count_compiles, small_spec
 from test_engine import _image_prompt, _naive_greedy
 
 PROMPTS = [[5, 17, 33, 8, 91, 12, 40], [7, 64, 3], [9] * 11]
@@ -131,16 +131,9 @@ def test_after_warmup_speculation_compiles_nothing():
     engine = Engine(model, max_slots=4, max_seq_len=64, page_size=8, prefill_rows=2, max_chunk=16, min_chunk=8,
                     steps=2, speculate=2)
     engine.warmup(max_images=1)
-    compiles = []
-
-    def listen(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
     rng = np.random.default_rng(0)
     image_prompt, images = _image_prompt(model)
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with count_compiles() as compiles:
         for i in range(24):
             if i % 6 == 2:
                 engine.submit(Request(image_prompt, images, max_new_tokens=4))
@@ -149,6 +142,4 @@ def test_after_warmup_speculation_compiles_nothing():
                                       n=int(rng.integers(1, 3)), max_new_tokens=int(rng.integers(1, 10)),
                                       sampling=Sampling(float(rng.choice([0.0, 1.0])), seed=i)))
         engine.run()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
     assert compiles == [] and engine.metrics()["completed"] == 24
