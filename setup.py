@@ -48,5 +48,8 @@ setup(
         # jaxlib and libtpu, so adding it does not move jax); also lets a CPU host compile for TPU
         # topologies (glm5v_jax.tools.aot, tests/test_aot.py)
         "tpu": ["jax[tpu]"],
+        # bench: experiments/bench_generate.py compares the generation engine with tunix's Sampler on the
+        # same weights (its tunix columns say "not installed" without it); tunix is never imported by the library
+        "bench": ["google-tunix>=0.1.7,<0.2"],
     },
 )
