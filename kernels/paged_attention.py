@@ -203,8 +203,12 @@ def paged_attention(
     interpret=None,
     pages_per_compute_block: int | None = None,
     megacore_mode: str | None = None,
+    layer: jax.Array | None = None,
 ) -> jax.Array:
     """Paged attention with a kernel where one fits, else the reference; see the module docstring.
+
+    With `layer`, k_pages and v_pages are whole stacks `[L, KV, P, page, D]` read at that layer (the
+    reference gathers from the stack directly; the kernels get the layer's slice).
 
     `pages_per_compute_block` (None: the largest divisor of N within 512 tokens on TPU, a power of
     two within 128 tokens on GPU) sets how many pages one kernel step loads. `megacore_mode`
@@ -212,6 +216,14 @@ def paged_attention(
     (v4, v5p); leave it None elsewhere (jax warns the kernel may hang without megacore).
     """
     check_backend(backend)
+    if layer is not None:
+        one_layer = (jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in (k_pages, v_pages))
+        reason = kernel_fallback_reason(q.shape, *one_layer, page_table.shape, backend=backend or "tpu",
+                                        pages_per_compute_block=pages_per_compute_block, megacore_mode=megacore_mode)
+        if reason is not None:
+            return paged_attention_reference(q, k_pages, v_pages, page_table, lengths, q_positions=q_positions,
+                                             scale=scale, layer=layer)
+        k_pages, v_pages = k_pages[layer], v_pages[layer]
     reference = lambda q, k, v, t, n, p: paged_attention_reference(q, k, v, t, n, q_positions=p,  # noqa: E731
                                                                    scale=scale)
     kernel_backend = backend or "tpu"

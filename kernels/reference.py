@@ -138,21 +138,29 @@ def _attend(logits: jax.Array, mask: jax.Array | None, v: jax.Array, dtype) -> t
     return out.reshape(b, s, kv * g, v.shape[-1]).astype(dtype), probs
 
 
-def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
-    """Paged K or V `[KV, P, page, D]` and page tables `[B, N]` -> contiguous `[B, N * page, KV, D]`."""
-    g = pages[:, page_table]  # [KV, B, N, page, D]
-    kv, b, n, size, d = g.shape
-    return g.transpose(1, 2, 3, 0, 4).reshape(b, n * size, kv, d)
+def gather_pages(pages: jax.Array, page_table: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+    """Paged K or V `[KV, P, page, D]` (or a stack `[L, KV, P, page, D]` read at `layer`) and page tables
+    `[B, N]` -> contiguous `[B, N * page, KV, D]`. Reading a stack at a layer gathers from it directly (no
+    copy of the layer: what a loop over layers carrying the whole stack needs)."""
+    if layer is None:
+        g = pages[:, page_table].transpose(1, 2, 0, 3, 4)  # [B, N, KV, page, D]
+    else:
+        g = pages[layer, :, page_table]  # [B, N, KV, page, D]
+    b, n, kv, size, d = g.shape
+    return g.transpose(0, 1, 3, 2, 4).reshape(b, n * size, kv, d)
 
 
 def paged_write(pages: jax.Array, new: jax.Array, page_table: jax.Array, token_index: jax.Array,
-                valid: jax.Array) -> jax.Array:
-    """Store K or V of new tokens: pages `[KV, P, page, D]`, new `[B, S, KV, D]` at token indices
-    `token_index [B, S]` of rows with tables `page_table [B, N]`; tokens where `valid [B, S]` is False
-    (padding of a bucket) are dropped, never written."""
-    _, num_pages, page_size, _ = pages.shape
+                valid: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+    """Store K or V of new tokens: pages `[KV, P, page, D]` (or a stack `[L, KV, P, page, D]`, written at
+    `layer`, in place), new `[B, S, KV, D]` at token indices `token_index [B, S]` of rows with tables
+    `page_table [B, N]`; tokens where `valid [B, S]` is False (padding of a bucket) are dropped, never
+    written."""
+    num_pages, page_size = pages.shape[-3], pages.shape[-2]
     page_of = jnp.clip(token_index // page_size, 0, page_table.shape[1] - 1)
     slot = jnp.where(valid, jnp.take_along_axis(page_table, page_of, axis=1), num_pages)  # out of range: dropped
+    if layer is not None:  # advanced indices around a slice: the update is [B, S, KV, D], new's own layout
+        return pages.at[layer, :, slot, token_index % page_size].set(new.astype(pages.dtype), mode="drop")
     values = new.transpose(2, 0, 1, 3).astype(pages.dtype)  # [KV, B, S, D]
     return pages.at[:, slot, token_index % page_size].set(values, mode="drop")
 
@@ -166,16 +174,18 @@ def paged_attention_reference(
     *,
     q_positions: jax.Array | None = None,
     scale: float | None = None,
+    layer: jax.Array | None = None,
 ) -> jax.Array:
     """Attention of new queries over a paged KV cache, in float32; returns `[B, S, H, D]` in q's dtype.
+    With `layer`, k_pages and v_pages are stacks `[L, KV, P, page, D]` read at that layer.
 
     q `[B, S, H, D]` (S = 1 for decode, a chunk for extend/verify); k_pages, v_pages `[KV, P, page, D]`;
     page_table `[B, N]` int32; lengths `[B]`: cached tokens of each row (the new ones included).
     Query s of row b sees key t when t < lengths[b] and, with `q_positions [B, S]` (the queries'
     token indices in their row), t <= q_positions[b, s] (causal). A row with lengths 0 gives zeros.
     """
-    k = gather_pages(k_pages, page_table)
-    v = gather_pages(v_pages, page_table)
+    k = gather_pages(k_pages, page_table, layer)
+    v = gather_pages(v_pages, page_table, layer)
     t = jnp.arange(k.shape[1])
     mask = jnp.broadcast_to(t[None, None, :] < lengths[:, None, None], (q.shape[0], q.shape[1], k.shape[1]))
     if q_positions is not None:

@@ -252,3 +252,31 @@ def test_the_engine_on_eight_devices_gives_one_devices_tokens(model):
         for a, b in zip(one.samples, eight.samples):
             assert a.tokens == b.tokens
             np.testing.assert_allclose(a.logp_raw, b.logp_raw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("speculate", [0, 2])
+def test_recorded_routing_is_the_routing_of_the_whole_sequence(model, speculate):
+    """Engine(record_routing=True): every fed token's routed experts (prompt chunks, decode steps or verify
+    steps) equal those of one extend of the whole sequence over a fresh cache."""
+    from glm5v_jax.generate import decode
+    from glm5v_jax.generate.kv_cache import StackCache
+
+    image_prompt, images = _image_prompt(model)
+    engine = Engine(model, max_slots=2, max_seq_len=48, page_size=4, max_chunk=8, steps=3, speculate=speculate,
+                    record_routing=True)
+    engine.submit(Request(image_prompt, images, max_new_tokens=9))
+    (done,) = engine.run()
+    s = done.samples[0]
+    seq = image_prompt + s.tokens[:-1]
+    assert len(s.expert_ids) == len(seq)
+    spec = model.spec.backbone
+    cache = {name: StackCache(n, spec.num_kv_heads, spec.head_dim).init(16, 4)
+             for name, n in model.cache_stacks().items()}
+    chunk = {"tokens": jnp.asarray([seq], jnp.int32), "valid": jnp.ones((1, len(seq)), bool),
+             **{k: jnp.asarray(v) for k, v in images.items()}}
+    graphdef, state = nnx.split(model)
+    zero = jnp.zeros((1,), jnp.int32)
+    *_, routing = decode.extend(graphdef, state, cache, chunk, jnp.arange(16, dtype=jnp.int32)[None], zero, zero)
+    want = np.asarray(routing)[0]  # [S, L_moe, top_k]
+    assert want.shape == (len(seq), spec.num_moe_layers, spec.experts_per_token)
+    np.testing.assert_array_equal(np.sort(np.stack(s.expert_ids), -1), np.sort(want, -1))

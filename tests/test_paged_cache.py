@@ -110,3 +110,28 @@ def test_pool_out_of_pages_allocates_nothing():
     with pytest.raises(OutOfPages):
         pool.fork(full[:2], 12)  # the partial last page needs a fresh one
     assert [pool.refcount(p) for p in full] == [1, 1, 1, 1]  # the failed fork changed nothing
+
+
+def test_a_stack_read_and_written_at_a_layer_equals_that_layers_pages():
+    """The layer-indexed forms (a loop over layers carrying the whole stack) write only that layer, in
+    place, and read what the layer's own pages give."""
+    rng = np.random.default_rng(3)
+    layers, kv, pages, page, d, b, s = 3, 2, 10, 4, 8, 2, 3
+    stack = jnp.asarray(rng.normal(size=(layers, kv, pages, page, d)), jnp.float32)
+    table = jnp.asarray(rng.permutation(pages)[:8].reshape(b, 4), jnp.int32)
+    index = jnp.asarray([[5, 6, 7], [0, 1, 2]], jnp.int32)
+    valid = jnp.asarray([[True, True, False], [True, True, True]])
+    new = jnp.asarray(rng.normal(size=(b, s, kv, d)), jnp.float32)
+    q = jnp.asarray(rng.normal(size=(b, s, 2 * kv, d)), jnp.float32)
+    lengths = jnp.asarray([7, 3], jnp.int32)
+    for layer in range(layers):
+        written = paged_write(stack, new, table, index, valid, jnp.int32(layer))
+        one = paged_write(stack[layer], new, table, index, valid)
+        np.testing.assert_array_equal(written[layer], one)
+        others = [i for i in range(layers) if i != layer]
+        np.testing.assert_array_equal(written[others], stack[others])
+        np.testing.assert_array_equal(gather_pages(written, table, jnp.int32(layer)), gather_pages(one, table))
+        got = paged_attention_reference(q, written, written, table, lengths, q_positions=index,
+                                        layer=jnp.int32(layer))
+        want = paged_attention_reference(q, one, one, table, lengths, q_positions=index)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

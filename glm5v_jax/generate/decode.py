@@ -51,6 +51,13 @@ class Emitted(NamedTuple):
     logp_raw: jax.Array  # float32 [B, steps]
     logp_sampled: jax.Array  # float32 [B, steps]
     stopped: jax.Array  # bool [B]: ended on a stop id
+    expert_ids: jax.Array  # int32 [B, steps, L_moe, top_k]: the routing of the token fed to emit each token
+
+
+def routing_shape(graphdef, state) -> tuple[int, int]:
+    """(MoE layers, experts per token) of a model's routing record ((0, 0) without MoE layers)."""
+    spec = nnx.merge(graphdef, state).spec.backbone
+    return (spec.num_moe_layers, spec.experts_per_token) if spec.num_moe_layers else (0, 0)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
@@ -65,7 +72,7 @@ def extend(graphdef, state, cache, chunk, table, start, offsets):
     index = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None]
     out = model.extend_cached(chunk, offsets, cache, CachePages(table, start + n, index, chunk["valid"]))
     last = jnp.take_along_axis(out["logits"], jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
-    return out["cache"], out["offsets"], last
+    return out["cache"], out["offsets"], last, out["expert_ids"]
 
 
 @functools.partial(jax.jit, static_argnums=(4,))
@@ -81,13 +88,14 @@ def decode_steps(graphdef, state, steps: int, cache, slots: Slots, params: Sampl
     next (stream counter: its token index; never a `banned` id) and ends the slot after a stop id or at its
     limit. Returns (cache, slots after the steps, Emitted)."""
     b = slots.pending.shape[0]
+    layers, top_k = routing_shape(graphdef, state)
 
     def cond(carry):
         i, _, _, slots, *_ = carry
         return (i < steps) & jnp.any(slots.live)
 
     def body(carry):
-        i, weights, cache, slots, toks, raw, smp, stopped = carry
+        i, weights, cache, slots, toks, raw, smp, stopped, ids = carry
         model = nnx.merge(graphdef, weights)  # the weights ride in the carry: nnx modules cannot close over
                                               # the outer trace's values
         live = slots.live
@@ -100,15 +108,16 @@ def decode_steps(graphdef, state, steps: int, cache, slots: Slots, params: Sampl
         toks = toks.at[:, i].set(jnp.where(live, nxt, -1))
         raw = raw.at[:, i].set(jnp.where(live, lr, 0.0))
         smp = smp.at[:, i].set(jnp.where(live, ls, 0.0))
+        ids = ids.at[:, i].set(out["expert_ids"][:, 0])
         slots = slots._replace(pending=jnp.where(live, nxt, slots.pending), length=slots.length + live,
                                offset=out["offsets"], count=count, live=live & ~hit & (count < slots.limit))
-        return i + 1, weights, out["cache"], slots, toks, raw, smp, stopped | hit
+        return i + 1, weights, out["cache"], slots, toks, raw, smp, stopped | hit, ids
 
     zeros = jnp.zeros((b, steps), jnp.float32)
     carry = (jnp.int32(0), state, cache, slots, jnp.full((b, steps), -1, jnp.int32), zeros, zeros,
-             jnp.zeros((b,), bool))
-    _, _, cache, slots, toks, raw, smp, stopped = jax.lax.while_loop(cond, body, carry)
-    return cache, slots, Emitted(toks, raw, smp, stopped)
+             jnp.zeros((b,), bool), jnp.zeros((b, steps, layers, top_k), jnp.int32))
+    _, _, cache, slots, toks, raw, smp, stopped, ids = jax.lax.while_loop(cond, body, carry)
+    return cache, slots, Emitted(toks, raw, smp, stopped, ids)
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))

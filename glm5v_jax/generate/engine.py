@@ -76,13 +76,15 @@ class Engine:
 
     def __init__(self, model: nnx.Module, *, max_slots: int = 8, max_seq_len: int = 512, page_size: int = 16,
                  num_pages: int | None = None, prefill_rows: int = 4, max_chunk: int = 256, min_chunk: int = 16,
-                 steps: int = 8, max_stop_ids: int = 4, mesh: jax.sharding.Mesh | None = None, speculate: int = 0):
+                 steps: int = 8, max_stop_ids: int = 4, mesh: jax.sharding.Mesh | None = None, speculate: int = 0,
+                 record_routing: bool = False):
         self.graphdef, self.state = nnx.split(model)
         self.spec = model.spec
         backbone = self.spec.backbone
         if speculate and model.mtp is None:
             raise ValueError("Engine: speculate needs a model with MTP depths (spec.mtp.num_depths >= 1)")
         self.speculate = speculate  # drafts per round; then `steps` counts rounds
+        self.record_routing = record_routing  # samples carry each fed token's routed experts
         self.max_slots, self.page_size, self.steps = max_slots, page_size, steps
         self.prefill_rows, self.max_chunk = prefill_rows, pow2(max_chunk)
         self.min_chunk = min(pow2(min_chunk), self.max_chunk)
@@ -347,6 +349,7 @@ class Engine:
             for seq in job.seqs[1:]:
                 seq.length, seq.offset = first.length, first.offset
                 seq.draft = None if first.draft is None else {k: v.copy() for k, v in first.draft.items()}
+                seq.sample.expert_ids = list(first.sample.expert_ids)  # the shared prompt's routing
         self._first_tokens(jobs, finished)
 
     def _extend_call(self, rows) -> None:
@@ -373,11 +376,14 @@ class Engine:
                 if job.seqs[0].draft is None:
                     job.seqs[0].draft = speculative.empty_draft(self.speculate + 1, self.spec.backbone.embed_dim)
         new_offsets, left = self._run_extend(chunk, table, start, offsets, [job.seqs[0].draft for job, _, _ in rows])
+        routing = np.asarray(self._routing) if self.record_routing else None
         self._metrics["prefill_calls"] += 1
         for i, (job, (a, b, _, _), _) in enumerate(rows):
             seq = job.seqs[0]
             seq.length += b - a
             seq.offset = int(new_offsets[i])
+            if routing is not None:
+                seq.sample.expert_ids.extend(routing[i, :b - a])
             if self.speculate:
                 seq.draft = speculative.row_draft(left, i)
         last_rows = [(i, job) for i, (job, _, is_last) in enumerate(rows) if is_last]
@@ -388,10 +394,10 @@ class Engine:
         """One extend call (with the MTP stream when speculating): (new offsets, the drafts left or None)."""
         args = (self.graphdef, self.state, self.cache, chunk, _put(table), _put(start), _put(offsets))
         if not self.speculate:
-            self.cache, new_offsets, self._last = decode.extend(*args)
+            self.cache, new_offsets, self._last, self._routing = decode.extend(*args)
             return np.asarray(new_offsets), None
         stacked = speculative.stack_drafts(drafts, self.prefill_rows, self.speculate + 1, self.spec.backbone.embed_dim)
-        self.cache, new_offsets, self._last, left = speculative.extend_speculative(*args, stacked)
+        self.cache, new_offsets, self._last, left, self._routing = speculative.extend_speculative(*args, stacked)
         return np.asarray(new_offsets), jax.device_get(left)
 
     def _params(self, rows: list[tuple[int, _Job, _Seq]]):
@@ -448,7 +454,8 @@ class Engine:
             ran, useful = int(acc.ran), int(acc.rounds)
             self._metrics.update(spec_rounds=useful, spec_tokens=int(acc.emitted),
                                  **{f"spec_accepted_{j + 1}": int(a) for j, a in enumerate(acc.accepted)})
-        toks, raw, smp, stopped = (np.asarray(x) for x in emitted)
+        toks, raw, smp, stopped = (np.asarray(x) for x in emitted[:4])
+        routing = np.asarray(emitted.expert_ids) if self.record_routing else None
         length, offset, count, still = (np.asarray(x) for x in (after.length, after.offset, after.count, after.live))
         if not self.speculate:
             ran, useful = int((toks >= 0).any(axis=0).sum()), int((toks >= 0).sum())
@@ -458,6 +465,8 @@ class Engine:
                 seq.draft = speculative.row_draft(drafts, i)
             for t in np.flatnonzero(toks[i] >= 0):
                 self._emit(seq, int(toks[i, t]), float(raw[i, t]), float(smp[i, t]))
+                if routing is not None:
+                    seq.sample.expert_ids.append(routing[i, t])
             seq.length, seq.offset, seq.count = int(length[i]), int(offset[i]), int(count[i])
             if not still[i]:
                 self._end(seq, "stop" if stopped[i] else "length" if seq.limit == job.budget else "capacity")

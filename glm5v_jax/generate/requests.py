@@ -56,10 +56,13 @@ class Sample:
     versions: list[int] = dataclasses.field(default_factory=list)
     finish: str | None = None
     remaining: int = 0  # tokens the turn could still have emitted
+    # with Engine(record_routing=True): the routed experts `[L_moe, top_k]` of every token fed to the model
+    # (the prompt's, then each generated token's but the last), for routing replay in RL
+    expert_ids: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     def copy(self) -> "Sample":
         return Sample(list(self.tokens), list(self.logp_raw), list(self.logp_sampled), list(self.versions),
-                      self.finish, self.remaining)
+                      self.finish, self.remaining, list(self.expert_ids))
 
 
 @dataclasses.dataclass

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glm5v_jax.generate.decode import Emitted, Slots
+from glm5v_jax.generate.decode import Emitted, Slots, routing_shape
 from glm5v_jax.generate.sampling import SamplingParams, sampled_logprobs
 from glm5v_jax.layers.attention import CachePages
 from glm5v_jax.models.mmtp import shift_left
@@ -82,7 +82,8 @@ def _mtp(model, h_prev, tokens, next_tokens, positions, known, cache, table, str
 def extend_speculative(graphdef, state, cache, chunk, table, start, offsets, draft: Draft):
     """`decode.extend` and the MTP stream: the waiting entries of `draft` (the last one's next token is the
     chunk's first) and the chunk's positions but its last go into the depth-1 cache. Returns (cache, offsets,
-    last logits `[R, V]`, the draft left: the chunk's last position, its next token still unknown)."""
+    last logits `[R, V]`, the draft left: the chunk's last position, its next token still unknown, the
+    chunk's routing `[R, S, L_moe, top_k]`)."""
     model = nnx.merge(graphdef, state)
     r, s = chunk["tokens"].shape
     valid = chunk["valid"]
@@ -114,7 +115,7 @@ def extend_speculative(graphdef, state, cache, chunk, table, start, offsets, dra
                  first_is(draft.tokens, take(chunk["tokens"], at)[:, 0]),
                  draft.next_tokens, jnp.where(has, 1, draft.count), mtp["stream_lengths"])
     last = take(out["logits"], at[..., None])[:, 0]
-    return mtp["cache"], out["offsets"], last, left
+    return mtp["cache"], out["offsets"], last, left, out["expert_ids"]
 
 
 def accept_drafts(p: jax.Array, q: jax.Array, drafts: jax.Array, greedy: jax.Array, accept_keys, next_keys
@@ -196,7 +197,7 @@ def _round(model, k: int, cache, slots: Slots, draft: Draft, params: SamplingPar
                       jnp.where(live[:, None], tokens, draft.tokens), jnp.where(live[:, None], nxt, draft.next_tokens),
                       jnp.where(live, e, draft.count), jnp.where(live, committed, draft.stream_length))
     return (cache, new_slots, new_draft, jnp.where(keep, emitted, -1), jnp.where(keep, raw, 0.0),
-            jnp.where(keep, smp, 0.0), stopped, ok & live[:, None])
+            jnp.where(keep, smp, 0.0), stopped, ok & live[:, None], main["expert_ids"])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3, 8), donate_argnums=(4,))
@@ -206,30 +207,34 @@ def speculative_steps(graphdef, state, k: int, rounds: int, cache, slots: Slots,
     Emitted with `rounds * (k + 1)` columns, Acceptance)."""
     b, k1 = slots.pending.shape[0], k + 1
     width = rounds * k1
+    layers, top_k = routing_shape(graphdef, state)
 
     def cond(carry):
         return (carry[0] < rounds) & jnp.any(carry[3].live)
 
     def body(carry):
-        i, weights, cache, slots, draft, filled, toks, raw, smp, stopped, acc, live_rounds = carry
+        i, weights, cache, slots, draft, filled, toks, raw, smp, stopped, acc, live_rounds, ids = carry
         model = nnx.merge(graphdef, weights)
         live = slots.live
-        cache, slots, draft, t, lr, ls, hit, ok = _round(model, k, cache, slots, draft, params, banned)
+        cache, slots, draft, t, lr, ls, hit, ok, fed = _round(model, k, cache, slots, draft, params, banned)
         cols = jnp.where(t >= 0, filled[:, None] + jnp.arange(k1)[None], width)  # out of range: dropped
         rows = jnp.arange(b)[:, None]
         toks = toks.at[rows, cols].set(t, mode="drop")
         raw = raw.at[rows, cols].set(lr, mode="drop")
         smp = smp.at[rows, cols].set(ls, mode="drop")
+        ids = ids.at[rows, cols].set(fed, mode="drop")  # the routing of the tokens fed to emit them
         filled = filled + jnp.sum(t >= 0, axis=1)
         return (i + 1, weights, cache, slots, draft, filled, toks, raw, smp, stopped | hit,
-                acc + jnp.sum(ok, axis=0), live_rounds + jnp.sum(live))
+                acc + jnp.sum(ok, axis=0), live_rounds + jnp.sum(live), ids)
 
     zeros = jnp.zeros((b, width), jnp.float32)
     carry = (jnp.int32(0), state, cache, slots, draft, jnp.zeros((b,), jnp.int32), jnp.full((b, width), -1, jnp.int32),
-             zeros, zeros, jnp.zeros((b,), bool), jnp.zeros((k,), jnp.int32), jnp.int32(0))
-    ran, _, cache, slots, draft, filled, toks, raw, smp, stopped, acc, live_rounds = jax.lax.while_loop(
+             zeros, zeros, jnp.zeros((b,), bool), jnp.zeros((k,), jnp.int32), jnp.int32(0),
+             jnp.zeros((b, width, layers, top_k), jnp.int32))
+    ran, _, cache, slots, draft, filled, toks, raw, smp, stopped, acc, live_rounds, ids = jax.lax.while_loop(
         cond, body, carry)
-    return cache, slots, draft, Emitted(toks, raw, smp, stopped), Acceptance(acc, live_rounds, jnp.sum(filled), ran)
+    return (cache, slots, draft, Emitted(toks, raw, smp, stopped, ids),
+            Acceptance(acc, live_rounds, jnp.sum(filled), ran))
 
 
 # ---------------------------------------------------------------- the host side of a slot's draft

@@ -186,18 +186,20 @@ class Attention(nnx.Module):
         return out
 
     def cached(self, x: jax.Array, cache: dict[str, jax.Array], pages: "CachePages", *,
-               rotary: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+               rotary: tuple[jax.Array, jax.Array] | None = None, layer: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Causal attention of new tokens x `[B, S, E]` over a paged KV cache (generation): their K/V
-        are written into `cache` ({"k", "v"}: `[KV, P, page, D]`, this layer's pages) at
-        `pages.token_index`, then every query attends to its row's cached tokens up to itself
-        (through the `paged` core of `impl`; see the module docstring).
-        Returns (`[B, S, E]`, the updated cache)."""
+        are written into `cache` ({"k", "v"}: `[KV, P, page, D]`, this layer's pages, or with `layer`
+        the whole stack's `[L, KV, P, page, D]`, written in place at that layer) at `pages.token_index`,
+        then every query attends to its row's cached tokens up to itself (through the `paged` core of
+        `impl`; see the module docstring). Returns (`[B, S, E]`, the updated cache)."""
         q, k = self.queries_keys(x, rotary)
         v = self._project(x.astype(self.dtype), self.v, self.v_bias)
-        k_pages = paged_write(cache["k"], k, pages.page_table, pages.token_index, pages.valid)
-        v_pages = paged_write(cache["v"], v, pages.page_table, pages.token_index, pages.valid)
+        k_pages = paged_write(cache["k"], k, pages.page_table, pages.token_index, pages.valid, layer)
+        v_pages = paged_write(cache["v"], v, pages.page_table, pages.token_index, pages.valid, layer)
+        kw = {} if layer is None else {"layer": layer}
         out = get_paged_attention_impl(self.impl)(q, k_pages, v_pages, pages.page_table, pages.lengths,
-                                                  q_positions=pages.token_index, scale=self.head_dim**-0.5)
+                                                  q_positions=pages.token_index, scale=self.head_dim**-0.5, **kw)
         out = jnp.einsum("bshd,hde->bse", out.astype(self.dtype), self.o[...].astype(self.dtype))
         return constrain(out, RESIDUAL), {"k": k_pages, "v": v_pages}
 

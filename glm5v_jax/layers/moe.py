@@ -139,12 +139,13 @@ class MoE(nnx.Module):
             if num_shared_experts else None
         )
 
-    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None):
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None, *, return_expert_ids: bool = False):
         """x `[B, S, E]`, token_mask `[B, S]` (padding excluded from load statistics).
 
         Returns (y, aux) with aux = {expert_load [E] (slots per expert, f32),
         balance_loss (DeepSeek-V3 sequence-wise loss per row, unweighted, counting the
-        un-biased top-k: `sequence_balance_loss`)}.
+        un-biased top-k: `sequence_balance_loss`)}; with `return_expert_ids` also the routed
+        experts of every token, `expert_ids [B, S, top_k]` (generation records them for routing replay).
         """
         b, s, e = x.shape
         x = x.astype(self.dtype)
@@ -163,5 +164,7 @@ class MoE(nnx.Module):
         expert_load = jnp.einsum("bse,bs->e", onehot, mask)
         balance = sequence_balance_loss(scores.reshape(b, s, -1), mask, self.top_k)
         dropped_fraction = dropped.astype(jnp.float32) / idx.size
-        return y.astype(self.dtype), {"expert_load": expert_load, "balance_loss": balance,
-                                      "dropped_fraction": dropped_fraction}
+        aux = {"expert_load": expert_load, "balance_loss": balance, "dropped_fraction": dropped_fraction}
+        if return_expert_ids:
+            aux["expert_ids"] = idx.reshape(b, s, -1).astype(jnp.int32)
+        return y.astype(self.dtype), aux

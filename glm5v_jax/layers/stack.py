@@ -41,8 +41,8 @@ def scan_layers(
 
 def scan_layers_with(layers: nnx.Module, carry: Any, xs: Any, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]]
                      ) -> tuple[Any, Any]:
-    """`scan_layers` with a per-layer input: `carry, out_l = body(layer_l, carry, xs[l])` (e.g. each
-    layer's slice of a KV cache); outs stacked on axis 0."""
+    """`scan_layers` with a per-layer input: `carry, out_l = body(layer_l, carry, xs[l])` (e.g. the layer's
+    index into a KV cache carried whole); outs stacked on axis 0."""
 
     @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
     def _step(c, layer, x):

@@ -63,12 +63,13 @@ class DecoderBlock(nnx.Module):
             y, aux = self.mlp(self.mlp_norm(x)), {}
         return constrain(x + y.astype(x.dtype), RESIDUAL), {**aux, **attn_aux}
 
-    def cached(self, x, rotary, cache, pages: CachePages):
-        """The block on new tokens over a paged KV cache: (x, updated cache, aux)."""
-        attn, cache = self.attn.cached(self.attn_norm(x), cache, pages, rotary=rotary)
+    def cached(self, x, rotary, cache, pages: CachePages, layer: jax.Array | None = None):
+        """The block on new tokens over a paged KV cache (this layer's, or with `layer` the whole stack's,
+        updated in place at that layer): (x, updated cache, aux)."""
+        attn, cache = self.attn.cached(self.attn_norm(x), cache, pages, rotary=rotary, layer=layer)
         x = x + attn
         if self.is_moe:
-            y, aux = self.mlp(self.mlp_norm(x), token_mask=pages.valid)
+            y, aux = self.mlp(self.mlp_norm(x), token_mask=pages.valid, return_expert_ids=True)
         else:
             y, aux = self.mlp(self.mlp_norm(x)), {}
         return constrain(x + y.astype(x.dtype), RESIDUAL), cache, aux
@@ -136,18 +137,23 @@ class GLMBackbone(nnx.Module):
     def run_layers_cached(self, x: jax.Array, positions: jax.Array, cache: dict, pages: CachePages):
         """The decoder stack on new tokens' embeddings x `[B, S, H]` at rotary `positions` (`[B, S, 3]` or
         `[B, S]`) over a paged KV cache {stack name: {"k", "v"}: `[L, KV, P, page, D]`} (generation).
-        Returns (h before the final norm, the updated cache, expert_load `[L_moe, E]` or None)."""
+        Returns (h before the final norm, the updated cache, routing): routing {"expert_load" `[L_moe, E]`,
+        "expert_ids" `[B, S, L_moe, top_k]`: each new token's routed experts per MoE layer}, empty without
+        MoE layers."""
         rotary = self.rotary_tables(positions)
 
-        def body(block, h, layer_cache):
-            h, layer_cache, aux = block.cached(h, rotary, layer_cache, pages)
-            return h, (layer_cache, aux.get("expert_load"))
+        def body(block, carry, layer):  # the stack's cache rides in the carry: written in place, never copied
+            h, stack_cache = carry
+            h, stack_cache, aux = block.cached(h, rotary, stack_cache, pages, layer)
+            return (h, stack_cache), (aux.get("expert_load"), aux.get("expert_ids"))
 
-        out, load = {}, None
+        out, routing = {}, {}
         for name, stack in self.stacks().items():
-            x, (out[name], stack_load) = scan_layers_with(stack, x, cache[name], body)
-            load = stack_load if name == "moe_layers" else load
-        return x, out, load
+            layers = jnp.arange(cache[name]["k"].shape[0], dtype=jnp.int32)
+            (x, out[name]), (load, ids) = scan_layers_with(stack, (x, cache[name]), layers, body)
+            if name == "moe_layers":
+                routing = {"expert_load": load, "expert_ids": jnp.moveaxis(ids, 0, 2)}
+        return x, out, routing
 
     def attention_max_logits(self, aux, prefix: str = "") -> dict[str, jax.Array]:
         """{attention-module path: max logits `[L, H]`} from `run_layers`' aux.

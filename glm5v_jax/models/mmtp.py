@@ -125,9 +125,7 @@ class MTPDepth(nnx.Module):
     def cached(self, h_prev, emb_next, rotary, cache, pages: CachePages):
         """The depth on new stream entries over its paged cache ({"k", "v"}: `[1, KV, P, page, D]`):
         (h^k before head_norm, the updated cache, aux)."""
-        layer = {name: a[0] for name, a in cache.items()}
-        h, layer, aux = self.block.cached(self._input(h_prev, emb_next), rotary, layer, pages)
-        return h, {name: a[None] for name, a in layer.items()}, aux
+        return self.block.cached(self._input(h_prev, emb_next), rotary, cache, pages, jnp.int32(0))
 
 
 class MMTP(nnx.Module):

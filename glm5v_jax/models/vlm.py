@@ -125,16 +125,20 @@ class GLM5V(nnx.Module):
         chunk: `tokens [B, S]`, `valid [B, S]` (False: bucket padding) and, when the chunk holds image
         tokens, its images in order (`patches`, `patch_yx`, `patch_valid`, `image_grid`, `image_valid`);
         offsets `[B]`: each sequence's next M-RoPE position. Returns logits `[B, S, V]`, h (before the
-        final norm), the updated cache, the new offsets, positions, embeds, is_visual and expert_load.
+        final norm), the updated cache, the new offsets, positions, embeds, is_visual, expert_load and
+        expert_ids `[B, S, L_moe, top_k]` (each new token's routed experts, for routing replay).
         """
         embeds, is_visual, _ = self.embed(chunk)
         grid = chunk.get("image_grid")
         merged = None if grid is None else grid // self.spec.vision.merge_size
         positions, offsets = continue_positions(chunk["tokens"], chunk["valid"], offsets, self.spec.image_token_id,
                                                 merged, chunk.get("image_valid"))
-        h, updated, load = self.backbone.run_layers_cached(embeds, positions, cache, pages)
+        h, updated, routing = self.backbone.run_layers_cached(embeds, positions, cache, pages)
+        b, s = chunk["tokens"].shape
+        no_moe = jnp.zeros((b, s, 0, 0), jnp.int32)
         return dict(logits=self.backbone.logits(h), h=h, cache={**cache, **updated}, offsets=offsets,
-                    positions=positions, embeds=embeds, is_visual=is_visual, expert_load=load)
+                    positions=positions, embeds=embeds, is_visual=is_visual,
+                    expert_load=routing.get("expert_load"), expert_ids=routing.get("expert_ids", no_moe))
 
     def cache_stacks(self) -> dict[str, int]:
         """{paged-cache stack name: number of layers} of every stack `extend_cached` and
