@@ -128,7 +128,7 @@ def test_a_stack_read_and_written_at_a_layer_equals_that_layers_pages():
         written = paged_write(stack, new, table, index, valid, jnp.int32(layer))
         one = paged_write(stack[layer], new, table, index, valid)
         np.testing.assert_array_equal(written[layer], one)
-        others = [i for i in range(layers) if i != layer]
+        others = np.asarray([i for i in range(layers) if i != layer])
         np.testing.assert_array_equal(written[others], stack[others])
         np.testing.assert_array_equal(gather_pages(written, table, jnp.int32(layer)), gather_pages(one, table))
         got = paged_attention_reference(q, written, written, table, lengths, q_positions=index,
