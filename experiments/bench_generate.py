@@ -38,7 +38,6 @@ Output: a summary table and one table per measurement, printed and written with 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import importlib.util
@@ -61,10 +60,10 @@ from glm5v_jax.generate.requests import Request, Sampling
 from glm5v_jax.generate.run_loader import image_inputs
 from glm5v_jax.models.build import vlm_spec_from_config
 from glm5v_jax.models.vlm import GLM5V
+from glm5v_jax.tools.compiles import COMPILE_EVENT, count_compiles
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 SAMPLED = Sampling(temperature=1.0, top_k=0, top_p=1.0)  # call A of measurement 1, and the sampling of 2
 CHANGED = Sampling(temperature=0.7, top_k=20, top_p=0.9)  # call B: only the parameters differ
 GREEDY = Sampling(temperature=0.0)
@@ -102,20 +101,6 @@ SMOKE = Settings(slots=4, page_size=8, steps=4, prompt_len=(4, 12), max_chunk=32
 # Helpers
 # ---------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def count_compiles():
-    """Yields a list that collects the name of each function XLA compiles while the context is open."""
-    events: list[str] = []
-
-    def listen(event, duration, **kwargs):
-        if event == COMPILE_EVENT:
-            events.append(str(kwargs.get("fun_name", "?")))
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 class Timer:

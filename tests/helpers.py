@@ -1,7 +1,6 @@
 """Small model specs, batches and configs shared by the tests."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import sys
@@ -216,20 +215,6 @@ def image_blocks(row, image_id: int = IMAGE_ID) -> list[tuple[int, int]]:
     return [(start, start + n) for start, n in runs(np.asarray(row), image_id)]
 
 
-@contextlib.contextmanager
-def count_compiles():
-    """Yields a list that collects one entry per XLA compilation (jax's backend-compile events) inside."""
-    compiles = []
-
-    def listen(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield compiles
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def one_sequence_batch(seq_len: int = 64) -> tuple[dict, int]:

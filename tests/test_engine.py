@@ -15,7 +15,8 @@ from glm5v_jax.generate.engine import Engine
 from glm5v_jax.generate.requests import IMAGE_KEYS, Request, Sampling
 from glm5v_jax.generate.run_loader import image_inputs
 from glm5v_jax.models.vlm import GLM5V
-from helpers import count_compiles, small_spec
+from glm5v_jax.tools.compiles import count_compiles
+from helpers import small_spec
 
 WIDTH = 64  # the naive loop's padded sequence length
 

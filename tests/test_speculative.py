@@ -15,7 +15,8 @@ from glm5v_jax.generate.engine import Engine
 from glm5v_jax.generate.requests import Request, Sampling
 from glm5v_jax.generate.speculative import accept_drafts
 from glm5v_jax.models.vlm import GLM5V
-from helpers import count_compiles, small_spec
+from glm5v_jax.tools.compiles import count_compiles
+from helpers import small_spec
 from test_engine import _image_prompt, _naive_greedy
 
 PROMPTS = [[5, 17, 33, 8, 91, 12, 40], [7, 64, 3], [9] * 11]
