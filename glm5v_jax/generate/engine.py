@@ -96,6 +96,7 @@ class Engine:
         stacks = {name: StackCache(k, backbone.num_kv_heads, backbone.head_dim)
                   for name, k in model.cache_stacks().items() if speculate or name not in mtp_stacks}
         self.cache = {name: st.init(self.pool.num_pages, page_size, backbone.dtype) for name, st in stacks.items()}
+        self.mesh = mesh
         if mesh is not None:
             self.cache = jax.device_put(self.cache, cache_sharding(mesh, backbone.num_kv_heads))
         self.banned = (self.spec.image_token_id,)  # an <|image|> placeholder needs an image: never sampled
@@ -203,7 +204,7 @@ class Engine:
                     shapes += 1
                 s *= 2
             zeros_b = _put(np.zeros((self.max_slots,), np.int32))
-            decode.sample_rows(self._last, zeros_b, self._params([]), zeros_b, self.banned)
+            decode.sample_rows(self._last, *self._rows((zeros_b, self._params([]), zeros_b)), self.banned)
             self.cache = decode.copy_forked_pages(self.cache, zeros_b, zeros_b)
             widths = sorted({min(1 << i, width) for i in range(width.bit_length() + 1)})
             for w in widths:
@@ -392,13 +393,25 @@ class Engine:
 
     def _run_extend(self, chunk: dict, table, start, offsets, drafts: list) -> tuple[np.ndarray, Any]:
         """One extend call (with the MTP stream when speculating): (new offsets, the drafts left or None)."""
-        args = (self.graphdef, self.state, self.cache, chunk, _put(table), _put(start), _put(offsets))
+        chunk = {**chunk, **self._rows({"tokens": chunk["tokens"], "valid": chunk["valid"]})}
+        args = (self.graphdef, self.state, self.cache, chunk, *self._rows((_put(table), _put(start), _put(offsets))))
         if not self.speculate:
             self.cache, new_offsets, self._last, self._routing = decode.extend(*args)
             return np.asarray(new_offsets), None
-        stacked = speculative.stack_drafts(drafts, self.prefill_rows, self.speculate + 1, self.spec.backbone.embed_dim)
+        stacked = self._rows(speculative.stack_drafts(drafts, self.prefill_rows, self.speculate + 1,
+                                                      self.spec.backbone.embed_dim))
         self.cache, new_offsets, self._last, left, self._routing = speculative.extend_speculative(*args, stacked)
         return np.asarray(new_offsets), jax.device_get(left)
+
+    def _rows(self, tree):
+        """Per-row arrays (slots, prefill rows) split over the mesh's batch axes (`data`, `fsdp`) where the
+        rows divide; the cache stays whole on those axes (KV heads over `tensor`), so any slot reads any page."""
+        if self.mesh is None:
+            return tree
+        axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.axis_names)
+        n = int(np.prod([self.mesh.shape[a] for a in axes]))
+        rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(axes))
+        return jax.tree.map(lambda x: jax.device_put(x, rows) if x.ndim and x.shape[0] % n == 0 else x, tree)
 
     def _params(self, rows: list[tuple[int, _Job, _Seq]]):
         """Sampling parameters of `max_slots` rows: (row, job, seq) entries, greedy elsewhere."""
@@ -407,7 +420,7 @@ class Engine:
         for i, job, seq in rows:
             s = job.request.sampling
             temp[i], top_k[i], top_p[i], seed[i] = s.temperature, s.top_k, s.top_p, job.seed + seq.index
-        return sampling_params(b, temperature=temp, top_k=top_k, top_p=top_p, seed=seed)
+        return self._rows(sampling_params(b, temperature=temp, top_k=top_k, top_p=top_p, seed=seed))
 
     def _sample_first(self, last_rows) -> None:
         """The first token of every sample of the jobs whose prompts ended in the last extend call."""
@@ -417,8 +430,8 @@ class Engine:
         for k, (row, job) in enumerate((row, job) for row, job in last_rows for _ in job.seqs):
             rows[k], counter[k] = row, job.seqs[0].length
         params = self._params([(k, job, seq) for k, (job, seq) in enumerate(slots)])
-        tok, raw, smp = (np.asarray(x) for x in decode.sample_rows(self._last, _put(rows), params,
-                                                                   _put(counter), self.banned))
+        tok, raw, smp = (np.asarray(x) for x in decode.sample_rows(self._last, *self._rows((_put(rows), params,
+                                                                   _put(counter))), self.banned))
         for k, (job, seq) in enumerate(slots):
             seq.first = (int(tok[k]), float(raw[k]), float(smp[k]))
 
@@ -486,15 +499,16 @@ class Engine:
             pending[i], length[i], offset[i] = seq.sample.tokens[-1], seq.length, seq.offset
             count[i], limit[i], live[i] = seq.count, seq.limit, True
             stop_ids[i, :len(job.stop)] = job.stop
-        slots = decode.Slots(*(_put(x) for x in (table, pending, length, offset, live, count, limit, stop_ids)))
+        slots = self._rows(decode.Slots(*(_put(x) for x in (table, pending, length, offset, live, count, limit,
+                                                            stop_ids))))
         params = self._params(rows)
         if not self.speculate:
             self.cache, after, emitted = decode.decode_steps(self.graphdef, self.state, self.steps, self.cache, slots,
                                                              params, self.banned)
             return after, emitted, None, None
         by_slot = {i: seq.draft for i, _, seq in rows}
-        drafts = speculative.stack_drafts([by_slot.get(i) for i in range(b)], b, self.speculate + 1,
-                                          self.spec.backbone.embed_dim)
+        drafts = self._rows(speculative.stack_drafts([by_slot.get(i) for i in range(b)], b, self.speculate + 1,
+                                                     self.spec.backbone.embed_dim))
         self.cache, after, drafts, emitted, acc = speculative.speculative_steps(
             self.graphdef, self.state, self.speculate, self.steps, self.cache, slots, drafts, params, self.banned)
         return (after, emitted, *jax.device_get((drafts, acc)))
