@@ -289,3 +289,18 @@ def test_recorded_routing_is_the_routing_of_the_whole_sequence(model, speculate)
     want = np.asarray(routing)[0]  # [S, L_moe, top_k]
     assert want.shape == (len(seq), spec.num_moe_layers, spec.experts_per_token)
     np.testing.assert_array_equal(np.sort(np.stack(s.expert_ids), -1), np.sort(want, -1))
+
+
+def test_a_draining_batch_decodes_only_the_rows_it_needs(model):
+    """With few slots live, decode runs them packed into the smallest row bucket (8 slots: 8, 4 or 2
+    rows), so a long request finishing alone is not charged for seven empty slots; tokens unchanged."""
+    engine = Engine(model, max_slots=8, max_seq_len=48, page_size=4, steps=4)
+    assert engine.decode_rows == [2, 4, 8]
+    engine.submit(Request(PROMPTS_LONG, max_new_tokens=12))
+    (done,) = engine.run()
+    m = engine.metrics()
+    assert m["slot_steps"] == 2 * m["decode_steps"] and m["useful_slot_fraction"] == 0.5
+    assert done.samples[0].tokens == _naive_greedy(model, PROMPTS_LONG, 12)[0]
+
+
+PROMPTS_LONG = [5, 17, 33, 8, 91, 12, 40]

@@ -77,7 +77,7 @@ class Engine:
     def __init__(self, model: nnx.Module, *, max_slots: int = 8, max_seq_len: int = 512, page_size: int = 16,
                  num_pages: int | None = None, prefill_rows: int = 4, max_chunk: int = 256, min_chunk: int = 16,
                  steps: int = 8, max_stop_ids: int = 4, mesh: jax.sharding.Mesh | None = None, speculate: int = 0,
-                 record_routing: bool = False):
+                 record_routing: bool = False, decode_row_buckets: int = 3):
         self.graphdef, self.state = nnx.split(model)
         self.spec = model.spec
         backbone = self.spec.backbone
@@ -85,6 +85,9 @@ class Engine:
             raise ValueError("Engine: speculate needs a model with MTP depths (spec.mtp.num_depths >= 1)")
         self.speculate = speculate  # drafts per round; then `steps` counts rounds
         self.record_routing = record_routing  # samples carry each fed token's routed experts
+        # decode runs the live slots packed into the smallest of these row counts that holds them, so a
+        # draining batch (few long requests left) stops paying for empty slots
+        self.decode_rows = sorted({max(1, max_slots >> i) for i in range(max(1, decode_row_buckets))})
         self.max_slots, self.page_size, self.steps = max_slots, page_size, steps
         self.prefill_rows, self.max_chunk = prefill_rows, pow2(max_chunk)
         self.min_chunk = min(pow2(min_chunk), self.max_chunk)
@@ -208,8 +211,9 @@ class Engine:
             self.cache = decode.copy_forked_pages(self.cache, zeros_b, zeros_b)
             widths = sorted({min(1 << i, width) for i in range(width.bit_length() + 1)})
             for w in widths:
-                self._run_decode([], w)
-            return shapes + 2 + len(widths)
+                for b in self.decode_rows:
+                    self._run_decode([], w, b)
+            return shapes + 2 + len(widths) * len(self.decode_rows)
 
     @property
     def idle(self) -> bool:
@@ -413,9 +417,9 @@ class Engine:
         rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(axes))
         return jax.tree.map(lambda x: jax.device_put(x, rows) if x.ndim and x.shape[0] % n == 0 else x, tree)
 
-    def _params(self, rows: list[tuple[int, _Job, _Seq]]):
-        """Sampling parameters of `max_slots` rows: (row, job, seq) entries, greedy elsewhere."""
-        b = self.max_slots
+    def _params(self, rows: list[tuple[int, _Job, _Seq]], size: int | None = None):
+        """Sampling parameters of `size` (default max_slots) rows: (row, job, seq) entries, greedy elsewhere."""
+        b = size or self.max_slots
         temp, top_k, top_p, seed = np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b), np.zeros(b)
         for i, job, seq in rows:
             s = job.request.sampling
@@ -461,8 +465,9 @@ class Engine:
         live_seqs = [(i, js) for i, js in enumerate(self._slot_seq) if js is not None and js[1].sample.finish is None]
         longest = max(js[1].length for _, js in live_seqs) + self.steps * (self.speculate + 1)
         width = min(pow2(pages_needed(longest, self.page_size)), self.pages_per_seq)
-        after, emitted, drafts, acc = self._run_decode([(i, job, seq) for i, (job, seq) in live_seqs], width)
-        b = self.max_slots
+        b = min(r for r in self.decode_rows if r >= len(live_seqs))
+        live_seqs = list(enumerate(js for _, js in live_seqs))  # packed: row j of the call
+        after, emitted, drafts, acc = self._run_decode([(j, job, seq) for j, (job, seq) in live_seqs], width, b)
         if self.speculate:
             ran, useful = int(acc.ran), int(acc.rounds)
             self._metrics.update(spec_rounds=useful, spec_tokens=int(acc.emitted),
@@ -486,10 +491,9 @@ class Engine:
         for job in {id(j): j for _, (j, _) in live_seqs}.values():
             self._maybe_done(job, finished)
 
-    def _run_decode(self, rows: list[tuple[int, _Job, _Seq]], width: int):
-        """One decode call over every slot (`rows`: the live ones) with a page table `width` pages wide:
-        (slots after, Emitted, the drafts after and Acceptance (speculating) or None)."""
-        b = self.max_slots
+    def _run_decode(self, rows: list[tuple[int, _Job, _Seq]], width: int, b: int):
+        """One decode call of `b` rows (`rows`: (row, job, seq) of the live ones) with a page table `width`
+        pages wide: (slots after, Emitted, the drafts after and Acceptance (speculating) or None)."""
         table = np.zeros((b, width), np.int32)
         pending, length, offset, count, limit = (np.zeros((b,), np.int32) for _ in range(5))
         live, stop_ids = np.zeros((b,), bool), np.full((b, self.max_stop_ids), -1, np.int32)
@@ -501,7 +505,7 @@ class Engine:
             stop_ids[i, :len(job.stop)] = job.stop
         slots = self._rows(decode.Slots(*(_put(x) for x in (table, pending, length, offset, live, count, limit,
                                                             stop_ids))))
-        params = self._params(rows)
+        params = self._params(rows, b)
         if not self.speculate:
             self.cache, after, emitted = decode.decode_steps(self.graphdef, self.state, self.steps, self.cache, slots,
                                                              params, self.banned)
