@@ -94,6 +94,7 @@ def chain(tmp_path_factory):
     sft = _vlm_data(config_module("vlm_sft").get_config("tiny"), data)
     sft.init_from = str(runs["pt"])
     sft.eval_every = STEPS  # SFT's evaluation (answer accuracy per task) at step 0 and at the end
+    sft.data.eval_generate_examples = 1  # generated answers: tested in test_sft_generated_eval
     run_lib.train_and_evaluate(sft, runs["sft"])
     return runs, pt, sft
 

@@ -199,8 +199,8 @@ def test_bad_input_gets_a_clear_error_and_leaves_other_requests_alone(model):
 
 
 def test_after_warmup_two_hundred_mixed_requests_compile_nothing(model):
-    engine = Engine(model, max_slots=8, max_seq_len=96, page_size=8, prefill_rows=4, max_chunk=32, min_chunk=8,
-                    steps=4)
+    engine = Engine(model, max_slots=8, max_seq_len=96, page_size=16, prefill_rows=4, max_chunk=32, min_chunk=8,
+                    steps=4, decode_row_buckets=2)
     engine.warmup(max_images=2)
     with count_compiles() as probe:  # the counter sees compiles
         jax.jit(lambda x: x * 3 + 1)(np.ones(5, np.float32))
