@@ -137,11 +137,12 @@ def image_prompt(spec, size: tuple[int, int], rng: np.random.Generator) -> tuple
     return before + [spec.image_token_id] * k + after, images
 
 
-def make_engine(model, s: Settings, capacity: int, slots: int | None = None, num_pages: int | None = None) -> Engine:
+def make_engine(model, s: Settings, capacity: int, slots: int | None = None, num_pages: int | None = None,
+                **kw) -> Engine:
     """The engine of every measurement; the page pool defaults to the engine's (slots x capacity)."""
     return Engine(model, max_slots=slots or s.slots, max_seq_len=capacity, page_size=s.page_size,
                   num_pages=num_pages, prefill_rows=min(4, slots or s.slots), max_chunk=s.max_chunk, min_chunk=16,
-                  steps=s.steps)
+                  steps=s.steps, **kw)
 
 
 COUNTERS = ("prefill_calls", "images_encoded", "decode_calls", "decode_steps", "slot_steps", "useful_slot_steps",
@@ -372,15 +373,19 @@ def lognormal_lengths(s: Settings, rng: np.random.Generator) -> np.ndarray:
 
 def measure_batching(model, s: Settings, prompts, lengths, log) -> dict:
     """3. The same requests under continuous batching (all submitted, one `run()`) and static batching
-    (`slots` requests submitted, `run()` to the end of the batch's longest, then the next batch), on one
-    warmed-up engine (compiles while timed are counted: 0 expected); best of `repeats`, alternating."""
-    engine = make_engine(model, s, s.capacities[0])
-    engine.warmup()
+    (`slots` requests submitted, `run()` to the end of the batch's longest, then the next batch; every
+    decode step computes the whole batch, as a static sampler such as tunix's does: `decode_row_buckets=1`),
+    on warmed-up engines (compiles while timed are counted: 0 expected); best of `repeats`, alternating."""
+    engines = {"continuous": make_engine(model, s, s.capacities[0]),
+               "static": make_engine(model, s, s.capacities[0], decode_row_buckets=1)}
+    for engine in engines.values():
+        engine.warmup()
     out = {"requests": len(prompts), "slots": s.slots, "steps_per_call": s.steps,
            "lengths": {"median": float(np.median(lengths)), "mean": float(np.mean(lengths)),
                        "max": int(lengths.max()), "min": int(lengths.min()), "sigma": s.length_sigma}}
     for _ in range(s.repeats):  # alternating, best wall time of each mode (the host may be shared)
         for mode in ("static", "continuous"):
+            engine = engines[mode]
             before = engine.metrics()
             queue_empty = None  # the counters when the last request was admitted (continuous)
             with count_compiles() as compiles:
@@ -613,8 +618,10 @@ def _section_batching(r: dict) -> list[str]:
             f"max_new_tokens per request drawn lognormal (median {s['length_median']:g}, sigma {n['sigma']}, "
             f"clipped to [1, {s['length_max']}]; drawn: median {n['median']:g}, mean {n['mean']:.1f}, max "
             f"{n['max']}); no stop ids. Static: {b['slots']} requests submitted, `run()` until the longest ends, "
-            "then the next batch (what a sampler without continuous batching, tunix's included, does). One "
-            f"warmed-up engine, best of {s['repeats']} (alternating); compiles while timed are counted.", "",
+            "then the next batch, every decode step computing the whole batch (what a sampler without continuous "
+            "batching, tunix's included, does: `decode_row_buckets=1`). Continuous: the engine's defaults (slots "
+            "refilled as requests end; the live slots packed into 8, 4 or 2 rows). Warmed-up engines, best of "
+            f"{s['repeats']} (alternating); compiles while timed are counted.", "",
             *_table(["mode", "useful slot-steps", "decode steps", "prefill calls", "tokens", "wall s", "tokens/s",
                      "compiles"], rows, "|---|---:|---:|---:|---:|---:|---:|---:|"), "",
             f"Continuous / static tokens/s: {_x(b['speedup'])}."]
