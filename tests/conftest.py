@@ -1,4 +1,5 @@
 """Test setup: 8 fake CPU devices and cheap XLA compilation, before any JAX work."""
+import gc
 import os
 import subprocess
 import sys
@@ -24,8 +25,19 @@ if "XLA_FLAGS" not in os.environ:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Free each module's compiled programs when it ends. An xdist worker runs many modules, and the jit
+    caches of their models (e.g. the generation steps, keyed by each model's graph) would otherwise only
+    grow: a worker reached 6 GB and the other crashed in an XLA compile on the 24 GB CI machine."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 # Longest modules first. With `--dist loadscope` (scripts/test.sh) a module runs whole on one
@@ -35,7 +47,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 SLOW_MODULES = ("test_aot.py", "test_trainer.py", "test_mmtp_ablation.py", "test_sharded_training.py",
                 "test_multihost.py", "test_colabs.py", "test_fault_injection.py",
                 "test_cogvit_mim_sharded.py", "test_kernel_training.py",
-                "test_vlm.py", "test_expert_parallel.py", "test_muon.py", "test_qk_clip.py")
+                "test_vlm.py", "test_speculative.py", "test_engine.py", "test_chain.py", "test_expert_parallel.py",
+                "test_sft_generated_eval.py", "test_muon.py", "test_qk_clip.py")
 
 
 def pytest_collection_modifyitems(config, items):
