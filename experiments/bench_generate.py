@@ -61,6 +61,7 @@ from glm5v_jax.generate.run_loader import image_inputs
 from glm5v_jax.models.build import vlm_spec_from_config
 from glm5v_jax.models.vlm import GLM5V
 from glm5v_jax.tools.compiles import COMPILE_EVENT, count_compiles
+from glm5v_jax.train.writers import json_default
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -757,19 +758,11 @@ def write(result: dict, out_dir: str, log: Callable[[str], None] = print) -> lis
     stem.parent.mkdir(parents=True, exist_ok=True)
     files = [str(stem) + ".md", str(stem) + ".json"]
     Path(files[0]).write_text(report(result) + "\n")
-    Path(files[1]).write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+    Path(files[1]).write_text(json.dumps(result, indent=1, default=json_default) + "\n")
     log(f"wrote {files[0]} and .json")
     return files
 
 
-def _json_default(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, (tuple, set)):
-        return list(x)
-    if isinstance(x, np.generic):
-        return x.item()
-    return str(x)
 
 
 def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> dict:

@@ -44,7 +44,6 @@ import dataclasses
 import datetime
 import functools
 import json
-import math
 import platform
 import re
 import statistics
@@ -59,6 +58,7 @@ import numpy as np
 
 from glm5v_jax.kernels import flash_attention
 from glm5v_jax.kernels.gmm import gmm
+from glm5v_jax.train.writers import json_default
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
         stem = out_dir / f"bench_kernels_{slug(kind)}{'_smoke' if args.smoke else ''}"
         result["files"] = [str(stem.with_suffix(".md")), str(stem.with_suffix(".json"))]
         stem.with_suffix(".md").write_text(text + "\n")
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=json_default) + "\n")
         log(f"wrote {result['files'][0]} and .json ({meta['wall_s']:.1f} s)")
     return result
 
@@ -430,12 +430,6 @@ def _jaxlib_version() -> str | None:
         return None
 
 
-def _json_default(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, (tuple, set)):
-        return list(x)
-    return str(x)
 
 
 if __name__ == "__main__":

@@ -177,3 +177,17 @@ def test_tensorboard_purge_rust_data_server(tmp_path):
         server.stdin.close()
         server.wait(timeout=30)
     assert got == EXPECTED
+
+
+def test_json_default_writes_result_files_readably():
+    import json
+    import math
+
+    import numpy as np
+
+    from glm5v_jax.train.writers import json_default
+
+    text = json.dumps({"a": (1, 2), "b": np.float32(0.5), "c": np.int64(3), "d": object}, default=json_default)
+    out = json.loads(text)
+    assert out["a"] == [1, 2] and out["b"] == 0.5 and out["c"] == 3 and "object" in out["d"]
+    assert json_default(math.inf) is None and json_default(np.float64(2.0)) == 2.0

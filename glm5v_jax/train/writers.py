@@ -272,3 +272,15 @@ def write_eval_table(workdir: str | os.PathLike, step: int) -> str:
     table = eval_table(read_jsonl(workdir / "metrics.jsonl"), step)
     (workdir / "eval_table.md").write_text(table + "\n")
     return table
+
+
+def json_default(x: Any) -> Any:
+    """`json.dumps(..., default=json_default)` for result files: non-finite floats as null, tuples and sets
+    as lists, numpy scalars as Python numbers, anything else as its string."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (tuple, set)):
+        return list(x)
+    if isinstance(x, np.generic):
+        return x.item()
+    return str(x)
