@@ -278,15 +278,14 @@ class Engine:
         if len(job.stop) > self.max_stop_ids:
             raise ValueError(f"{what}: {len(job.stop)} stop ids, the engine takes at most {self.max_stop_ids}")
         sampling_params(1, temperature=r.sampling.temperature, top_k=r.sampling.top_k, top_p=r.sampling.top_p)
-        if job.new_images is not None and any(k not in job.new_images for k in IMAGE_KEYS):
-            raise ValueError(f"{what}: images need {IMAGE_KEYS}")
         check_images(tokens, job.new_images, self.spec.image_token_id, self.spec.vision.merge_size, what)
         chunks(tokens, self.spec.image_token_id, self.max_chunk)  # an image block longer than a chunk: refused
         length = job.seqs[0].length + len(tokens)
         if length >= self.capacity:
             raise ValueError(f"{what}: {length} tokens leave no room to generate in max_seq_len={self.capacity}")
-        if self._turn_pages(job) > self.pool.num_pages:
-            raise ValueError(f"{what}: needs {self._turn_pages(job)} pages, the pool has {self.pool.num_pages}")
+        pages = self._turn_pages(job)
+        if pages > self.pool.num_pages:
+            raise ValueError(f"{what}: needs {pages} pages, the pool has {self.pool.num_pages}")
 
     def _final_length(self, job: _Job) -> int:
         """Tokens the turn may write: prompt and budget up to capacity, and a verify's k drafts."""
