@@ -158,9 +158,10 @@ from PIL import Image
 
 from glm5v_jax.data import shapes_world
 from glm5v_jax.data.templates import CAPTION_PROMPT_EN
+from glm5v_jax.generate.chat import chat_stops
 from glm5v_jax.generate.engine import Engine
 from glm5v_jax.generate.requests import Request, Sampling
-from glm5v_jax.generate.run_loader import chat_prompt, image_inputs, load_run
+from glm5v_jax.generate.run_loader import load_run
 
 print("jax", jax.__version__, "| backend", jax.default_backend(), "|", jax.device_count(), "device(s)")
 model, tokenizer, config = load_run(WORKDIR)
@@ -178,11 +179,12 @@ for i, (ax, r) in enumerate(zip(axes[0], records)):
 plt.show()
 
 # %% [markdown]
-# Each question becomes one greedy `Request`: the chat prompt of one user turn
-# (`[gMASK]<sop><|user|>\n<image block>{question}<|assistant|>\n`, the template SFT trained on), the
-# image preprocessed as in training (NaFlex at the model's patch budget: one `<|image|>` token per
-# 2x2 group of patches), and the ids that end an answer (`<|user|>`, which opens the next turn in
-# training, and `<|endoftext|>`).
+# Each question becomes one greedy `Request` of chat messages (`{"role": "user", "content": [image,
+# question]}`). The engine renders them in the template SFT trained on
+# (`[gMASK]<sop><|user|>\n<image block>{question}<|assistant|>\n`), with the image preprocessed as in
+# training (NaFlex at the model's patch budget: one `<|image|>` token per 2x2 group of patches). The
+# ids that end an answer are `<|user|>` (it opens the next turn in training), `<|observation|>` and
+# `<|endoftext|>` (`chat_stops`).
 #
 # All requests go in at once. The engine has fewer decode slots than requests: it admits what fits,
 # prefills the admitted prompts together (CogViT once per image), decodes every live slot
@@ -190,10 +192,11 @@ plt.show()
 # not wait for the captions. Shapes are bucketed, so after the first calls nothing compiles.
 
 # %%
-STOPS = (tokenizer.eos_id, tokenizer.user_id)
+STOPS = chat_stops(tokenizer)
 # Decode slots (fewer than the requests at the defaults), the longest sequence, its pages, prompts per
 # prefill call and the prompt-chunk buckets (64 or 128 tokens: one compiled prefill shape for these prompts).
-engine = Engine(model, max_slots=max(8, N), max_seq_len=256, page_size=16, prefill_rows=4, min_chunk=64, max_chunk=128)
+engine = Engine(model, max_slots=max(8, N), max_seq_len=256, page_size=16, prefill_rows=4, min_chunk=64, max_chunk=128,
+                tokenizer=tokenizer)
 
 
 def as_text(tokens) -> str:
@@ -201,9 +204,8 @@ def as_text(tokens) -> str:
 
 
 def ask(record, question: str, **kwargs) -> Request:
-    arrays, n_image = image_inputs(record["image"], model.spec)
-    ids = chat_prompt(tokenizer, question, image_tokens=n_image)
-    return Request(ids, arrays, stop=STOPS, max_new_tokens=MAX_NEW_TOKENS, **kwargs)
+    messages = [{"role": "user", "content": [{"type": "image", "image": record["image"]}, question]}]
+    return Request(messages=messages, stop=STOPS, max_new_tokens=MAX_NEW_TOKENS, **kwargs)
 
 
 asked = {}  # request id -> (image, task, question, reference)
@@ -279,7 +281,7 @@ logprob_table(done[sharp].samples[0], "one sample at temperature 0.7, top-k 3")
 # %% [markdown]
 # ## 4. A conversation: `keep=True`, then `engine.extend`
 # A request with `keep=True` holds its cache when its turn ends (`held` in the metrics). `extend` appends
-# the next user turn to that cache (text, or more images), so the earlier turns and the image are not
+# the next user turn to that cache (messages with text or more images, or token ids), so the earlier turns and the image are not
 # prefilled again, and the model answers again. The completion holds every turn's tokens so far;
 # `release` frees the pages. The follow-up is one of the text-only turns SFT trains on (arithmetic on
 # the last count).
@@ -292,10 +294,9 @@ print(f"user: How many shapes are there?\nmodel: {as_text(turn1.tokens)!r}  (ref
 print("held conversations:", engine.metrics()["held"])
 
 follow_up = "If I added 2 more, how many would there be?"
-# The turn's last token (<|user|> when the model closed its answer) is appended first by extend.
-opening = [] if turn1.tokens[-1] == tokenizer.user_id else [tokenizer.user_id]
-engine.extend(first, opening + tokenizer.encode("\n") + tokenizer.encode(follow_up) + [tokenizer.assistant_id]
-              + tokenizer.encode("\n"))
+# The turn's last token (<|user|> when the model closed its answer) is appended first by extend, and a
+# message that opens with it does not repeat it.
+engine.extend(first, messages=[{"role": "user", "content": follow_up}])
 turn2 = {c.id: c for c in engine.run()}[first].samples[0]
 print(f"user: {follow_up}\nmodel: {as_text(turn2.tokens[len(turn1.tokens):])!r}  (reference {str(n_shapes + 2)!r})")
 engine.release(first)

@@ -57,7 +57,7 @@ from flax import nnx
 
 from glm5v_jax.generate.engine import Engine
 from glm5v_jax.generate.requests import Request, Sampling
-from glm5v_jax.generate.run_loader import image_inputs
+from glm5v_jax.generate.chat import image_inputs
 from glm5v_jax.models.build import vlm_spec_from_config
 from glm5v_jax.models.vlm import GLM5V
 from glm5v_jax.tools.compiles import COMPILE_EVENT, count_compiles

@@ -178,7 +178,8 @@ def speculation_tau(args, workdir: Path, seed: int) -> dict:
     from glm5v_jax.data.templates import CAPTION_PROMPT_EN
     from glm5v_jax.generate.engine import Engine
     from glm5v_jax.generate.requests import Request
-    from glm5v_jax.generate.run_loader import chat_prompt, image_inputs, load_run
+    from glm5v_jax.generate.chat import chat_prompt, image_inputs
+    from glm5v_jax.generate.run_loader import load_run
 
     model, tokenizer, _ = load_run(str(workdir))
     image_requests, text_requests = [], []

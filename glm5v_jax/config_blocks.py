@@ -88,7 +88,7 @@ def run_control(config: ml_collections.ConfigDict, *, total_steps: int, log_ever
     config.eval_every = eval_every  # 0: no evaluation
     config.checkpoint_every = checkpoint_every
     config.keep_checkpoints = 3
-    # WORKDIR[@STEP]:SRC=DST[,...]: start from a subtree of another run's model (glm5v_jax.train.init_from)
+    # WORKDIR[@STEP]:SRC=DST[,...]: start from a subtree of another run's model (glm5v_jax.init_from)
     config.init_from = ""
     # A NaN/inf loss or gradient: "stop" (nothing non-finite is saved; rerun resumes from the last good
     # checkpoint) or "skip" the step (one more state of memory), stopping after max_nonfinite_skips in a row.

@@ -3,7 +3,7 @@
 The config's `trainer` field picks the stage (`glm5v_jax.train.stages.STAGES`): `configs/cogvit_siglip.py`
 and `configs/cogvit_mim.py` run CogViT's two pre-training stages, `configs/vlm_pretrain.py` the VLM
 pre-training with MMTP, `configs/vlm_sft.py` supervised fine-tuning. `--config.init_from=RUN:SRC=DST`
-starts from another run's weights (`glm5v_jax.train.init_from`).
+starts from another run's weights (`glm5v_jax.init_from`).
 
 Config fields can be overridden on the command line (`--config.total_steps=50`,
 `--config.data.batch_size=8`). Running the same command again resumes from the

@@ -18,7 +18,7 @@ from etils import epath
 
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.train import run as run_lib
-from glm5v_jax.train.init_from import apply_init_from
+from glm5v_jax.init_from import apply_init_from
 from glm5v_jax.train.stages import stage_module
 from glm5v_jax.train.writers import read_jsonl
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 from glm5v_jax.generate.engine import Engine
 from glm5v_jax.generate.requests import IMAGE_KEYS, Request, Sampling
-from glm5v_jax.generate.run_loader import image_inputs
+from glm5v_jax.generate.chat import image_inputs
 from glm5v_jax.models.vlm import GLM5V
 from glm5v_jax.tools.compiles import count_compiles
 from helpers import small_spec

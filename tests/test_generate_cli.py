@@ -21,7 +21,8 @@ from glm5v_jax.data.tokenizer import train_tokenizer
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.generate.__main__ import answer
 from glm5v_jax.generate.offline import generate
-from glm5v_jax.generate.run_loader import chat_prompt, image_inputs, load_run
+from glm5v_jax.generate.chat import chat_prompt, image_inputs
+from glm5v_jax.generate.run_loader import load_run
 from glm5v_jax.models.build import vlm_spec_from_config
 from glm5v_jax.models.vlm import GLM5V
 from glm5v_jax.train.checkpoint import Checkpointer

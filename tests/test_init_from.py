@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.train.checkpoint import Checkpointer
-from glm5v_jax.train.init_from import InitFrom, apply_init_from, parse_init_from
+from glm5v_jax.init_from import InitFrom, apply_init_from, parse_init_from
 from glm5v_jax.train.run import TrainState
 
 

@@ -9,9 +9,10 @@
   speculative.py MTP speculative decoding: draft with depth 1, verify k+1 tokens, accept, roll back
   engine.py      the host scheduler: queue, admission by free slots and pages, batched prefill, groups,
                  abort, multi-turn extend, versioned weight updates, metrics, warm-up
+  chat.py        chat messages (text and image parts) in the GLM chat template; an image preprocessed
+                 as in training; the ids that end an assistant turn
   offline.py     `generate(model, prompts, images=..., n=...)` -> arrays, through the engine
-  run_loader.py  `load_run(workdir, step=None)` -> (model, tokenizer, config) of a VLM run; the chat
-                 prompt of a turn; an image preprocessed as in training
+  run_loader.py  `load_run(workdir, step=None)` -> (model, tokenizer, config) of a VLM run
   __main__.py    `python -m glm5v_jax.generate --workdir=RUN --prompt=... [--image=PATH]`
 
 The model runs over the cache with `GLM5V.extend_cached` (main head) and `GLM5V.extend_mtp_cached`

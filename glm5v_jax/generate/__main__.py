@@ -22,7 +22,8 @@ def answer(workdir: str, prompt: str, *, image: bytes | None = None, step: int |
            **kwargs) -> str:
     """The run's answer to one user turn (with an image): what the command line prints."""
     from glm5v_jax.generate.offline import generate
-    from glm5v_jax.generate.run_loader import chat_prompt, image_inputs, load_run
+    from glm5v_jax.generate.chat import chat_prompt, image_inputs
+    from glm5v_jax.generate.run_loader import load_run
 
     model, tokenizer, _ = load_run(workdir, step)
     arrays, n_image = image_inputs(image, model.spec) if image is not None else (None, 0)

@@ -1,7 +1,9 @@
 """The generation engine: a host scheduler with continuous batching over the paged cache.
 
-    engine = Engine(model, max_slots=64, max_seq_len=4096)
+    engine = Engine(model, max_slots=64, max_seq_len=4096, tokenizer=tokenizer)
     rid = engine.submit(Request(tokens, images, n=8, sampling=Sampling(temperature=1.0), on_done=cb))
+    rid = engine.submit(Request(messages=[{"role": "user", "content": [{"type": "image", "image": png},
+                                                                     "What is in the image?"]}]))
     engine.run()              # or engine.step() from a loop of your own; cb(Completion) as requests finish
 
 A request waits in a FIFO queue until its n samples have free slots and the pages of the whole turn
@@ -13,7 +15,7 @@ that finishes is refilled at the next call. Shapes are bucketed (prompt chunks t
 to powers of two, the decode page-table width to powers of two), so after the buckets have been seen
 nothing compiles, whatever the requests, their sampling parameters or the weights.
 
-`extend(id, tokens)` continues a conversation held with `Request(keep=True)`; `abort(ids)` returns the
+`extend(id, tokens | messages=...)` continues a conversation held with `Request(keep=True)`; `abort(ids)` returns the
 partial samples; `update_weights(model, version)` stamps later tokens with `version`; `metrics()`.
 The engine is thread-safe (one lock): an RL pipeline may submit and abort from other threads while one
 thread runs it.
@@ -21,6 +23,7 @@ thread runs it.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from typing import Any, Iterable
 
@@ -28,7 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from glm5v_jax.generate import decode, speculative
+from glm5v_jax.generate import chat, decode, speculative
 from glm5v_jax.generate.kv_cache import StackCache, cache_sharding
 from glm5v_jax.generate.pages import PagePool, pages_needed
 from glm5v_jax.generate.requests import (IMAGE_DTYPES, IMAGE_KEYS, Completion, Request, Sample, check_images, chunks,
@@ -77,7 +80,7 @@ class Engine:
     def __init__(self, model: nnx.Module, *, max_slots: int = 8, max_seq_len: int = 512, page_size: int = 16,
                  num_pages: int | None = None, prefill_rows: int = 4, max_chunk: int = 256, min_chunk: int = 16,
                  steps: int = 8, max_stop_ids: int = 4, mesh: jax.sharding.Mesh | None = None, speculate: int = 0,
-                 record_routing: bool = False, decode_row_buckets: int = 3):
+                 record_routing: bool = False, decode_row_buckets: int = 3, tokenizer: Any = None):
         self.graphdef, self.state = nnx.split(model)
         self.spec = model.spec
         backbone = self.spec.backbone
@@ -103,6 +106,7 @@ class Engine:
         if mesh is not None:
             self.cache = jax.device_put(self.cache, cache_sharding(mesh, backbone.num_kv_heads))
         self.banned = (self.spec.image_token_id,)  # an <|image|> placeholder needs an image: never sampled
+        self.tokenizer = tokenizer  # renders `Request.messages` (`chat.render_messages`)
         self.version = 0
         self._slot_seq: list[tuple[_Job, _Seq] | None] = [None] * max_slots
         self._queue: collections.deque[_Job] = collections.deque()
@@ -116,6 +120,11 @@ class Engine:
         """Queue a request; returns its id. ValueError (naming the field) for a request that could never run."""
         with self._lock:
             rid = self._next_id
+            if request.messages is not None:
+                if len(request.tokens) or request.images is not None:
+                    raise ValueError(f"request {rid}: give messages or tokens and images, not both")
+                tokens, images = self._render(request.messages, what=f"request {rid}", start=True)
+                request = dataclasses.replace(request, tokens=tokens, images=images)
             seed = request.sampling.seed if request.sampling.seed is not None else rid * 1_000_003
             job = _Job(rid, request, seed)
             self._check(job, what=f"request {rid}")
@@ -125,17 +134,23 @@ class Engine:
             self._metrics["requests"] += 1
             return rid
 
-    def extend(self, rid: int, tokens, images: dict | None = None, *, max_new_tokens: int | None = None,
-               stop=None) -> None:
+    def extend(self, rid: int, tokens=(), images: dict | None = None, *, messages=None,
+               max_new_tokens: int | None = None, stop=None) -> None:
         """Continue held request `rid` (submitted with keep=True, its last turn finished): its last token and
-        `tokens` (a tool result, the next user turn, with `<|image|>` blocks for `images`) are appended to
-        its cache and it generates again; on_done is called with the whole conversation's samples."""
+        `tokens` (a tool result, the next user turn, with `<|image|>` blocks for `images`), or `messages`
+        rendered as a continuation, are appended to its cache and it generates again; on_done is called
+        with the whole conversation's samples."""
         with self._lock:
             job = self._job(rid)
             if job.state != "held":
                 raise ValueError(f"request {rid} is {job.state}; only a held request (keep=True, finished) "
                                  "can be extended")
             seq = job.seqs[0]
+            if messages is not None:
+                if len(tokens) or images is not None:
+                    raise ValueError(f"extend of request {rid}: give messages or tokens and images, not both")
+                tokens, images = self._render(messages, what=f"extend of request {rid}", start=False,
+                                              after=seq.sample.tokens[-1])
             job.new_tokens = np.asarray([seq.sample.tokens[-1], *tokens], np.int32)
             job.new_images = images
             job.budget = max_new_tokens or job.request.max_new_tokens
@@ -261,6 +276,14 @@ class Engine:
         if rid not in self._jobs:
             raise KeyError(f"unknown request id {rid!r}")
         return self._jobs[rid]
+
+    def _render(self, messages, *, what: str, **kwargs) -> tuple[list[int], dict | None]:
+        if self.tokenizer is None:
+            raise ValueError(f"{what}: messages need the engine's tokenizer (Engine(..., tokenizer=...))")
+        try:
+            return chat.render_messages(self.tokenizer, messages, self.spec, **kwargs)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
 
     def _check(self, job: _Job, *, what: str) -> None:
         r, vocab = job.request, self.spec.backbone.vocab_size

@@ -53,7 +53,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], *, images: dic
              capacity: int | None = None, temperature=0.0, top_k=0, top_p=1.0, seed=0,
              mesh: jax.sharding.Mesh | None = None, steps: int = 8) -> Generated:
     """Prompts (token ids; `images`: the image slots of their `<|image|>` blocks in order, as
-    `run_loader.image_inputs` gives them, concatenated) -> n samples of up to `max_new_tokens` tokens each,
+    `chat.image_inputs` gives them, concatenated) -> n samples of up to `max_new_tokens` tokens each,
     with both logprobs. Sampling parameters are scalars or one per prompt; sample j of prompt i uses the
     stream seed + i * n + j. `capacity`: the most tokens a sequence may hold (default: the longest prompt
     plus max_new_tokens)."""

@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 IMAGE_DTYPES = {"patches": np.float32, "patch_yx": np.int32, "patch_valid": np.bool_, "image_grid": np.int32,
-                "image_valid": np.bool_}  # one image slot's arrays (`run_loader.image_inputs`), as compiled
+                "image_valid": np.bool_}  # one image slot's arrays (`chat.image_inputs`), as compiled
 IMAGE_KEYS = tuple(IMAGE_DTYPES)
 
 
@@ -30,11 +30,13 @@ class Sampling:
 
 @dataclasses.dataclass
 class Request:
-    """A prompt for the engine. `images`: its image slots in the order of its `<|image|>` blocks, as
-    `run_loader.image_inputs` gives them (arrays with a leading image axis, concatenated). `keep`: hold
-    the cache after the turn so that `Engine.extend` can continue the conversation (n = 1 only)."""
+    """A prompt for the engine: `tokens` (with `<|image|>` blocks) and `images`, its image slots in the
+    order of its blocks as `chat.image_inputs` gives them (arrays with a leading image axis,
+    concatenated); or `messages` (chat messages with text and image parts, `chat.render_messages`; the
+    engine needs its tokenizer). `keep`: hold the cache after the turn so that `Engine.extend` can
+    continue the conversation (n = 1 only)."""
 
-    tokens: Sequence[int]
+    tokens: Sequence[int] = ()
     images: dict[str, np.ndarray] | None = None
     n: int = 1
     sampling: Sampling = Sampling()
@@ -42,6 +44,7 @@ class Request:
     stop: Sequence[int] = ()
     on_done: Callable[["Completion"], None] | None = None
     keep: bool = False
+    messages: Sequence[Mapping[str, Any]] | None = None
 
 
 @dataclasses.dataclass
@@ -95,7 +98,7 @@ def check_images(tokens: np.ndarray, images: dict | None, image_token_id: int, m
         return 0
     missing = [k for k in IMAGE_KEYS if k not in images]
     if missing:
-        raise ValueError(f"{what}: images lack {missing} (use run_loader.image_inputs)")
+        raise ValueError(f"{what}: images lack {missing} (use chat.image_inputs)")
     grid = np.asarray(images["image_grid"]).reshape(-1, 2)
     if len(grid) != len(blocks):
         raise ValueError(f"{what}: {len(grid)} images for {len(blocks)} <|image|> blocks")

@@ -1,5 +1,4 @@
-"""A trained run, ready to answer: `load_run(workdir, step=None) -> (model, tokenizer, config)`, and
-the prompt of a chat turn (with an image) in the GLM chat template.
+"""A trained run, ready to answer: `load_run(workdir, step=None) -> (model, tokenizer, config)`.
 
 The model is built from the run's `config.json` (the resolved config: vocabulary and `<|image|>` id
 from its tokenizer) abstractly, then its parameters are read from the checkpoint (the newest that
@@ -8,20 +7,16 @@ reads, or `step`) with the same partial restore as `config.init_from`; nothing i
 from __future__ import annotations
 
 import json
-from typing import Any
-
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 
-from glm5v_jax.data.pipeline import preprocess_image
 from glm5v_jax.data.tokenizer import RUN_FILE, Tokenizer
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.models.build import vlm_spec_from_config
 from glm5v_jax.models.vlm import GLM5V
 from glm5v_jax.paths import as_path
-from glm5v_jax.train.init_from import apply_init_from
+from glm5v_jax.init_from import apply_init_from
 
 VLM_TRAINERS = ("vlm_pretrain", "vlm_sft")
 
@@ -53,30 +48,3 @@ def load_run(workdir: str, step: int | None = None) -> tuple[GLM5V, Tokenizer, m
     shardings = jax.tree.map(lambda _: device, state)
     state = apply_init_from(f"{workdir}@{step}" if step is not None else str(workdir), state, shardings)
     return nnx.merge(graphdef, state).model, Tokenizer(tokenizer_path), config
-
-
-def chat_prompt(tokenizer: Tokenizer, prompt: str, *, image_tokens: int = 0, system: str = "") -> list[int]:
-    """The ids of one user turn, up to the assistant's answer, in the GLM chat template:
-    `[gMASK]<sop>[<|system|>\\n{system}]<|user|>\\n[<image block>]{prompt}<|assistant|>\\n`."""
-    t = tokenizer
-    ids = [t.gmask_id, t.sop_id]
-    if system:
-        ids += [t.system_id] + t.encode("\n") + t.encode(system)
-    ids += [t.user_id] + t.encode("\n")
-    if image_tokens:
-        ids += [t.begin_image_id] + [t.image_id] * image_tokens + [t.end_image_id]
-    return ids + t.encode(prompt) + [t.assistant_id] + t.encode("\n")
-
-
-def image_inputs(image: bytes | np.ndarray, spec: Any) -> tuple[dict[str, np.ndarray], int]:
-    """An encoded image (or a uint8 `[H, W, 3]` array) as one image slot of a chunk, preprocessed as in
-    training (NaFlex at the model's patch budget), and its number of `<|image|>` tokens."""
-    v = spec.vision
-    try:
-        x = preprocess_image(image, patch_size=v.patch_size, max_patches=v.max_patches, merge=v.merge_size)
-    except Exception as e:  # noqa: BLE001 - the pipeline's skip reasons (undecodable, too small, empty)
-        raise ValueError(f"the image cannot be used: {e}") from None
-    arrays = {"patches": x["patches"][None], "patch_yx": x["patch_yx"][None], "patch_valid": x["valid"][None],
-              "image_grid": x["grid"][None], "image_valid": np.ones((1,), bool)}
-    gh, gw = (int(g) // v.merge_size for g in x["grid"])
-    return arrays, gh * gw

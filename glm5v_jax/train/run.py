@@ -40,7 +40,7 @@ from flax import nnx
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.train import flops as flops_lib
 from glm5v_jax.train.checkpoint import Checkpointer, Restored
-from glm5v_jax.train.init_from import apply_init_from
+from glm5v_jax.init_from import apply_init_from
 from glm5v_jax.train.nonfinite import NonFiniteError, NonFiniteMonitor, nonfinite_leaves
 from glm5v_jax.train.resume import check_resume, validate_run_settings
 from glm5v_jax.train.run_lock import RunLock

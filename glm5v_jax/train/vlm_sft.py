@@ -37,7 +37,7 @@ from glm5v_jax.generate.offline import generate
 from glm5v_jax.generate.requests import IMAGE_KEYS  # one image slot's arrays
 from glm5v_jax.train import run as run_lib
 from glm5v_jax.train import vlm_pretrain
-from glm5v_jax.train.init_from import parse_init_from
+from glm5v_jax.init_from import parse_init_from
 from glm5v_jax.train.parallel import MeshPlan, TrainProgram, global_batch, under_rules
 from glm5v_jax.paths import as_path
 
