@@ -1,0 +1,16 @@
+"""Multimodal RL (the report's section 2.4), layered above `generate/` and below `train/`.
+
+  types.py       Task, Score, Component, RewardSpec, the verifier signature
+  verifiers.py   rule verifiers (count, exact, choice, grounding, pointing, ANLS, relaxed numbers, format)
+                 and their one registry VERIFIERS
+  metrics.py     unbiased pass@k, per-data-source reward / pass@k / failure-rate statistics summed across
+                 data-parallel shards
+  tools.py       on-image tools (crop, draw_boxes, mark_points), the [0, 1000] coordinate convention and
+                 the tool-call syntax; a malformed call is an observation, never an exception
+  scenes.py      images drawn for the families: bar charts, tables, tool scenes
+  tasks.py       verifiable task families (FAMILIES, each with its data_source tag and reward spec) and
+                 their mixture by weight (TaskMix)
+  gym.py         one environment protocol for single-step and multi-step (tool) tasks
+  rollout.py     the rollout driver: environments against the generation engine, the engine's tokens kept
+                 (loss mask 0 on observations)
+"""
