@@ -37,6 +37,8 @@ setup(
         "matplotlib>=3.8",
         # teacher checkpoints (Hugging Face safetensors), read through the numpy API: no torch
         "safetensors>=0.4",
+        # RL: model-based judges are called over HTTP asynchronously (glm5v_jax.rl.judge)
+        "aiohttp>=3.9",
     ],
     extras_require={
         # tensorboard: to view the logs and, in tests, to read event files back

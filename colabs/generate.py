@@ -281,10 +281,10 @@ logprob_table(done[sharp].samples[0], "one sample at temperature 0.7, top-k 3")
 # %% [markdown]
 # ## 4. A conversation: `keep=True`, then `engine.extend`
 # A request with `keep=True` holds its cache when its turn ends (`held` in the metrics). `extend` appends
-# the next user turn to that cache (messages with text or more images, or token ids), so the earlier turns and the image are not
-# prefilled again, and the model answers again. The completion holds every turn's tokens so far;
-# `release` frees the pages. The follow-up is one of the text-only turns SFT trains on (arithmetic on
-# the last count).
+# the next user turn to that cache (messages with text or more images, or token ids), so the earlier
+# turns and the image are not prefilled again, and the model answers again. The completion holds every
+# turn's tokens so far; `release` frees the pages. The follow-up is one of the text-only turns SFT trains
+# on (arithmetic on the last count).
 
 # %%
 n_shapes = len(json.loads(record["boxes_json"]))

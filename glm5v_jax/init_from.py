@@ -120,6 +120,11 @@ def _shown(path: tuple[str, ...]) -> str:
 def apply_init_from(text: str, state: Any, shardings: Any) -> Any:
     """`state` (an nnx.State with a `model` subtree, sharded as `shardings`) with the subtrees named
     by `text` replaced by the other run's arrays, placed with this run's shardings."""
+    return restore_from_run(text, state, shardings)[0]
+
+
+def restore_from_run(text: str, state: Any, shardings: Any) -> tuple[Any, int]:
+    """`apply_init_from`, and the checkpoint step the arrays came from."""
     spec = parse_init_from(text)
     ckpt_dir = as_path(spec.workdir) / "checkpoints"
     steps = _steps(ckpt_dir)
@@ -164,7 +169,7 @@ def apply_init_from(text: str, state: Any, shardings: Any) -> Any:
         def pick(path, leaf):
             return by_dst.get(tuple(_key(e) for e in path), leaf)
 
-        return jax.tree_util.tree_map_with_path(pick, state)
+        return jax.tree_util.tree_map_with_path(pick, state), step
     raise ConfigError(FIELD, f"no checkpoint in {ckpt_dir} could be read (steps {steps}; last error: {last_error})")
 
 

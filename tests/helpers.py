@@ -223,3 +223,35 @@ def one_sequence_batch(seq_len: int = 64) -> tuple[dict, int]:
     batch = {k: np.asarray(v) for k, v in small_batch(rows=1, seq_len=seq_len).items()}
     batch["segment_ids"] = (batch["segment_ids"] != 0).astype(np.int32)
     return batch, int(batch["segment_ids"].sum())
+
+
+# ----------------------------------------------------------------------------- a trained run to serve
+def build_vlm_run(workdir, *, vocab_size: int = 400, seed: int = 3):
+    """A VLM run directory as the trainer leaves it in `workdir`: config.json (resolved), tokenizer.model and a
+    checkpoint at step 5 of a tiny `vlm_pretrain` model (2 layers, width 64, random weights). Returns the model."""
+    import json
+
+    import optax
+    from flax import nnx
+
+    from glm5v_jax.data import shapes_world
+    from glm5v_jax.data.tokenizer import train_tokenizer
+    from glm5v_jax.models.build import vlm_spec_from_config
+    from glm5v_jax.models.vlm import GLM5V
+    from glm5v_jax.train.checkpoint import Checkpointer
+    from glm5v_jax.train.run import TrainState
+    from glm5v_jax.train.vlm_pretrain import resolve_model_config
+
+    workdir = Path(workdir)
+    texts = list(shapes_world.iter_split_texts(0, "train", 24))
+    tokenizer = train_tokenizer(texts, workdir / "tokenizer.model", vocab_size=vocab_size)
+    config = config_module("vlm_pretrain").get_config("tiny,layers=2")
+    config.model.backbone.embed_dim, config.model.backbone.mlp_dim = 64, 128
+    config = resolve_model_config(config, tokenizer)
+    model = GLM5V(vlm_spec_from_config(config.model), rngs=nnx.Rngs(seed))
+    state = nnx.state(TrainState(model, nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)))
+    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
+    ckpt.save(5, state, {}, json.loads(config.to_json_best_effort()), force=True)
+    ckpt.close()
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    return model

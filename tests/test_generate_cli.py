@@ -11,24 +11,16 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from PIL import Image
 
-from glm5v_jax.data import shapes_world
-from glm5v_jax.data.tokenizer import train_tokenizer
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.generate.__main__ import answer
 from glm5v_jax.generate.offline import generate
 from glm5v_jax.generate.chat import chat_prompt, image_inputs
 from glm5v_jax.generate.run_loader import load_run
-from glm5v_jax.models.build import vlm_spec_from_config
-from glm5v_jax.models.vlm import GLM5V
-from glm5v_jax.train.checkpoint import Checkpointer
-from glm5v_jax.train.run import TrainState
-from glm5v_jax.train.vlm_pretrain import resolve_model_config
-from helpers import config_module
+from helpers import build_vlm_run
 
 ROOT = Path(__file__).parents[1]
 
@@ -44,18 +36,7 @@ def _png(seed: int) -> bytes:
 def run_dir(tmp_path_factory):
     """A VLM run directory as the trainer leaves it: config.json (resolved), tokenizer.model, a checkpoint."""
     workdir = tmp_path_factory.mktemp("run")
-    texts = list(shapes_world.iter_split_texts(0, "train", 24))
-    tokenizer = train_tokenizer(texts, workdir / "tokenizer.model", vocab_size=400)
-    config = config_module("vlm_pretrain").get_config("tiny,layers=2")
-    config.model.backbone.embed_dim, config.model.backbone.mlp_dim = 64, 128
-    config = resolve_model_config(config, tokenizer)
-    model = GLM5V(vlm_spec_from_config(config.model), rngs=nnx.Rngs(3))
-    state = nnx.state(TrainState(model, nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)))
-    ckpt = Checkpointer(workdir / "checkpoints", async_save=False)
-    ckpt.save(5, state, {}, json.loads(config.to_json_best_effort()), force=True)
-    ckpt.close()
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-    return workdir, model
+    return workdir, build_vlm_run(workdir)
 
 
 def test_load_run_restores_the_trained_parameters(run_dir):

@@ -7,6 +7,7 @@ reads, or `step`) with the same partial restore as `config.init_from`; nothing i
 from __future__ import annotations
 
 import json
+
 import jax
 import ml_collections
 from flax import nnx
@@ -16,7 +17,7 @@ from glm5v_jax.errors import ConfigError
 from glm5v_jax.models.build import vlm_spec_from_config
 from glm5v_jax.models.vlm import GLM5V
 from glm5v_jax.paths import as_path
-from glm5v_jax.init_from import apply_init_from
+from glm5v_jax.init_from import restore_from_run
 
 VLM_TRAINERS = ("vlm_pretrain", "vlm_sft")
 
@@ -29,7 +30,8 @@ class _Run(nnx.Module):
 
 
 def load_run(workdir: str, step: int | None = None) -> tuple[GLM5V, Tokenizer, ml_collections.ConfigDict]:
-    """(the run's VLM with its trained parameters on the default device, its tokenizer, its config)."""
+    """(the run's VLM with its trained parameters on the default device, its tokenizer, its config with
+    `loaded_step`: the checkpoint step read)."""
     workdir = as_path(workdir)
     config_path = workdir / "config.json"
     if not config_path.exists():
@@ -46,5 +48,6 @@ def load_run(workdir: str, step: int | None = None) -> tuple[GLM5V, Tokenizer, m
     graphdef, state = nnx.split(abstract)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, state)
-    state = apply_init_from(f"{workdir}@{step}" if step is not None else str(workdir), state, shardings)
+    state, config.loaded_step = restore_from_run(f"{workdir}@{step}" if step is not None else str(workdir), state,
+                                                 shardings)  # loaded_step: the checkpoint the parameters came from
     return nnx.merge(graphdef, state).model, Tokenizer(tokenizer_path), config

@@ -13,4 +13,11 @@
   gym.py         one environment protocol for single-step and multi-step (tool) tasks
   rollout.py     the rollout driver: environments against the generation engine, the engine's tokens kept
                  (loss mask 0 on observations)
+  rewards.py     the reward system: (task, response) -> Score through the source's RewardSpec; aggregators
+  rule_pool.py   rule verifiers in worker processes with wall-clock timeouts (a hung worker is replaced)
+  judge.py       model-based judges over any OpenAI-compatible endpoint: concurrency limit, retries with
+                 backoff, flagged fallback scores; rubrics
+  judge_server.py  `python -m glm5v_jax.rl.judge_server --workdir=RUN`: a run served through the engine
+                 with an OpenAI-compatible chat endpoint
+  evaluate.py    `python -m glm5v_jax.rl.evaluate --workdir=RUN`: reward and pass@k per family
 """
