@@ -51,6 +51,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # most about 40 with their closing token: a grounding answer of two boxes). 0 turns it off.
     config.data.eval_generate_examples = 16
     config.data.eval_generate_max_new_tokens = 48
+    # Per-family RL evaluation (glm5v_jax.rl.evaluate: eval/rl/<family>/reward_mean and pass@k, the
+    # baseline RL must beat): `prompts` prompts of every task family (or of `families`, comma-separated),
+    # n answers each sampled at `temperature`, at most max_new_tokens tokens per turn. 0 prompts: off.
+    config.rl_eval = ml_collections.ConfigDict(dict(prompts=2 if tiny else 16, n=4, temperature=1.0,
+                                                    max_new_tokens=48, families=""))
     # Conversations (glm5v_jax.data.conversations): turns per conversation, chance of a system
     # message and of one text-only turn in an image conversation.
     config.data.sft = ml_collections.ConfigDict(dict(min_turns=2, max_turns=5, system_prob=0.5, text_turn_prob=0.5))

@@ -46,6 +46,7 @@ def _config(data_dir, *, examples: int, max_new: int, batch_size: int = 2, eval_
     d.sources.image.update(train_size=32, eval_size=8)
     d.sources.text.update(train_size=16, eval_size=4)
     d.eval_generate_examples, d.eval_generate_max_new_tokens = examples, max_new
+    cfg.rl_eval.prompts = 0  # the RL family evaluation: tested in test_chain and test_rl_evaluate
     cfg.mesh.num_devices = 1 if mesh is None else 8
     if mesh is not None:
         cfg.mesh.shape = mesh

@@ -33,7 +33,7 @@ SAFE_FIELDS = (
     "optim.groups.*.lr", "optim.groups.*.muon_lr", "optim.groups.*.warmup_steps", "optim.groups.*.decay",
     "optim.groups.*.final_fraction", "optim.groups.*.weight_decay", "optim.clip_norm",
     # evaluation only
-    "data.eval_*", "data.sources.*.eval_*", "data.eval_source.*",
+    "data.eval_*", "data.sources.*.eval_*", "data.eval_source.*", "rl_eval.*",
     # where and how it runs, not what it computes
     "data.num_workers", "mesh.*", "model.remat", "model.attention_impl", "model.moe_impl", "loss_impl",
 )

@@ -14,8 +14,9 @@ data and evaluation; the run layer (`glm5v_jax.train.run`) does the loop, checkp
      `data.eval_generate_examples` answers of each scored task in the same batches, answered greedily
      from their prompt (the chat template and earlier turns, as trained; the image) up to the closing
      token or `data.eval_generate_max_new_tokens`, decoded and scored (`conversations.GENERATED_SCORING`);
-     at step 0 (the starting checkpoint's score) and every `eval_every` steps; `eval_table.md` compares
-     them at the end.
+     and the RL task families' reward and pass@k (`eval/rl/<family>/...`, `glm5v_jax.rl.evaluate`,
+     `config.rl_eval`); at step 0 (the starting checkpoint's score) and every `eval_every` steps;
+     `eval_table.md` compares them at the end.
 """
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ from glm5v_jax.data import conversations
 from glm5v_jax.data.tokenizer import Tokenizer
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.generate.offline import generate
-from glm5v_jax.generate.requests import IMAGE_KEYS  # one image slot's arrays
+from glm5v_jax.generate.requests import IMAGE_KEYS, Sampling  # one image slot's arrays
 from glm5v_jax.train import run as run_lib
 from glm5v_jax.train import vlm_pretrain
 from glm5v_jax.init_from import parse_init_from
 from glm5v_jax.train.parallel import MeshPlan, TrainProgram, global_batch, under_rules
 from glm5v_jax.paths import as_path
+from glm5v_jax.rl import evaluate as rl_evaluate
 
 log = logging.getLogger(__name__)
 SFT_KEYS = ("task_ids", "answer_ids")
@@ -138,6 +140,33 @@ def generated_answer_metrics(model: nnx.Module, items: Sequence[tuple], tokenize
     return out
 
 
+# ----------------------------------------------------------------------------- RL task families
+def rl_eval_settings(config: ml_collections.ConfigDict) -> dict | None:
+    """`rl.evaluate.evaluate` keyword arguments from config.rl_eval; None when off (0 prompts, several
+    processes: the engine runs on one host)."""
+    block = config.get("rl_eval", None)
+    if block is None or not block.prompts:
+        return None
+    if jax.process_count() > 1:
+        log.warning("the RL family evaluation runs on one host only: off with %d processes", jax.process_count())
+        return None
+    for field, low in (("prompts", 0), ("n", 1), ("max_new_tokens", 1)):
+        if int(block[field]) < low:
+            raise ConfigError(f"rl_eval.{field}", f"must be >= {low}, got {block[field]}")
+    families = [f for f in str(block.families).split(",") if f] or None
+    rl_evaluate.family_tasks(families, 0)  # an unknown family name is refused before training
+    return dict(families=families, prompts=int(block.prompts), n=int(block.n),
+                max_new_tokens=int(block.max_new_tokens), sampling=Sampling(float(block.temperature), seed=0))
+
+
+def rl_eval_metrics(model: nnx.Module, tokenizer: Tokenizer, settings: dict) -> dict[str, float]:
+    """`eval/rl/<family>/reward_mean` and `.../pass@k` (and the `all` aggregate) of the model now."""
+    t0 = time.time()
+    ev = rl_evaluate.evaluate(model, tokenizer, **settings)
+    log.info("RL family evaluation: %d answers in %.1f s", len(ev.samples), time.time() - t0)
+    return {f"eval/rl/{k}": v for k, v in ev.summary.items() if k.endswith("/reward_mean") or "/pass@" in k}
+
+
 def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan) -> run_lib.Job:
     n_generate, max_new = generation_settings(config)
     if n_generate and jax.process_count() > 1:  # each host holds other eval rows; generate() is one-host
@@ -181,7 +210,15 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
         return out
 
 
-    return mj.job(config, plan, train_iter, evaluate if config.eval_every else None,
+    rl_settings = rl_eval_settings(config)
+
+    def evaluate_all(state) -> dict:
+        out = evaluate(state)
+        if rl_settings is not None:
+            out.update(rl_eval_metrics(nnx.merge(mj.placed.graphdef, state).model, tokenizer, rl_settings))
+        return out
+
+    return mj.job(config, plan, train_iter, evaluate_all if config.eval_every else None,
                   fingerprints={"data.tokenizer": tokenizer.sha256})
 
 
