@@ -22,10 +22,11 @@ import platform
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
+from glm5v_jax.rl.http_json import JSONHandler
 from glm5v_jax.rl.judge import JudgeClient
 from glm5v_jax.rl.rewards import RewardSystem
 from glm5v_jax.rl.types import Component, RewardSpec, Task
@@ -56,13 +57,8 @@ class SlowJudge(ThreadingHTTPServer):
             self.requests = self.peak = 0
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body leave at once (no 40 ms delayed-ACK stall)
+class _Handler(JSONHandler):
     server: SlowJudge
-
-    def log_message(self, *args) -> None:
-        pass
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))

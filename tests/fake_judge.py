@@ -15,7 +15,9 @@ import re
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+
+from glm5v_jax.rl.http_json import JSONHandler
 
 
 class FakeJudge(ThreadingHTTPServer):
@@ -51,21 +53,8 @@ def _text(body: dict) -> str:
     return "\n".join(p.get("text", "") for p in content if p.get("type") == "text")
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body leave at once (no 40 ms delayed-ACK stall)
+class _Handler(JSONHandler):
     server: FakeJudge
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _send(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -84,12 +73,12 @@ class _Handler(BaseHTTPRequestHandler):
             if m := re.search(r"SLEEP=([\d.]+)", text):
                 time.sleep(float(m.group(1)))
             if m := re.search(r"STATUS=(\d+)", text):
-                return self._send(int(m.group(1)), {"error": {"message": "scripted status"}})
+                return self.send_json(int(m.group(1)), {"error": {"message": "scripted status"}})
             if (m := re.search(r"FAIL=(\d+)", text)) and count <= int(m.group(1)):
-                return self._send(500, {"error": {"message": "scripted failure"}})
+                return self.send_json(500, {"error": {"message": "scripted failure"}})
             m = re.search(r"REPLY=([^\n]*)", text)
             reply = m.group(1) if m else "7"
-            self._send(200, {"id": "fake", "object": "chat.completion", "model": body.get("model"),
+            self.send_json(200, {"id": "fake", "object": "chat.completion", "model": body.get("model"),
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
                                           "finish_reason": "stop"}],
                              "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})

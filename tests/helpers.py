@@ -255,3 +255,38 @@ def build_vlm_run(workdir, *, vocab_size: int = 400, seed: int = 3):
     ckpt.close()
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
     return model
+
+
+def chat_tokenizer(directory, vocab_size: int = 400):
+    """A SentencePiece tokenizer with the GLM special tokens, trained on shapes-world texts in `directory`."""
+    from glm5v_jax.data import shapes_world
+    from glm5v_jax.data.tokenizer import train_tokenizer
+
+    texts = list(shapes_world.iter_split_texts(0, "train", 24))
+    return train_tokenizer(texts, Path(directory) / "tok.model", vocab_size=vocab_size)
+
+
+def chat_model(tokenizer, seed: int = 0):
+    """`small_spec()`'s VLM with `tokenizer`'s vocabulary and `<|image|>` id (random weights)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from glm5v_jax.models.vlm import GLM5V
+
+    spec = small_spec()
+    spec = dataclasses.replace(spec, backbone=dataclasses.replace(spec.backbone, vocab_size=tokenizer.vocab_size),
+                               image_token_id=tokenizer.image_id)
+    return GLM5V(spec, rngs=nnx.Rngs(seed))
+
+
+def png(seed: int, size=(32, 48)) -> bytes:
+    """A PNG of random pixels, `size` = (height, width)."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()

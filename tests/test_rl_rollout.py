@@ -5,48 +5,36 @@ of the episode's tokens equal the rollout's `logp_raw` on the masked positions; 
 samples is one request; a conversation that outgrows the engine ends with finish "capacity"."""
 from __future__ import annotations
 
-import dataclasses
-import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from PIL import Image
 
 from glm5v_jax.data import shapes_world
-from glm5v_jax.data.tokenizer import train_tokenizer
 from glm5v_jax.generate.chat import chat_stops, chat_tokens, image_inputs
 from glm5v_jax.generate.engine import Engine
 from glm5v_jax.generate.requests import Completion, Sample, Sampling
-from glm5v_jax.models.vlm import GLM5V
 from glm5v_jax.rl import tools
 from glm5v_jax.rl.gym import first_messages
 from glm5v_jax.rl.rollout import RolloutDriver
 from glm5v_jax.rl.types import Task
-from helpers import small_spec
+from helpers import chat_model, chat_tokenizer, png
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    texts = list(shapes_world.iter_split_texts(0, "train", 24))
-    return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tok.model", vocab_size=400)
+    return chat_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    spec = small_spec()
-    spec = dataclasses.replace(spec, backbone=dataclasses.replace(spec.backbone, vocab_size=tokenizer.vocab_size),
-                               image_token_id=tokenizer.image_id)
-    return GLM5V(spec, rngs=nnx.Rngs(0))
+    return chat_model(tokenizer)
 
 
 def _png(seed: int, size=(32, 48)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
+    return png(seed, size)
 
 
 class ScriptedEngine:

@@ -26,10 +26,12 @@ import math
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, Callable
 
 from absl import flags
+
+from glm5v_jax.rl.http_json import JSONHandler
 
 log = logging.getLogger(__name__)
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "observation"}
@@ -210,56 +212,46 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
     return status, {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body leave at once (no 40 ms delayed-ACK stall)
+class _Handler(JSONHandler):
     server: "JudgeHTTPServer"
 
     def log_message(self, fmt: str, *args) -> None:
         log.debug("%s " + fmt, self.address_string(), *args)
 
-    def _send(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
     def do_GET(self) -> None:
         service = self.server.service
         path = self.path.split("?")[0].rstrip("/")
         if path == "/health":
-            return self._send(200, service.health())
+            return self.send_json(200, service.health())
         if path in ("/v1/models", "/models"):
-            return self._send(200, service.models())
-        self._send(*_error(404, f"no route GET {self.path}", kind="not_found"))
+            return self.send_json(200, service.models())
+        self.send_json(*_error(404, f"no route GET {self.path}", kind="not_found"))
 
     def do_POST(self) -> None:
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             self.close_connection = True
-            return self._send(*_error(411, "Content-Length is required"))
+            return self.send_json(*_error(411, "Content-Length is required"))
         if length > MAX_BODY_BYTES:
             self.close_connection = True
-            return self._send(*_error(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB", "body"))
+            return self.send_json(*_error(413, f"the body is over {MAX_BODY_BYTES >> 20} MiB", "body"))
         raw = self.rfile.read(length)
         if self.path.split("?")[0].rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
-            return self._send(*_error(404, f"no route POST {self.path}", kind="not_found"))
+            return self.send_json(*_error(404, f"no route POST {self.path}", kind="not_found"))
         try:
             body = json.loads(raw)
         except ValueError as e:
-            return self._send(*_error(400, f"the body is not JSON: {e}", "body"))
+            return self.send_json(*_error(400, f"the body is not JSON: {e}", "body"))
         try:
-            return self._send(200, self.server.service.chat(body))
+            return self.send_json(200, self.server.service.chat(body))
         except BadRequest as e:
-            return self._send(*_error(400, str(e), e.param))
+            return self.send_json(*_error(400, str(e), e.param))
         except TimeoutError as e:
-            return self._send(*_error(504, str(e), kind="timeout"))
+            return self.send_json(*_error(504, str(e), kind="timeout"))
         except Exception as e:  # noqa: BLE001 - a failed generation is a 500 reply, never a dead server
             log.exception("chat completion failed")
-            return self._send(*_error(500, f"{type(e).__name__}: {e}", kind="server_error"))
+            return self.send_json(*_error(500, f"{type(e).__name__}: {e}", kind="server_error"))
 
 
 class JudgeHTTPServer(ThreadingHTTPServer):
