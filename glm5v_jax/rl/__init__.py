@@ -20,4 +20,8 @@
   judge_server.py  `python -m glm5v_jax.rl.judge_server --workdir=RUN`: a run served through the engine
                  with an OpenAI-compatible chat endpoint
   evaluate.py    `python -m glm5v_jax.rl.evaluate --workdir=RUN`: reward and pass@k per family
+  http_json.py   the JSON HTTP handler of the judge server (and of the test and benchmark judges)
+  advantages.py  GRPO / Dr.GRPO / RLOO advantages per group, DAPO overlong shaping
+  objectives.py  policy losses (clipped surrogate with clip-higher and dual clip, GSPO, TIS, KL k1/k2/k3)
+                 aggregated as global (sum, count) pairs; presets grpo, dr_grpo, dapo, gspo
 """
