@@ -17,7 +17,7 @@ from glm5v_jax.generate.chat import chat_stops, chat_tokens, image_inputs
 from glm5v_jax.generate.engine import Engine
 from glm5v_jax.generate.requests import Completion, Sample, Sampling
 from glm5v_jax.rl import tools
-from glm5v_jax.rl.gym import first_messages
+from glm5v_jax.rl.gym import SingleTurnEnv, first_messages
 from glm5v_jax.rl.rollout import RolloutDriver
 from glm5v_jax.rl.types import Task
 from helpers import chat_model, chat_tokenizer, png
@@ -208,3 +208,41 @@ def test_a_conversation_that_outgrows_the_engine_ends_with_capacity(tokenizer, m
     (episode,) = driver.run([Task("long", "test/echo", "Look.", (_png(0),), max_turns=10)])
     assert episode.finish == episode.info["truncated"] == "capacity" and len(episode.answers) > 1
     assert engine.metrics()["held"] == 0 and engine.pool.free_pages == engine.pool.num_pages
+
+
+def test_aborted_episodes_resume_where_they_stopped(tokenizer, model):
+    """Abort mid-answer (a multi-turn episode and a single-turn group), then resume: partial answers are
+    kept with their logprobs, no page is held while aborted, the turns keep their budgets, and the resumed
+    episodes' logp_raw still equal the trainer's log-probabilities of their tokens."""
+    t = tokenizer
+    engine = Engine(model, max_slots=4, max_seq_len=256, page_size=8, max_chunk=64, steps=2)
+    ended = []
+    driver = RolloutDriver(engine, t, max_new_tokens=6, sampling=Sampling(temperature=1.0, seed=5),
+                           env_factory=lambda task: EchoEnv() if task.max_turns > 1 else SingleTurnEnv(),
+                           on_episode=ended.append)
+    tasks = [Task("echo", "test/echo", "Look.", (_png(1),), max_turns=3), Task("vqa", "test/vqa", "Say.", (_png(2),))]
+    episodes = driver.start(tasks, n=2)
+    driver.step()
+    driver.step()  # prefill, then a few tokens of every answer
+    aborted = driver.abort()
+    assert {id(e) for e in aborted} == {id(e) for e in episodes} - {id(e) for e in ended}
+    assert aborted and all(e.finish == "abort" and not e.done and e.info["aborts"] == 1 for e in aborted)
+    assert driver.in_flight == [] and engine.pool.free_pages == engine.pool.num_pages
+    assert any(any(e.loss_mask) for e in aborted)  # some were stopped mid-answer, their tokens kept
+    partial = {id(e): len(e.tokens) for e in aborted}
+    driver.resume(aborted)
+    while not all(e.done for e in episodes):
+        driver.step()
+    assert sorted(map(id, ended)) == sorted(map(id, episodes))  # on_episode once per episode
+    for e in episodes:
+        assert len(e.tokens) >= partial.get(id(e), 0) and e.finish in ("stop", "length")
+        assert len(e.answers) == (3 if e.task.max_turns > 1 else 1)
+        mask = np.asarray(e.loss_mask)
+        want = _trainer_logps(model, e.tokens, e.images)
+        np.testing.assert_allclose(np.asarray(e.logp_raw)[mask], want[mask], atol=2e-5)
+        # a turn's answer never exceeds max_new_tokens, across its abort
+        runs = np.diff(np.flatnonzero(np.diff(np.r_[0, mask.astype(int), 0])))[::2]
+        assert runs.max() <= 6
+    assert engine.pool.free_pages == engine.pool.num_pages and engine.metrics()["held"] == 0
+    with pytest.raises(ValueError, match="was not aborted"):
+        driver.resume(episodes[:1])

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from glm5v_jax.generate.chat import chat_stops, render_messages
-from glm5v_jax.generate.requests import IMAGE_KEYS, Completion, Request, Sample, Sampling
+from glm5v_jax.generate.requests import IMAGE_KEYS, Request, Sample, Sampling
 from glm5v_jax.rl.gym import Env, make_env
 from glm5v_jax.rl.types import Task
 
@@ -46,6 +46,7 @@ class Episode:
     answers: list[str] = dataclasses.field(default_factory=list)  # each turn's answer text, stops removed
     finish: str | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    done: bool = False  # ended (not merely aborted: an aborted episode may be resumed)
 
     @property
     def response(self) -> str:
@@ -76,81 +77,156 @@ class Episode:
 
 
 class _Live:
-    """An episode on the engine: its environment, request id, and how much of its sample is booked."""
+    """An episode on the engine: its environment, request id, how much of its sample is booked, and the
+    tokens of the turn being answered (a turn interrupted by an abort goes on when resumed)."""
 
-    def __init__(self, episode: Episode, env: Env, rid: int = -1, held: bool = False):
-        self.episode, self.env, self.rid, self.held = episode, env, rid, held
-        self.booked = 0  # generated tokens of the engine's sample already in the episode
+    def __init__(self, episode: Episode, env: Env):
+        self.episode, self.env = episode, env
+        self.rid, self.held = -1, episode.task.max_turns > 1
+        self.booked = 0  # generated tokens of the engine's current sample already in the episode
+        self.turn: list[int] = []  # this turn's answer tokens so far
 
 
 class RolloutDriver:
-    """Runs tasks' environments against `engine` (an `Engine` with the model `tokenizer` belongs to)."""
+    """Runs tasks' environments against `engine` (an `Engine` with the model `tokenizer` belongs to).
+
+    `run(tasks, n)` returns when every episode has ended. The same in steps, for a controller that
+    overlaps rewards with generation: `start(tasks, n)`, then `step()` (one engine step; returns the
+    episodes that ended, after calling `on_episode` for each), `abort(episodes)` (their partial answers
+    booked, finish "abort", pages freed) and `resume(episodes)` (they go on where they stopped: the
+    conversation so far is the new request's prompt, the turn keeps what was left of its budget)."""
 
     def __init__(self, engine: Any, tokenizer: Any, *, max_new_tokens: int = 64, sampling: Sampling = Sampling(),
-                 env_factory: Callable[[Task], Env] = make_env):
+                 env_factory: Callable[[Task], Env] = make_env, on_episode: Callable[[Episode], None] | None = None):
         self.engine, self.tokenizer = engine, tokenizer
         self.max_new_tokens, self.sampling, self.env_factory = max_new_tokens, sampling, env_factory
+        self.on_episode = on_episode
         self.stops = chat_stops(tokenizer)
+        self._live: dict[int, list[_Live]] = {}  # request id -> its episodes (a single-turn group shares one)
+        self._aborted: dict[int, _Live] = {}  # id(episode) -> its state, until resumed
+        self._requests = 0  # requests submitted: request r samples from stream seed + 1000 r (+ j in a group)
+
+    @property
+    def in_flight(self) -> list[Episode]:
+        return [live.episode for group in self._live.values() for live in group]
 
     def run(self, tasks: Sequence[Task], n: int = 1) -> list[Episode]:
         """n episodes of every task, task-major; returns when all have ended."""
-        episodes: list[Episode] = []
-        by_rid: dict[int, list[_Live]] = {}
-        for i, task in enumerate(tasks):
-            group = [_Live(Episode(task, j), self.env_factory(task)) for j in range(n)]
-            episodes += [live.episode for live in group]
-            if task.max_turns == 1:  # one answer each: a group request shares the prompt's prefill
-                by_rid[self._submit(group, self._seed(i, 0))] = group
-            else:  # a held conversation is one sequence per request
-                for j, live in enumerate(group):
-                    by_rid[self._submit([live], self._seed(i, j))] = [live]
-        while by_rid:
+        episodes = self.start(tasks, n)
+        while not all(e.done for e in episodes):
             if self.engine.idle:
-                raise RuntimeError(f"the engine is idle with {len(by_rid)} requests of this rollout unfinished")
-            for completion in self.engine.step():
-                group = by_rid.pop(completion.id, None)
-                if group is not None and self._turn_done(group, completion):
-                    by_rid[completion.id] = group
+                raise RuntimeError(f"the engine is idle with {sum(not e.done for e in episodes)} episodes unfinished")
+            self.step()
         return episodes
 
-    def _seed(self, task: int, sample: int) -> int | None:
-        """Sample j of task i draws from stream seed + 1000 i + j (a group's samples get + j from the engine);
-        None lets the engine choose."""
-        return None if self.sampling.seed is None else self.sampling.seed + 1_000 * task + sample
+    def start(self, tasks: Sequence[Task], n: int = 1) -> list[Episode]:
+        """Submit n episodes of every task (task-major); a single-turn task's n samples are one request."""
+        episodes = []
+        for task in tasks:
+            group = [_Live(Episode(task, j), self.env_factory(task)) for j in range(n)]
+            episodes += [live.episode for live in group]
+            messages = [live.env.reset(task) for live in group][0]  # each sample's own environment
+            ids, images = render_messages(self.tokenizer, messages, self.engine.spec)
+            for live in group:
+                live.episode.prompt_length = len(ids)
+                live.episode._add(ids)
+                live.episode.image_slots += _slots(images)
+            if task.max_turns == 1:  # one answer each: one request shares the prompt's prefill
+                self._submit(group, ids, images, self.max_new_tokens)
+            else:  # a held conversation is one sequence per request
+                for live in group:
+                    self._submit([live], ids, images, self.max_new_tokens)
+        return episodes
 
-    def _submit(self, group: list[_Live], seed: int | None) -> int:
-        messages = [live.env.reset(live.episode.task) for live in group]  # each sample's own environment
-        ids, images = render_messages(self.tokenizer, messages[0], self.engine.spec)
-        held = group[0].episode.task.max_turns > 1
-        sampling = dataclasses.replace(self.sampling, seed=seed)
-        rid = self.engine.submit(Request(ids, images, n=len(group), sampling=sampling,
-                                         max_new_tokens=self.max_new_tokens, stop=self.stops, keep=held))
+    def step(self) -> list[Episode]:
+        """One engine step; the episodes that ended in it (`on_episode` already called for each)."""
+        ended = []
+        for completion in self.engine.step():
+            group = self._live.pop(completion.id, None)
+            if group is None:  # not ours (the engine may serve others)
+                continue
+            for live, sample in zip(group, completion.samples):
+                if self._turn_done(live, sample):
+                    self._live[completion.id] = [live]
+                else:
+                    ended.append(live.episode)
+        for episode in ended:
+            episode.done = True
+            if self.on_episode is not None:
+                self.on_episode(episode)
+        return ended
+
+    def abort(self, episodes: Sequence[Episode] | None = None) -> list[Episode]:
+        """Stop episodes now (every one in flight by default; the others of a single-turn group too): their
+        partial answers are booked with finish "abort" and their pages freed. Returns them."""
+        wanted = None if episodes is None else {id(e) for e in episodes}
+        rids = [rid for rid, group in self._live.items()
+                if wanted is None or any(id(live.episode) in wanted for live in group)]
+        out = []
+        for completion in self.engine.abort(rids):
+            for live, sample in zip(self._live.pop(completion.id), completion.samples):
+                self._book(live, sample)
+                live.episode.finish = "abort"
+                live.episode.info["aborts"] = live.episode.info.get("aborts", 0) + 1
+                self._aborted[id(live.episode)] = live
+                out.append(live.episode)
+        return out
+
+    def resume(self, episodes: Sequence[Episode]) -> None:
+        """Continue aborted episodes: each is one request whose prompt is its conversation so far (images
+        included), with what its turn had left of `max_new_tokens`, within the engine's max_seq_len."""
+        for episode in episodes:
+            live = self._aborted.pop(id(episode), None)
+            if live is None:
+                raise ValueError(f"episode {episode.task.uid}#{episode.index} was not aborted by this driver")
+            budget = self.max_new_tokens - len(live.turn)
+            if budget < 1 or len(episode.tokens) >= self.engine.capacity:  # (the engine ends such turns itself)
+                episode.finish = episode.info["truncated"] = "length" if budget < 1 else "capacity"
+                episode.answers.append(self._text(live.turn))
+                episode.done = True
+                if self.on_episode is not None:
+                    self.on_episode(episode)
+                continue
+            episode.finish = None
+            self._submit([live], episode.tokens, episode.images, budget)
+
+    def _submit(self, group: list[_Live], ids: Sequence[int], images: dict | None, budget: int) -> None:
+        seed = None if self.sampling.seed is None else self.sampling.seed + 1_000 * self._requests
+        self._requests += 1
+        rid = self.engine.submit(Request(ids, images, n=len(group), sampling=dataclasses.replace(self.sampling,
+                                                                                                 seed=seed),
+                                         max_new_tokens=budget, stop=self.stops, keep=group[0].held))
         for live in group:
-            live.rid, live.held = rid, held
-            live.episode.prompt_length = len(ids)
-            live.episode._add(ids)
-            live.episode.image_slots += _slots(images)
-        return rid
+            live.rid, live.booked = rid, 0
+        self._live[rid] = group
 
-    def _turn_done(self, group: list[_Live], completion: Completion) -> bool:
-        """Book the turn's answers; True when the (held, single) episode continues with an observation. A
-        single-turn task ends after its answer whatever its environment says."""
-        for live, sample in zip(group, completion.samples):
-            episode = live.episode
-            new = sample.tokens[live.booked:]
-            episode._add(new, sample=sample, start=live.booked)
-            live.booked = len(sample.tokens)
-            episode.answers.append(self.tokenizer.decode([t for t in new if t not in self.stops]))
-            episode.finish = sample.finish
-            if sample.finish in ("capacity", "abort"):
-                messages, done, info = None, True, {"truncated": sample.finish}
-            else:
-                messages, done, info = live.env.step(episode.answers[-1])
-            episode.info.update(info)
-            if not done and live.held and self._observe(live, messages, sample):
-                return True
-            if live.held:
-                self.engine.release(live.rid)
+    def _book(self, live: _Live, sample: Sample) -> None:
+        """The sample's tokens not booked yet join the episode (loss mask 1) and the current turn."""
+        new = sample.tokens[live.booked:]
+        live.episode._add(new, sample=sample, start=live.booked)
+        live.booked = len(sample.tokens)
+        live.turn += new
+
+    def _text(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode([t for t in tokens if t not in self.stops])
+
+    def _turn_done(self, live: _Live, sample: Sample) -> bool:
+        """Book a finished turn; True when the (held) episode goes on with an observation. A single-turn
+        task ends after its answer whatever its environment says."""
+        episode = live.episode
+        self._book(live, sample)
+        episode.answers.append(self._text(live.turn))
+        live.turn = []
+        episode.finish = sample.finish
+        if sample.finish == "capacity":
+            messages, done, info = None, True, {"truncated": "capacity"}
+        else:
+            messages, done, info = live.env.step(episode.answers[-1])
+        episode.info.update(info)
+        if not done and live.held and self._observe(live, messages, sample):
+            return True
+        if live.held:
+            self.engine.release(live.rid)
         return False
 
     def _observe(self, live: _Live, messages: list[dict], sample: Sample) -> bool:
