@@ -22,6 +22,10 @@
   evaluate.py    `python -m glm5v_jax.rl.evaluate --workdir=RUN`: reward and pass@k per family
   http_json.py   the JSON HTTP handler of the judge server (and of the test and benchmark judges)
   advantages.py  GRPO / Dr.GRPO / RLOO advantages per group, DAPO overlong shaping
+  controller.py  the rollout controller: rewards started on each episode's completion, over-sampling with
+                 the equal-reward filter, early abort by count or time, aborted groups cached and resumed,
+                 bounded staleness
+  simulated.py   a simulated engine (lognormal answer lengths, virtual clock) for pipeline tests and benches
   objectives.py  policy losses (clipped surrogate with clip-higher and dual clip, GSPO, TIS, KL k1/k2/k3)
                  aggregated as global (sum, count) pairs; presets grpo, dr_grpo, dapo, gspo
 """
