@@ -310,3 +310,21 @@ def test_a_draining_batch_decodes_only_the_rows_it_needs(model):
 
 
 PROMPTS_LONG = [5, 17, 33, 8, 91, 12, 40]
+
+
+def test_admission_lookahead_lets_a_request_that_fits_pass_a_waiting_group(model):
+    """FIFO by default: a group needing more free slots than there are holds the queue. With admit_lookahead=1
+    the request behind it that fits goes first. Greedy tokens are the same either way."""
+    def run(lookahead):
+        engine = Engine(model, max_slots=3, max_seq_len=48, page_size=4, steps=2, admit_lookahead=lookahead)
+        ids = [engine.submit(Request([5, 17, 33], max_new_tokens=12)),  # holds one slot for a while
+               engine.submit(Request([7, 8], n=3, max_new_tokens=3)),  # needs all three slots
+               engine.submit(Request([9, 10, 11], max_new_tokens=3))]  # fits beside the first
+        done = engine.run()
+        assert engine.pool.free_pages == engine.pool.num_pages
+        return [c.id for c in done], {c.id: [s.tokens for s in c.samples] for c in done}, ids
+
+    fifo, fifo_tokens, (_, group, single) = run(0)
+    ahead, ahead_tokens, _ = run(1)
+    assert fifo.index(single) > fifo.index(group) and ahead.index(single) < ahead.index(group)
+    assert fifo_tokens == ahead_tokens

@@ -1,6 +1,6 @@
 """The rollout controller over a simulated engine (lognormal answer lengths, a virtual clock): rewards start
 before the round's generation ends; the count abort and the time abort both trigger; over 50 rounds the
-engine's slots stay busy (>= 0.95), aborted groups are resumed and no group is lost, duplicated or past
+engine's slots stay busy (>= 0.99), aborted groups are resumed and no group is lost, duplicated or past
 max_seq_len; stale cached groups are dropped and counted; a cancelled judge call ends within 100 ms."""
 from __future__ import annotations
 
@@ -59,9 +59,9 @@ class Ask:
         return [{"role": "observation", "content": "go on"}], False, {"turns": self.n}
 
 
-def _setup(tokenizer, *, max_new_tokens=24, **kw):
+def _setup(tokenizer, *, max_new_tokens=24, admit_lookahead=0, **kw):
     engine = SimEngine(filler=tokenizer.encode("a")[-1], stop=tokenizer.eos_id, max_slots=16, max_seq_len=CAPACITY,
-                       step_s=0.01, mean_tokens=12, sigma=1.0, seed=0)
+                       step_s=0.01, mean_tokens=12, sigma=1.0, seed=0, admit_lookahead=admit_lookahead)
     driver = RolloutDriver(engine, tokenizer, max_new_tokens=max_new_tokens, env_factory=lambda task: Ask())
     worker = RewardWorker(ParityRewards())
     controller = RolloutController(driver, worker, _tasks(multi_turn_every=3), clock=lambda: engine.clock, **kw)
@@ -70,7 +70,7 @@ def _setup(tokenizer, *, max_new_tokens=24, **kw):
 
 def test_fifty_rounds_keep_the_engine_busy_and_lose_nothing(tokenizer):
     engine, driver, worker, c = _setup(tokenizer, group_size=4, groups_per_batch=4, over_sample=2.0,
-                                       max_off_policy_steps=2)
+                                       max_off_policy_steps=2, admit_lookahead=8)
     seen, accepted, filtered, stale, resumed, aborted, counted, overlapped = set(), 0, 0, 0, 0, 0, 0, 0
     try:
         for version in range(50):
@@ -98,9 +98,9 @@ def test_fifty_rounds_keep_the_engine_busy_and_lose_nothing(tokenizer):
     assert c.started == accepted + filtered + stale + len(c.cached) + len(c.carried) and not c.active
     assert resumed > 0 and aborted > 0 and filtered > 0 and counted > 25 and overlapped > 25
     m = engine.metrics()
-    # slot occupancy: what is lost (about 3%) is head-of-line blocking in the engine's FIFO admission (a
-    # group of 4 waits for 4 free slots); the controller always keeps work queued
-    assert m["busy_slot_steps"] / m["slot_steps"] >= 0.95, m
+    # slot occupancy (strict FIFO admission loses about 3% to head-of-line blocking: a group of 4 waits for 4
+    # free slots while later requests could use them; admit_lookahead lets those go first)
+    assert m["busy_slot_steps"] / m["slot_steps"] >= 0.99, m
     assert m["held"] == 0 or all(e.finish == "abort" for g in c.cached for e in g.episodes if not e.done)
 
 

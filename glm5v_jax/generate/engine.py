@@ -80,7 +80,8 @@ class Engine:
     def __init__(self, model: nnx.Module, *, max_slots: int = 8, max_seq_len: int = 512, page_size: int = 16,
                  num_pages: int | None = None, prefill_rows: int = 4, max_chunk: int = 256, min_chunk: int = 16,
                  steps: int = 8, max_stop_ids: int = 4, mesh: jax.sharding.Mesh | None = None, speculate: int = 0,
-                 record_routing: bool = False, decode_row_buckets: int = 3, tokenizer: Any = None):
+                 record_routing: bool = False, decode_row_buckets: int = 3, tokenizer: Any = None,
+                 admit_lookahead: int = 0):
         self.graphdef, self.state = nnx.split(model)
         self.spec = model.spec
         backbone = self.spec.backbone
@@ -107,6 +108,9 @@ class Engine:
             self.cache = jax.device_put(self.cache, cache_sharding(mesh, backbone.num_kv_heads))
         self.banned = (self.spec.image_token_id,)  # an <|image|> placeholder needs an image: never sampled
         self.tokenizer = tokenizer  # renders `Request.messages` (`chat.render_messages`)
+        # admission is FIFO; with admit_lookahead = k, while the head waits (a group needs more free slots or
+        # pages than there are) up to k requests behind it that fit go first, so freed slots do not idle
+        self.admit_lookahead = admit_lookahead
         self.version = 0
         self._slot_seq: list[tuple[_Job, _Seq] | None] = [None] * max_slots
         self._queue: collections.deque[_Job] = collections.deque()
@@ -335,12 +339,16 @@ class Engine:
     def _admit(self) -> list[_Job]:
         admitted = []
         free = [i for i, s in enumerate(self._slot_seq) if s is None]
-        while self._queue:
-            job = self._queue[0]
+        at = 0  # queue position looked at: the head, then up to `admit_lookahead` requests behind it
+        while at < len(self._queue):
+            job = self._queue[at]
             if len(job.seqs) > len(free) or self._turn_pages(job) > self.pool.free_pages:
                 self._metrics["admission_waits"] += 1  # waits its turn: no slot or not enough free pages
-                break
-            self._queue.popleft()
+                if at >= self.admit_lookahead:
+                    break
+                at += 1
+                continue
+            del self._queue[at]
             final = self._final_length(job)
             first = job.seqs[0]
             self.pool.grow(first.pages, final)

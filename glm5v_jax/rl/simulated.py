@@ -34,7 +34,8 @@ class SimEngine:
     spec = None  # prompts must be text-only (no image to preprocess)
 
     def __init__(self, *, filler: int, stop: int, max_slots: int = 16, max_seq_len: int = 4096, step_s: float = 0.01,
-                 mean_tokens: float = 32.0, sigma: float = 1.0, seed: int = 0):
+                 mean_tokens: float = 32.0, sigma: float = 1.0, seed: int = 0, admit_lookahead: int = 0):
+        self.admit_lookahead = admit_lookahead
         self.filler, self.stop, self.max_slots, self.capacity = filler, stop, max_slots, max_seq_len
         self.step_s, self.mu, self.sigma = step_s, np.log(mean_tokens) - sigma**2 / 2, sigma
         self.rng = np.random.default_rng(seed)
@@ -99,8 +100,15 @@ class SimEngine:
 
     def step(self) -> list[Completion]:
         live = sum(s.finish is None for j in self._running for s in j.samples)  # a finished sample frees its slot
-        while self._queue and live + self._queue[0].request.n <= self.max_slots:  # FIFO admission
-            job = self._queue.popleft()
+        at = 0  # FIFO admission, with the engine's `admit_lookahead`
+        while at < len(self._queue):
+            job = self._queue[at]
+            if live + job.request.n > self.max_slots:
+                if at >= self.admit_lookahead:
+                    break
+                at += 1
+                continue
+            del self._queue[at]
             job.targets = [max(1, int(round(x))) for x in self.rng.lognormal(self.mu, self.sigma, job.request.n)]
             job.counts = [0] * job.request.n
             for s in job.samples:
