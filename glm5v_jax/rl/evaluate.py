@@ -124,8 +124,10 @@ def _plot(ev: Evaluation, path: Any) -> None:
 
     ks = metrics.pass_ks(ev.n)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for source in ev.families:
-        ax.plot(ks, [ev.summary.get(f"{source}/pass@{k}", float("nan")) for k in ks], marker="o", label=source)
+    colours = plt.get_cmap("tab20").colors
+    for i, source in enumerate(ev.families):  # 12+ families: colours and markers both vary
+        ax.plot(ks, [ev.summary.get(f"{source}/pass@{k}", float("nan")) for k in ks], marker="os^vD"[i % 5],
+                color=colours[i % len(colours)], label=source)
     ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_xlabel("k")
