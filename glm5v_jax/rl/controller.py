@@ -67,9 +67,16 @@ class RewardWorker:
 
     def close(self) -> None:
         """Stop the loop (closing the judge's HTTP session on it) and the reward system's worker processes."""
-        judge = getattr(self.rewards, "judge", None)
-        if judge is not None:
-            asyncio.run_coroutine_threadsafe(judge.aclose(), self.loop).result(timeout=10)
+        async def drain():  # cancel what is still scoring, so that no coroutine is left unawaited
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            judge = getattr(self.rewards, "judge", None)
+            if judge is not None:
+                await judge.aclose()
+
+        asyncio.run_coroutine_threadsafe(drain(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.loop.close()
