@@ -1,0 +1,184 @@
+"""RL rollout pipeline: rounds through the controller against a synchronous barrier, on a simulated engine.
+
+    python experiments/bench_rl_pipeline.py                 # 50 rounds each way (about a minute on CPU)
+    python experiments/bench_rl_pipeline.py --rounds=200 --slots=64 --groups=16 --group_size=8
+
+The engine is `glm5v_jax.rl.simulated.SimEngine`: answer lengths drawn lognormal (the long tail), one token
+per live sample per step, a virtual clock of `step_s` per step. Each round needs `groups` groups of
+`group_size` samples with unequal rewards (a reward is 1 for an even-length answer, else 0):
+
+  barrier     the synchronous loop: start `groups` groups, wait for every answer, score, keep the groups
+              whose rewards differ (the rest are lost to the round), next round
+  controller  `RolloutController`: over-sampling (x`over_sample`), rewards started as episodes end, the
+              equal-reward filter, early abort by count, aborted groups cached and resumed first
+              (`--lookahead`: the engine's admit_lookahead)
+
+Reported per mode: virtual seconds per round, slot occupancy (busy slot-steps / slot-steps), accepted
+groups per round, and the controller's aborted / resumed / filtered counts. Rewards are scored for real
+(an event loop in a thread) but take no virtual time, so the barrier's reward wait is not in its seconds:
+its figures are a lower bound. Output: a table, printed and written with a json to
+`<out_dir>/rl_pipeline_sim.md|.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from glm5v_jax.data import shapes_world
+from glm5v_jax.data.tokenizer import train_tokenizer
+from glm5v_jax.rl.controller import RewardWorker, RolloutController
+from glm5v_jax.rl.rewards import Scored
+from glm5v_jax.rl.rollout import RolloutDriver
+from glm5v_jax.rl.simulated import SimEngine
+from glm5v_jax.rl.types import Score, Task
+from glm5v_jax.train.writers import json_default
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+
+
+class ParityRewards:
+    """1 for an even-length answer, else 0: about half the samples score, so most groups carry signal."""
+
+    async def score_detailed(self, task, response):
+        value = float(len(response) % 2 == 0)
+        return Scored(Score(value, {"parity": value}), "parity", {}, {})
+
+
+def _tasks():
+    for i in itertools.count():
+        yield Task(f"t{i}", "sim", f"Question {i}?")
+
+
+def _engine(args, tokenizer, lookahead: int) -> SimEngine:
+    return SimEngine(filler=tokenizer.encode("a")[-1], stop=tokenizer.eos_id, max_slots=args.slots,
+                     max_seq_len=args.max_seq_len, step_s=args.step_s, mean_tokens=args.mean_tokens,
+                     sigma=args.sigma, seed=args.seed, admit_lookahead=lookahead)
+
+
+def run_barrier(args, tokenizer) -> dict:
+    engine = _engine(args, tokenizer, 0)
+    driver = RolloutDriver(engine, tokenizer, max_new_tokens=args.max_new_tokens)
+    worker = RewardWorker(ParityRewards())
+    tasks, accepted = _tasks(), 0
+    try:
+        for _ in range(args.rounds):
+            episodes = driver.run([next(tasks) for _ in range(args.groups)], n=args.group_size)
+            scores = [f.result() for f in [worker.submit(e.task, e.response) for e in episodes]]
+            for g in range(args.groups):
+                rewards = {s.score.value for s in scores[g * args.group_size:(g + 1) * args.group_size]}
+                accepted += len(rewards) > 1
+    finally:
+        worker.close()
+    m = engine.metrics()
+    return dict(mode="barrier", seconds_per_round=engine.clock / args.rounds,
+                occupancy=m["busy_slot_steps"] / m["slot_steps"], groups_per_round=accepted / args.rounds,
+                aborted=0, resumed=0, filtered=args.rounds * args.groups - accepted)
+
+
+def run_controller(args, tokenizer, lookahead: int) -> dict:
+    engine = _engine(args, tokenizer, lookahead)
+    driver = RolloutDriver(engine, tokenizer, max_new_tokens=args.max_new_tokens)
+    worker = RewardWorker(ParityRewards())
+    c = RolloutController(driver, worker, _tasks(), group_size=args.group_size, groups_per_batch=args.groups,
+                          over_sample=args.over_sample, clock=lambda: engine.clock)
+    totals = dict(groups=0, aborted=0, resumed=0, filtered=0, stale=0)
+    try:
+        for version in range(args.rounds):
+            engine.update_weights(None, version)
+            r = c.next_batch(version)
+            totals["groups"] += len(r.groups)
+            for k in ("aborted", "resumed", "filtered", "stale"):
+                totals[k] += getattr(r, k)
+    finally:
+        worker.close()
+    m = engine.metrics()
+    return dict(mode=f"controller (lookahead {lookahead})", seconds_per_round=engine.clock / args.rounds,
+                occupancy=m["busy_slot_steps"] / m["slot_steps"], groups_per_round=totals["groups"] / args.rounds,
+                aborted=totals["aborted"], resumed=totals["resumed"], filtered=totals["filtered"],
+                stale=totals["stale"])
+
+
+def run_bench(args, log: Callable[[str], None] = print) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = train_tokenizer(shapes_world.iter_split_texts(0, "train", 24), Path(tmp) / "tok.model",
+                                    vocab_size=400)
+    rows = [run_barrier(args, tokenizer)]
+    log(f"barrier: {rows[-1]['seconds_per_round']:.2f} s/round")
+    for lookahead in (0, args.lookahead):
+        rows.append(run_controller(args, tokenizer, lookahead))
+        log(f"{rows[-1]['mode']}: {rows[-1]['seconds_per_round']:.2f} s/round")
+    base = rows[0]["seconds_per_round"] / max(rows[0]["groups_per_round"], 1e-9)
+    for r in rows:  # virtual seconds per accepted group, relative to the barrier's
+        r["speedup_per_group"] = base / (r["seconds_per_round"] / max(r["groups_per_round"], 1e-9))
+    return dict(rows=rows, settings=vars(args))
+
+
+def report(result: dict) -> str:
+    s = result["settings"]
+    head = ["mode", "virtual s / round", "accepted groups / round", "speedup per accepted group",
+            "slot occupancy", "aborted", "resumed", "dropped stale", "filtered"]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['mode']} | {r['seconds_per_round']:.2f} | {r['groups_per_round']:.2f} | "
+                     f"{r['speedup_per_group']:.2f}x | {r['occupancy']:.3f} | {r['aborted']} | {r['resumed']} | "
+                     f"{r.get('stale', 0)} | {r['filtered']} |")
+    return "\n".join([
+        "# RL rollout pipeline on a simulated engine", "",
+        f"{s['rounds']} rounds of {s['groups']} groups x {s['group_size']} samples; {s['slots']} slots; answer "
+        f"lengths lognormal (mean {s['mean_tokens']} tokens, sigma {s['sigma']}), at most {s['max_new_tokens']}; "
+        f"{s['step_s']} virtual s per decode step; controller over-sampling x{s['over_sample']}. Command: "
+        f"`python experiments/bench_rl_pipeline.py {' '.join(s['argv'])}` ({result['wall_s']:.0f} s wall).", "",
+        *lines, "",
+        "Virtual seconds count decode steps only (rewards take no virtual time, so the barrier's wait for its "
+        "rewards is not counted: its figures are a lower bound). The barrier keeps a round's groups whose "
+        "rewards differ; the controller fills its batch to the count, aborting the rest (cached, resumed "
+        "first next round; a group aborted twice counts twice). A cached group more than one weight version "
+        "old is dropped (`max_off_policy_steps=1`): that is the work the controller throws away.", ""])
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--slots", type=int, default=32)
+    ap.add_argument("--groups", type=int, default=8, help="groups per batch")
+    ap.add_argument("--group_size", type=int, default=4)
+    ap.add_argument("--over_sample", type=float, default=1.5)
+    ap.add_argument("--lookahead", type=int, default=16, help="the engine's admit_lookahead for the second run")
+    ap.add_argument("--mean_tokens", type=float, default=24.0)
+    ap.add_argument("--sigma", type=float, default=1.0)
+    ap.add_argument("--max_new_tokens", type=int, default=128)
+    ap.add_argument("--max_seq_len", type=int, default=256)
+    ap.add_argument("--step_s", type=float, default=0.02)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out_dir", default=str(RESULTS), help="where the .md and .json go ('' to skip writing)")
+    args = ap.parse_args(argv)
+    args.argv = argv
+    return args
+
+
+def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    result = run_bench(args, log)
+    result["wall_s"] = time.perf_counter() - t0
+    text = report(result)
+    log(text)
+    if args.out_dir:
+        stem = Path(args.out_dir) / "rl_pipeline_sim"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        Path(str(stem) + ".md").write_text(text)
+        Path(str(stem) + ".json").write_text(json.dumps(result, indent=1, default=json_default) + "\n")
+        result["files"] = [str(stem) + ".md", str(stem) + ".json"]
+    return result
+
+
+if __name__ == "__main__":
+    main()

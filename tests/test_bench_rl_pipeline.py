@@ -1,0 +1,27 @@
+"""experiments/bench_rl_pipeline.py with a few rounds: the barrier and both controller rows are there, the
+controller fills every batch and keeps the simulated engine's slots far busier than the barrier, and the report
+and files are written."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+_PATH = Path(__file__).resolve().parents[1] / "experiments" / "bench_rl_pipeline.py"
+_spec = importlib.util.spec_from_file_location("bench_rl_pipeline", _PATH)
+bench = importlib.util.module_from_spec(_spec)
+sys.modules["bench_rl_pipeline"] = bench
+_spec.loader.exec_module(bench)  # defines functions only; main() is not run
+
+
+def test_bench_rl_pipeline_small(tmp_path):
+    r = bench.main(["--rounds=6", "--slots=16", "--groups=4", f"--out_dir={tmp_path}"], log=lambda line: None)
+    barrier, fifo, ahead = r["rows"]
+    assert barrier["mode"] == "barrier" and fifo["mode"] == "controller (lookahead 0)"
+    assert ahead["mode"] == "controller (lookahead 16)"
+    for row in (fifo, ahead):
+        assert row["groups_per_round"] == 4 and row["occupancy"] > barrier["occupancy"] + 0.2
+        assert row["aborted"] >= row["resumed"] > 0
+    assert barrier["speedup_per_group"] == 1.0
+    assert [Path(f).name for f in r["files"]] == ["rl_pipeline_sim.md", "rl_pipeline_sim.json"]
+    assert "| barrier |" in Path(r["files"][0]).read_text()
+    assert json.loads(Path(r["files"][1]).read_text())["settings"]["groups"] == 4
