@@ -26,6 +26,8 @@
                  the equal-reward filter, early abort by count or time, aborted groups cached and resumed,
                  bounded staleness
   simulated.py   a simulated engine (lognormal answer lengths, virtual clock) for pipeline tests and benches
+  reference.py   the reference policy resident in host memory: prefetched to the devices before its forward,
+                 deleted right after
   objectives.py  policy losses (clipped surrogate with clip-higher and dual clip, GSPO, TIS, KL k1/k2/k3)
                  aggregated as global (sum, count) pairs; presets grpo, dr_grpo, dapo, gspo
 """
