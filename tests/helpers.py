@@ -18,18 +18,28 @@ IMAGE_SIZES = [(32, 64), (64, 32), (40, 40)]  # three aspect ratios
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@functools.cache
-def config_module(name: str):
-    """The config file `configs/<name>.py` as a module, loaded by path (no `sys.path` entry),
-    once per test process: `config_module("vlm_pretrain").get_config("tiny")`."""
-    path = CONFIGS / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"glm5v_configs.{name}", path)
+def _module_at(path: Path, module_name: str):
+    """The Python file `path` as module `module_name`, loaded by path (no `sys.path` entry)."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or not path.is_file():
         raise FileNotFoundError(path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # as an import would (dataclasses, pickling look it up)
     spec.loader.exec_module(module)
     return module
+
+
+@functools.cache
+def config_module(name: str):
+    """The config file `configs/<name>.py` as a module, once per test process:
+    `config_module("vlm_pretrain").get_config("tiny")`."""
+    return _module_at(CONFIGS / f"{name}.py", f"glm5v_configs.{name}")
+
+
+@functools.cache
+def experiment_module(name: str):
+    """The script `experiments/<name>.py` as module `name` (it defines functions only; main() is not run)."""
+    return _module_at(CONFIGS.parent / "experiments" / f"{name}.py", name)
 
 
 class FakeTokenizer:

@@ -3,22 +3,16 @@ and well-formed (no compile while sampling parameters change or while batching i
 image encoding per group, a float32 logprob gap within 1e-5), tunix's cells say "not installed", and the
 report and files are written."""
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from flax import nnx
 
 from glm5v_jax.models.vlm import GLM5V
-from helpers import small_spec
+from helpers import experiment_module, small_spec
 
-_PATH = Path(__file__).resolve().parents[1] / "experiments" / "bench_generate.py"
-_spec = importlib.util.spec_from_file_location("bench_generate", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench_generate"] = bench  # dataclasses look their module up there
-_spec.loader.exec_module(bench)  # defines functions only; main() is not run
+bench = experiment_module("bench_generate")
 
 SETTINGS = dataclasses.replace(bench.SMOKE, capacities=(48, 96), requests=6, length_max=24)
 

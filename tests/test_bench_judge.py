@@ -1,18 +1,14 @@
 """experiments/bench_judge.py with a tiny N: every concurrency's row is there, the server never held more
 requests than the client's limit (and overlapped them), nothing fell back, the time is within 3x of N * D / C, and
 the report and files are written."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "experiments" / "bench_judge.py"
-_spec = importlib.util.spec_from_file_location("bench_judge", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench_judge"] = bench
-_spec.loader.exec_module(bench)  # defines functions only; main() is not run
+from helpers import experiment_module
+
+bench = experiment_module("bench_judge")
 
 
 def test_bench_judge_small(tmp_path):

@@ -1,18 +1,13 @@
 """experiments/bench_kernels.py in its --smoke mode: both suites, numeric TFLOP/s for ours and the
 xla / ragged_dot baselines, ratios = ours / baseline, the markdown and json written."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import jax
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "experiments" / "bench_kernels.py"
-_spec = importlib.util.spec_from_file_location("bench_kernels", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench_kernels"] = bench  # dataclasses look their module up there
-_spec.loader.exec_module(bench)  # defines functions only; main() is not run
+from helpers import experiment_module
+
+bench = experiment_module("bench_kernels")
 
 
 @pytest.fixture(scope="module")

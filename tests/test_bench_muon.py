@@ -1,8 +1,5 @@
 """experiments/bench_muon.py's Newton-Schulz FLOP count: the formula T (4 m^2 n + 2 m^3),
 the closed-form overhead, routing-table counting, and XLA's own cost analysis."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +8,9 @@ import pytest
 
 from glm5v_jax.optim.newton_schulz import newton_schulz
 from glm5v_jax.optim.routing import MatrixSpec
+from helpers import experiment_module
 
-_PATH = Path(__file__).resolve().parents[1] / "experiments" / "bench_muon.py"
-_spec = importlib.util.spec_from_file_location("bench_muon", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench_muon"] = bench  # dataclasses look their module up there
-_spec.loader.exec_module(bench)  # defines functions only; main() is not run
+bench = experiment_module("bench_muon")
 
 
 def test_ns_flops_formula_and_closed_form():

@@ -1,16 +1,12 @@
 """experiments/bench_rl_pipeline.py with a few rounds: the barrier and both controller rows are there, the
 controller fills every batch and keeps the simulated engine's slots far busier than the barrier, and the report
 and files are written."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-_PATH = Path(__file__).resolve().parents[1] / "experiments" / "bench_rl_pipeline.py"
-_spec = importlib.util.spec_from_file_location("bench_rl_pipeline", _PATH)
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench_rl_pipeline"] = bench
-_spec.loader.exec_module(bench)  # defines functions only; main() is not run
+from helpers import experiment_module
+
+bench = experiment_module("bench_rl_pipeline")
 
 
 def test_bench_rl_pipeline_small(tmp_path):

@@ -25,10 +25,6 @@ def model(tokenizer):
     return chat_model(tokenizer)
 
 
-def _png(seed: int, size=(24, 40)) -> bytes:
-    return png(seed, size)
-
-
 def _prefix_until_answer(ids: np.ndarray, tokenizer, answer: int) -> list[int]:
     """Training's document up to (and with) the `<|assistant|>\\n` that opens answer `answer` (1-based)."""
     ids = ids.tolist()
@@ -66,10 +62,10 @@ def test_continuation_and_stops(tokenizer):
 
 def test_image_parts_are_preprocessed_as_in_training(tokenizer, model):
     t, spec = tokenizer, model.spec
-    messages = [{"role": "user", "content": [{"type": "image", "image": _png(0)}, "Compare with",
-                                             {"type": "image", "image": _png(1, (32, 32))}]}]
+    messages = [{"role": "user", "content": [{"type": "image", "image": png(0, (24, 40))}, "Compare with",
+                                             {"type": "image", "image": png(1, (32, 32))}]}]
     ids, images = render_messages(t, messages, spec)
-    (a, n0), (b, n1) = image_inputs(_png(0), spec), image_inputs(_png(1, (32, 32)), spec)
+    (a, n0), (b, n1) = image_inputs(png(0, (24, 40)), spec), image_inputs(png(1, (32, 32)), spec)
     assert ids == chat_tokens(t, [{"role": "user", "content": [{"type": "image"}, "Compare with", {"type": "image"}]}],
                               [n0, n1])
     assert ids.count(t.image_id) == n0 + n1 and ids.count(t.begin_image_id) == 2
@@ -104,8 +100,8 @@ def test_image_sizes_must_match_the_image_parts(tokenizer):
 def test_the_engine_takes_messages(tokenizer, model):
     t = tokenizer
     messages = [{"role": "system", "content": "Answer briefly."},
-                {"role": "user", "content": [{"type": "image", "image": _png(2)}, "What is drawn?"]}]
-    follow_up = [{"role": "user", "content": [{"type": "image", "image": _png(3, (32, 24))}, "And here?"]}]
+                {"role": "user", "content": [{"type": "image", "image": png(2, (24, 40))}, "What is drawn?"]}]
+    follow_up = [{"role": "user", "content": [{"type": "image", "image": png(3, (32, 24))}, "And here?"]}]
     stops = [t.user_id]
 
     def run(first: Request, second: dict) -> list[int]:

@@ -33,9 +33,6 @@ def model(tokenizer):
     return chat_model(tokenizer)
 
 
-def _png(seed: int, size=(32, 48)) -> bytes:
-    return png(seed, size)
-
 
 class ScriptedEngine:
     """The engine's interface with a scripted policy: request r answers `script[r][turn]` (token ids, the
@@ -152,7 +149,7 @@ class EchoEnv:
         self.n += 1
         if self.n >= self.turns:
             return None, True, {"turns": self.n}
-        return [{"role": "observation", "content": [{"type": "image", "image": _png(10 + self.n, (24, 32))},
+        return [{"role": "observation", "content": [{"type": "image", "image": png(10 + self.n, (24, 32))},
                                                     f"result {self.n}"]}], False, {"turns": self.n}
 
 
@@ -177,7 +174,7 @@ def _trainer_logps(model, tokens, images) -> np.ndarray:
 def test_real_engine_episodes_keep_the_engines_tokens(tokenizer, model):
     t = tokenizer
     engine = Engine(model, max_slots=4, max_seq_len=256, page_size=8, max_chunk=64, steps=4)
-    tasks = [Task(f"echo-{i}", "test/echo", f"Look {i}.", (_png(i),), max_turns=3) for i in range(2)]
+    tasks = [Task(f"echo-{i}", "test/echo", f"Look {i}.", (png(i),), max_turns=3) for i in range(2)]
     driver = RolloutDriver(engine, t, max_new_tokens=5, sampling=Sampling(temperature=1.0, seed=3),
                            env_factory=lambda task: EchoEnv())
     episodes = driver.run(tasks, n=2)
@@ -194,7 +191,7 @@ def test_real_engine_episodes_keep_the_engines_tokens(tokenizer, model):
     assert engine.metrics()["held"] == 0 and engine.pool.free_pages == engine.pool.num_pages
 
     driver = RolloutDriver(engine, t, max_new_tokens=5, sampling=Sampling(temperature=1.0, seed=3))
-    group = driver.run([Task("vqa", "test/vqa", "Describe.", (_png(5),))], n=3)
+    group = driver.run([Task("vqa", "test/vqa", "Describe.", (png(5),))], n=3)
     assert engine.metrics()["requests"] == 4 + 1  # the 3 single-turn samples were one request
     for e in group:
         assert len(e.answers) == 1 and e.info == {"turns": 1}
@@ -205,7 +202,7 @@ def test_real_engine_episodes_keep_the_engines_tokens(tokenizer, model):
 def test_a_conversation_that_outgrows_the_engine_ends_with_capacity(tokenizer, model):
     engine = Engine(model, max_slots=2, max_seq_len=64, page_size=8, max_chunk=64, steps=4)
     driver = RolloutDriver(engine, tokenizer, max_new_tokens=4, env_factory=lambda task: EchoEnv(turns=10))
-    (episode,) = driver.run([Task("long", "test/echo", "Look.", (_png(0),), max_turns=10)])
+    (episode,) = driver.run([Task("long", "test/echo", "Look.", (png(0),), max_turns=10)])
     assert episode.finish == episode.info["truncated"] == "capacity" and len(episode.answers) > 1
     assert engine.metrics()["held"] == 0 and engine.pool.free_pages == engine.pool.num_pages
 
@@ -220,7 +217,7 @@ def test_aborted_episodes_resume_where_they_stopped(tokenizer, model):
     driver = RolloutDriver(engine, t, max_new_tokens=6, sampling=Sampling(temperature=1.0, seed=5),
                            env_factory=lambda task: EchoEnv() if task.max_turns > 1 else SingleTurnEnv(),
                            on_episode=ended.append)
-    tasks = [Task("echo", "test/echo", "Look.", (_png(1),), max_turns=3), Task("vqa", "test/vqa", "Say.", (_png(2),))]
+    tasks = [Task("echo", "test/echo", "Look.", (png(1),), max_turns=3), Task("vqa", "test/vqa", "Say.", (png(2),))]
     episodes = driver.start(tasks, n=2)
     driver.step()
     driver.step()  # prefill, then a few tokens of every answer
