@@ -33,22 +33,13 @@ from typing import Callable
 from glm5v_jax.data import shapes_world
 from glm5v_jax.data.tokenizer import train_tokenizer
 from glm5v_jax.rl.controller import RewardWorker, RolloutController
-from glm5v_jax.rl.rewards import Scored
 from glm5v_jax.rl.rollout import RolloutDriver
-from glm5v_jax.rl.simulated import SimEngine
-from glm5v_jax.rl.types import Score, Task
+from glm5v_jax.rl.simulated import ParityRewards, SimEngine
+from glm5v_jax.rl.types import Task
 from glm5v_jax.train.writers import json_default
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
-
-
-class ParityRewards:
-    """1 for an even-length answer, else 0: about half the samples score, so most groups carry signal."""
-
-    async def score_detailed(self, task, response):
-        value = float(len(response) % 2 == 0)
-        return Scored(Score(value, {"parity": value}), "parity", {}, {})
 
 
 def _tasks():

@@ -4,7 +4,6 @@ engine's slots stay busy (>= 0.98), aborted groups are resumed and no group is l
 max_seq_len; stale cached groups are dropped and counted; a cancelled judge call ends at once (ms)."""
 from __future__ import annotations
 
-import asyncio
 import itertools
 import subprocess
 import sys
@@ -15,10 +14,10 @@ import pytest
 
 from glm5v_jax.rl.controller import RewardWorker, RolloutController
 from glm5v_jax.rl.judge import JudgeClient
-from glm5v_jax.rl.rewards import RewardSystem, Scored
+from glm5v_jax.rl.rewards import RewardSystem
 from glm5v_jax.rl.rollout import RolloutDriver
-from glm5v_jax.rl.simulated import SimEngine
-from glm5v_jax.rl.types import Component, RewardSpec, Score, Task
+from glm5v_jax.rl.simulated import ParityRewards, SimEngine
+from glm5v_jax.rl.types import Component, RewardSpec, Task
 from glm5v_jax.rl.verifiers import VERIFIERS
 from helpers import chat_tokenizer
 
@@ -28,15 +27,6 @@ CAPACITY = 160
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     return chat_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-class ParityRewards:
-    """Reward 1 for an answer of even length, else 0 (so groups differ), after a short real delay."""
-
-    async def score_detailed(self, task, response):
-        await asyncio.sleep(0.001)
-        value = float(len(response) % 2 == 0)
-        return Scored(Score(value, {"parity": value}), "parity", {}, {})
 
 
 def _tasks(multi_turn_every: int = 0):
@@ -63,7 +53,7 @@ def _setup(tokenizer, *, max_new_tokens=24, admit_lookahead=0, **kw):
     engine = SimEngine(filler=tokenizer.encode("a")[-1], stop=tokenizer.eos_id, max_slots=16, max_seq_len=CAPACITY,
                        step_s=0.01, mean_tokens=12, sigma=1.0, seed=0, admit_lookahead=admit_lookahead)
     driver = RolloutDriver(engine, tokenizer, max_new_tokens=max_new_tokens, env_factory=lambda task: Ask())
-    worker = RewardWorker(ParityRewards())
+    worker = RewardWorker(ParityRewards(delay_s=0.001))
     controller = RolloutController(driver, worker, _tasks(multi_turn_every=3), clock=lambda: engine.clock, **kw)
     return engine, driver, worker, controller
 
@@ -103,7 +93,7 @@ def test_fifty_rounds_keep_the_engine_busy_and_lose_nothing(tokenizer):
     # 0.987-0.994 (the rest: fewer slots free than any queued group needs). Reward timing is real time, so
     # the bound leaves room.
     assert m["busy_slot_steps"] / m["slot_steps"] >= 0.98, m
-    assert m["held"] == 0 or all(e.finish == "abort" for g in c.cached for e in g.episodes if not e.done)
+    assert m["held"] == 0  # finished conversations released, aborted ones dropped by the engine
 
 
 def test_time_abort_and_stale_groups(tokenizer):

@@ -192,7 +192,7 @@ class RolloutController:
         queued for every freed slot: the long tail is cut by the abort, and what it generated is cached)."""
         r = self._round
         slots = getattr(self.driver.engine, "max_slots", 0)
-        while not (not self.abort_on_count and len(r.groups) >= self.groups_per_batch) and (
+        while (self.abort_on_count or len(r.groups) < self.groups_per_batch) and (
                 len(r.groups) + len(self.active) < self.target or len(self.driver.in_flight) < 2 * slots):
             task = next(self.tasks, None)
             if task is None:

@@ -91,14 +91,11 @@ def table(ev: Evaluation) -> str:
     head = ["family", "prompts", "reward", *(f"pass@{k}" for k in ks), "format fail", "timeouts", "fallbacks"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for source in [*ev.families, metrics.ALL]:
-        s = ev.summary
-
-        def get(key: str, source: str = source) -> float:
-            return s.get(f"{source}/{key}", float("nan"))
-
-        cells = [source, f"{get('prompts'):.0f}", f"{get('reward_mean'):.3f}",
-                 *(f"{get(f'pass@{k}'):.3f}" for k in ks), f"{get('format_failure_rate'):.2f}",
-                 f"{get('timeout_rate'):.2f}", f"{get('fallback_rate'):.2f}"]
+        get = {key.split("/")[-1]: v for key, v in ev.summary.items() if key.startswith(f"{source}/")}.get
+        nan = float("nan")
+        cells = [source, f"{get('prompts', nan):.0f}", f"{get('reward_mean', nan):.3f}",
+                 *(f"{get(f'pass@{k}', nan):.3f}" for k in ks), f"{get('format_failure_rate', nan):.2f}",
+                 f"{get('timeout_rate', nan):.2f}", f"{get('fallback_rate', nan):.2f}"]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 

@@ -5,16 +5,20 @@ Each sample's answer length is drawn from a lognormal distribution (the long tai
 rollouts wait); every `step()` admits queued requests FIFO while their samples have free slots, then
 decodes one token for each live sample and advances `clock` by `step_s`. Answers are `filler` tokens
 ending with `stop` (or cut at the turn's budget: finish "length", or at `max_seq_len`: "capacity").
-`metrics()` counts busy and total slot-steps, so utilisation = busy / total.
+`metrics()` counts busy and total slot-steps, so utilisation = busy / total. `ParityRewards` is a reward
+system for it: about half the answers score, so most groups carry signal.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 from typing import Iterable
 
 import numpy as np
 
 from glm5v_jax.generate.requests import Completion, Request, Sample
+from glm5v_jax.rl.rewards import Scored
+from glm5v_jax.rl.types import Score
 
 
 class _SimJob:
@@ -147,3 +151,16 @@ class SimEngine:
 
     def _completion(self, job: _SimJob) -> Completion:
         return Completion(job.rid, len(job.request.tokens), [s.copy() for s in job.samples])
+
+
+class ParityRewards:
+    """The reward system's `score_detailed` for simulated answers: 1 for an even-length answer, else 0, after
+    `delay_s` real seconds."""
+
+    def __init__(self, delay_s: float = 0.0):
+        self.delay_s = delay_s
+
+    async def score_detailed(self, task, response: str) -> Scored:
+        await asyncio.sleep(self.delay_s)
+        value = float(len(response) % 2 == 0)
+        return Scored(Score(value, {"parity": value}), "parity", {}, {})
