@@ -19,7 +19,7 @@ from glm5v_jax.models.vlm import GLM5V
 from glm5v_jax.paths import as_path
 from glm5v_jax.init_from import restore_from_run
 
-VLM_TRAINERS = ("vlm_pretrain", "vlm_sft")
+VLM_TRAINERS = ("vlm_pretrain", "vlm_sft", "rl")
 
 
 class _Run(nnx.Module):

@@ -113,9 +113,11 @@ class Round:
 
     groups: list[Group]
     filtered: int = 0       # groups dropped because their rewards were all equal
+    filtered_groups: list[Group] = dataclasses.field(default_factory=list)  # those groups (for unbiased metrics)
     aborted: int = 0        # groups cut by the early abort, cached for the next round
     resumed: int = 0        # cached groups served at the start of this round
     stale: int = 0          # cached groups dropped as too far off-policy
+    stale_groups: list[Group] = dataclasses.field(default_factory=list)
     cancelled_rewards: int = 0  # pending reward calls cancelled by the abort
     abort_reason: str | None = None  # "count" | "time" | None (every group finished)
     seconds: float = 0.0
@@ -143,6 +145,7 @@ class RolloutController:
         self.active: list[Group] = []  # started this round (or resumed), not accepted or dropped yet
         self.cached: list[Group] = []  # aborted groups, served first next round
         self.carried: list[Group] = []  # complete groups beyond a batch (abort_on_count=False), served first
+        self.requeued: list[Task] = []  # tasks to start before the stream's (a restart's cached and carried ones)
         self._group_of: dict[int, Group] = {}
         self._round: Round | None = None
         self._t0 = 0.0
@@ -158,6 +161,7 @@ class RolloutController:
             g = self.carried.pop(0)
             if self._stale(g):
                 r.stale += 1
+                r.stale_groups.append(g)
             else:
                 r.groups.append(g)
         self._serve_cached()
@@ -186,6 +190,15 @@ class RolloutController:
         r.seconds = self.clock() - self._t0
         return r
 
+    def pending_tasks(self) -> list[Task]:
+        """The tasks whose groups are held between rounds (cached, carried, requeued): what a checkpoint keeps,
+        so that a restart (`requeue`) starts them again and no prompt is lost or served twice."""
+        return [g.task for g in self.cached + self.carried] + list(self.requeued)
+
+    def requeue(self, tasks: list[Task]) -> None:
+        """Start `tasks` (from scratch) before any task of the stream."""
+        self.requeued += list(tasks)
+
     def _fill(self) -> None:
         """Start fresh groups until accepted + active reach the over-sampling target and twice the engine's
         slots are in flight (a request holds its episodes until its last sample ends, so this keeps work
@@ -194,7 +207,7 @@ class RolloutController:
         slots = getattr(self.driver.engine, "max_slots", 0)
         while (self.abort_on_count or len(r.groups) < self.groups_per_batch) and (
                 len(r.groups) + len(self.active) < self.target or len(self.driver.in_flight) < 2 * slots):
-            task = next(self.tasks, None)
+            task = self.requeued.pop(0) if self.requeued else next(self.tasks, None)
             if task is None:
                 return
             episodes = self.driver.start([task], self.group_size)
@@ -208,6 +221,7 @@ class RolloutController:
         for g in cached:
             if self._stale(g):
                 r.stale += 1
+                r.stale_groups.append(g)
                 for e in g.episodes:
                     self._group_of.pop(id(e), None)
                 continue
@@ -260,6 +274,7 @@ class RolloutController:
                 self._group_of.pop(id(e), None)
             if self.filter_equal and len(set(g.rewards)) == 1:
                 r.filtered += 1
+                r.filtered_groups.append(g)
             else:
                 r.groups.append(g)
 

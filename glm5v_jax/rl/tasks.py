@@ -260,9 +260,15 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 
-def reward_specs() -> dict[str, RewardSpec]:
-    """data_source -> its RewardSpec, for every family."""
-    return {name: f.reward for name, f in FAMILIES.items()}
+def reward_specs(judge_rubric: str = "", judge_weight: float = 0.0) -> dict[str, RewardSpec]:
+    """data_source -> its RewardSpec, for every family; with `judge_rubric` (a `rl.judge.RUBRICS` name) and
+    `judge_weight` > 0, each spec gains a model-judged component "judge" of that weight (inside a gate's
+    weighted part), scored by the reward system's judge client."""
+    specs = {name: f.reward for name, f in FAMILIES.items()}
+    if judge_rubric and judge_weight > 0:
+        extra = Component("judge", judge=judge_rubric, weight=float(judge_weight))
+        specs = {k: dataclasses.replace(s, components=s.components + (extra,)) for k, s in specs.items()}
+    return specs
 
 
 class TaskMix:
@@ -298,3 +304,31 @@ class TaskMix:
         while True:
             yield self.task(index)
             index += 1
+
+
+class TaskStream:
+    """A `TaskMix` read in order from `position`, remembering each task's index by uid, so that a run can
+    checkpoint where it is (the position, and the indices of the tasks it holds) and start again there."""
+
+    def __init__(self, mix: TaskMix, position: int = 0):
+        self.mix, self.position = mix, int(position)
+        self._index: dict[str, int] = {}
+
+    def __iter__(self) -> Iterator[Task]:
+        return self
+
+    def __next__(self) -> Task:
+        task = self.mix.task(self.position)
+        self._index[task.uid] = self.position
+        self.position += 1
+        return task
+
+    def task(self, index: int) -> Task:
+        """The task at `index` (remembered like a streamed one)."""
+        task = self.mix.task(index)
+        self._index[task.uid] = index
+        return task
+
+    def index_of(self, task: Task) -> int:
+        """The index of a task this stream produced. KeyError for another."""
+        return self._index[task.uid]

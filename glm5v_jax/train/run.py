@@ -95,6 +95,9 @@ class Job:
     batch_keys: tuple[str, ...] | None = None  # what `batch_hash` fingerprints (None: every key)
     routing: str | None = None  # Muon routing table, written to routing.txt
     replicated: float = 0.0  # fraction of parameter bytes replicated over a non-data axis
+    # (state, step) of the state the loop starts from (after a resume or init_from) and after every step:
+    # for a stage whose batches come from the model itself (RL: the rollout engine gets each new policy)
+    observe_state: Callable[[Any, int], None] | None = None
     # {config field: sha256} of files the config names (the tokenizer): saved with each checkpoint, and a
     # resume with other bytes is refused (glm5v_jax.train.resume)
     fingerprints: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -248,6 +251,8 @@ def run(job: Job, workdir: epath.Path) -> dict:
                      if config.get("init_from", "") else "")
         elif config.get("init_from", ""):
             state = apply_init_from(config.init_from, state, job.shardings)
+        if job.observe_state is not None:
+            job.observe_state(state, start_step)
     except BaseException:
         ckpt.close()
         raise
@@ -294,6 +299,8 @@ def run(job: Job, workdir: epath.Path) -> dict:
             if config.get("log_batch_hash", False):  # proves that runs saw byte-identical batches
                 writer.write_scalars(step, {"data/batch_hash": batch_hash(batch, job.batch_keys)})
             state, metrics = job.train_step(state, batch, step)
+            if job.observe_state is not None:
+                job.observe_state(state, step)
             for _, good in monitor.push(step, metrics):  # the previous step's flag: no wait on this one
                 acc = average(acc, good)
             if job.work is not None:

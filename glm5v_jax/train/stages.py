@@ -19,6 +19,7 @@ STAGES = {
     "cogvit_siglip": "glm5v_jax.train.cogvit_siglip",  # CogViT stage 2: contrastive image-text (SigLIP)
     "vlm_pretrain": "glm5v_jax.train.vlm_pretrain",  # VLM pre-training with MMTP
     "vlm_sft": "glm5v_jax.train.vlm_sft",  # supervised fine-tuning on chat conversations
+    "rl": "glm5v_jax.train.rl",  # joint multimodal RL over the task families
 }
 
 

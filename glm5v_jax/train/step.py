@@ -5,7 +5,7 @@ tools compile exactly the step that training runs.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +36,16 @@ def update_router_biases(model: GLM5V, outputs, rate: float) -> None:
             bias[...] = update_router_bias(bias[...], aux["expert_load"], rate)
 
 
-def loss_and_outputs(model: GLM5V, batch, mtp_loss_weight: float, balance_loss_weight: float):
+def loss_and_outputs(model: GLM5V, batch, mtp_loss_weight: float, balance_loss_weight: float,
+                     loss_fn: Callable | None = None):
+    """(loss, (metrics, outputs)) of `model(batch)`: `loss_fn(outputs, batch) -> (loss, metrics)`, by default
+    the pre-training objective (`vlm_loss` with the two weights)."""
     outputs = model(batch)
-    loss, metrics = vlm_loss(outputs, batch, mtp_loss_weight=mtp_loss_weight,
-                             balance_loss_weight=balance_loss_weight)
+    if loss_fn is None:
+        loss, metrics = vlm_loss(outputs, batch, mtp_loss_weight=mtp_loss_weight,
+                                 balance_loss_weight=balance_loss_weight)
+    else:
+        loss, metrics = loss_fn(outputs, batch)
     return loss, (metrics, outputs)
 
 
@@ -71,15 +77,18 @@ def optimizer_statistics(opt_state) -> dict:
 
 def train_step(model: GLM5V, optimizer: nnx.Optimizer, batch, *, mtp_loss_weight: float = 0.3,
                balance_loss_weight: float = 0.0, router_bias_rate: float = 1e-3,
-               update_labels: Mapping[tuple[str, ...], str] | None = None, qk_clip_tau: float = 0.0):
+               update_labels: Mapping[tuple[str, ...], str] | None = None, qk_clip_tau: float = 0.0,
+               loss_fn: Callable | None = None):
     """One optimisation step in place on (model, optimizer); returns metrics.
 
+    `loss_fn(outputs, batch) -> (loss, metrics)` replaces the pre-training objective (the RL stage's
+    policy loss); the weights above then only reach it through the caller.
     `update_labels` ({parameter path: label}) adds the update RMS per label.
     `qk_clip_tau` > 0: the optimizer ends with `glm5v_jax.optim.qk_clip.qk_clip` and gets
     this step's per-head max logits (the model must track them).
     """
     grad_fn = nnx.value_and_grad(loss_and_outputs, has_aux=True)
-    (loss, (metrics, outputs)), grads = grad_fn(model, batch, mtp_loss_weight, balance_loss_weight)
+    (loss, (metrics, outputs)), grads = grad_fn(model, batch, mtp_loss_weight, balance_loss_weight, loss_fn)
     # Values (new Variable objects), not the live variables the update writes into.
     before = jax.tree.map(lambda v: v, nnx.state(model, nnx.Param)) if update_labels is not None else None
     extra = {}

@@ -116,16 +116,19 @@ def build_optimizer(model: GLM5V, cfg: ml_collections.ConfigDict, total_steps: i
     return nnx.Optimizer(model, tx, wrt=nnx.Param), schedules, labels
 
 
-def train_step_fn(graphdef, config: ml_collections.ConfigDict, update_labels: dict | None):
+def train_step_fn(graphdef, config: ml_collections.ConfigDict, update_labels: dict | None,
+                  loss_fn: Callable | None = None):
     """`(state, batch) -> (state, metrics)` on the split TrainState. `update_labels=None` leaves out
-    the per-group update-RMS metrics."""
+    the per-group update-RMS metrics; `loss_fn(outputs, batch) -> (loss, metrics)` replaces the
+    pre-training objective (`glm5v_jax.train.step.train_step`)."""
     mtp_w, bal_w = float(config.model.mtp.loss_weight), float(config.model.backbone.balance_loss_weight)
     bias_rate, tau = float(config.optim.router_bias_update_rate), float(config.optim.qk_clip_tau)
 
     def pure_train_step(state, batch):
         ts = nnx.merge(graphdef, state)
         metrics = train_step(ts.model, ts.optimizer, batch, mtp_loss_weight=mtp_w, balance_loss_weight=bal_w,
-                             router_bias_rate=bias_rate, update_labels=update_labels, qk_clip_tau=tau)
+                             router_bias_rate=bias_rate, update_labels=update_labels, qk_clip_tau=tau,
+                             loss_fn=loss_fn)
         return nnx.state(ts), metrics
 
     return pure_train_step
@@ -177,13 +180,16 @@ class ModelJob:
 
 
 def place_model(config: ml_collections.ConfigDict, spec, plan: MeshPlan, *, abstract: bool = False,
-                update_rms: bool = True):
+                update_rms: bool = True, loss_fn: Callable | None = None,
+                contract: dict[str, jax.ShapeDtypeStruct] | None = None):
     """(PlacedState of the VLM and its optimizer, batch shardings, jitted train step): the pieces the
-    run and the AOT program share. `update_rms`: log the per-group update-RMS metrics."""
+    run and the AOT program share. `update_rms`: log the per-group update-RMS metrics; `loss_fn` and
+    `contract` (the batch's global shapes, default `batch_contract`): another objective on another batch
+    (the RL stage)."""
     placed = run_lib.place_state(config, plan, lambda: GLM5V(spec, rngs=nnx.Rngs(config.seed)), abstract=abstract)
-    batch_sh = batch_shardings(batch_contract(spec, config.data), plan)
-    step = jit_step(train_step_fn(placed.graphdef, config, placed.update_labels if update_rms else None), plan,
-                    placed.shardings, batch_sh, nonfinite=config.get("nonfinite", "stop"))
+    batch_sh = batch_shardings(contract or batch_contract(spec, config.data), plan)
+    step = jit_step(train_step_fn(placed.graphdef, config, placed.update_labels if update_rms else None, loss_fn),
+                    plan, placed.shardings, batch_sh, nonfinite=config.get("nonfinite", "stop"))
     return placed, batch_sh, step
 
 
