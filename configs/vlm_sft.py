@@ -57,8 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.rl_eval = ml_collections.ConfigDict(dict(prompts=2 if tiny else 16, n=4, temperature=1.0,
                                                     max_new_tokens=48, families=""))
     # Conversations (glm5v_jax.data.conversations): turns per conversation, chance of a system
-    # message and of one text-only turn in an image conversation.
-    config.data.sft = ml_collections.ConfigDict(dict(min_turns=2, max_turns=5, system_prob=0.5, text_turn_prob=0.5))
+    # message and of one text-only turn in an image conversation; `tasks`: only turns of these tasks
+    # (comma-separated conversations.TASKS, e.g. "count"; "" = every task; records without one are skipped).
+    config.data.sft = ml_collections.ConfigDict(dict(min_turns=2, max_turns=5, system_prob=0.5, text_turn_prob=0.5,
+                                                     tasks=""))
     for group in config.optim.groups.values():
         group.lr, group.muon_lr = group.lr / 3, group.muon_lr / 3
         group.warmup_steps = 10 if tiny else 100

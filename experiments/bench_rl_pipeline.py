@@ -1,7 +1,9 @@
-"""RL rollout pipeline: rounds through the controller against a synchronous barrier, on a simulated engine.
+"""RL rollout pipeline: rounds through the controller against a synchronous barrier, on a simulated engine
+or on the real one.
 
     python experiments/bench_rl_pipeline.py                 # 50 rounds each way (about a minute on CPU)
     python experiments/bench_rl_pipeline.py --rounds=200 --slots=64 --groups=16 --group_size=8
+    python experiments/bench_rl_pipeline.py --engine=real --workdir=SFT_RUN --rounds=10   # wall-clock seconds
 
 The engine is `glm5v_jax.rl.simulated.SimEngine`: answer lengths drawn lognormal (the long tail), one token
 per live sample per step, a virtual clock of `step_s` per step. Each round needs `groups` groups of
@@ -18,6 +20,11 @@ groups per round, and the controller's aborted / resumed / filtered counts. Rewa
 (an event loop in a thread) but take no virtual time, so the barrier's reward wait is not in its seconds:
 its figures are a lower bound. Output: a table, printed and written with a json to
 `<out_dir>/rl_pipeline_sim.md|.json`.
+
+`--engine=real`: the generation engine over a trained run's model (`--workdir`, e.g. a tiny SFT run), prompts
+of the RL task families (`--families`), the families' rule rewards; seconds are wall-clock (rewards
+included: the barrier waits for them, the controller overlaps them) and occupancy is the engine's useful
+slot fraction. Written to `<out_dir>/rl_pipeline_real.md|.json`.
 """
 from __future__ import annotations
 
@@ -42,22 +49,57 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 
 
-def _tasks():
-    for i in itertools.count():
-        yield Task(f"t{i}", "sim", f"Question {i}?")
+def _tasks(args):
+    if args.engine == "real":
+        from glm5v_jax.rl.tasks import TaskMix, TaskStream
+
+        return TaskStream(TaskMix({f: 1.0 for f in args.families.split(",")} if args.families else None,
+                                  seed=args.seed))
+    return (Task(f"t{i}", "sim", f"Question {i}?") for i in itertools.count())
 
 
-def _engine(args, tokenizer, lookahead: int) -> SimEngine:
+def _engine(args, tokenizer, lookahead: int):
+    if args.engine == "real":
+        from glm5v_jax.generate.engine import Engine
+
+        return Engine(args.model, max_slots=args.slots, max_seq_len=args.max_seq_len, tokenizer=tokenizer,
+                      admit_lookahead=lookahead)
     return SimEngine(filler=tokenizer.encode("a")[-1], stop=tokenizer.eos_id, max_slots=args.slots,
                      max_seq_len=args.max_seq_len, step_s=args.step_s, mean_tokens=args.mean_tokens,
                      sigma=args.sigma, seed=args.seed, admit_lookahead=lookahead)
 
 
+def _rewards(args):
+    if args.engine == "real":
+        from glm5v_jax.rl.rewards import RewardSystem
+        from glm5v_jax.rl.tasks import reward_specs
+
+        return RewardSystem(reward_specs())
+    return ParityRewards()
+
+
+def _clock(args, engine) -> Callable[[], float]:
+    return time.monotonic if args.engine == "real" else (lambda: engine.clock)
+
+
+def _occupancy(args, engine) -> float:
+    m = engine.metrics()
+    return m["useful_slot_fraction"] if args.engine == "real" else m["busy_slot_steps"] / m["slot_steps"]
+
+
+def _driver(args, engine, tokenizer) -> RolloutDriver:
+    from glm5v_jax.generate.requests import Sampling
+
+    return RolloutDriver(engine, tokenizer, max_new_tokens=args.max_new_tokens,
+                         sampling=Sampling(1.0, seed=args.seed))
+
+
 def run_barrier(args, tokenizer) -> dict:
     engine = _engine(args, tokenizer, 0)
-    driver = RolloutDriver(engine, tokenizer, max_new_tokens=args.max_new_tokens)
-    worker = RewardWorker(ParityRewards())
-    tasks, accepted = _tasks(), 0
+    driver = _driver(args, engine, tokenizer)
+    worker = RewardWorker(_rewards(args))
+    tasks, accepted, clock = _tasks(args), 0, _clock(args, engine)
+    t0 = clock()
     try:
         for _ in range(args.rounds):
             episodes = driver.run([next(tasks) for _ in range(args.groups)], n=args.group_size)
@@ -65,41 +107,50 @@ def run_barrier(args, tokenizer) -> dict:
             for g in range(args.groups):
                 rewards = {s.score.value for s in scores[g * args.group_size:(g + 1) * args.group_size]}
                 accepted += len(rewards) > 1
+        seconds = clock() - t0
     finally:
         worker.close()
-    m = engine.metrics()
-    return dict(mode="barrier", seconds_per_round=engine.clock / args.rounds,
-                occupancy=m["busy_slot_steps"] / m["slot_steps"], groups_per_round=accepted / args.rounds,
-                aborted=0, resumed=0, filtered=args.rounds * args.groups - accepted)
+    return dict(mode="barrier", seconds_per_round=seconds / args.rounds, occupancy=_occupancy(args, engine),
+                groups_per_round=accepted / args.rounds, aborted=0, resumed=0,
+                filtered=args.rounds * args.groups - accepted)
 
 
 def run_controller(args, tokenizer, lookahead: int) -> dict:
     engine = _engine(args, tokenizer, lookahead)
-    driver = RolloutDriver(engine, tokenizer, max_new_tokens=args.max_new_tokens)
-    worker = RewardWorker(ParityRewards())
-    c = RolloutController(driver, worker, _tasks(), group_size=args.group_size, groups_per_batch=args.groups,
-                          over_sample=args.over_sample, clock=lambda: engine.clock)
+    driver = _driver(args, engine, tokenizer)
+    worker = RewardWorker(_rewards(args))
+    clock = _clock(args, engine)
+    c = RolloutController(driver, worker, _tasks(args), group_size=args.group_size, groups_per_batch=args.groups,
+                          over_sample=args.over_sample, clock=clock)
     totals = dict(groups=0, aborted=0, resumed=0, filtered=0, stale=0)
+    t0 = clock()
     try:
         for version in range(args.rounds):
-            engine.update_weights(None, version)
+            engine.update_weights(engine.state if args.engine == "real" else None, version)
             r = c.next_batch(version)
             totals["groups"] += len(r.groups)
             for k in ("aborted", "resumed", "filtered", "stale"):
                 totals[k] += getattr(r, k)
+        seconds = clock() - t0
     finally:
         worker.close()
-    m = engine.metrics()
-    return dict(mode=f"controller (lookahead {lookahead})", seconds_per_round=engine.clock / args.rounds,
-                occupancy=m["busy_slot_steps"] / m["slot_steps"], groups_per_round=totals["groups"] / args.rounds,
+    return dict(mode=f"controller (lookahead {lookahead})", seconds_per_round=seconds / args.rounds,
+                occupancy=_occupancy(args, engine), groups_per_round=totals["groups"] / args.rounds,
                 aborted=totals["aborted"], resumed=totals["resumed"], filtered=totals["filtered"],
                 stale=totals["stale"])
 
 
 def run_bench(args, log: Callable[[str], None] = print) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = train_tokenizer(shapes_world.iter_split_texts(0, "train", 24), Path(tmp) / "tok.model",
-                                    vocab_size=400)
+    if args.engine == "real":
+        from glm5v_jax.generate.run_loader import load_run
+
+        args.model, tokenizer, _ = load_run(args.workdir)
+        if args.warmup:  # compile the engine's shapes first, so that neither mode pays for them
+            _engine(args, tokenizer, 0).warmup(max_images=1)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = train_tokenizer(shapes_world.iter_split_texts(0, "train", 24), Path(tmp) / "tok.model",
+                                        vocab_size=400)
     rows = [run_barrier(args, tokenizer)]
     log(f"barrier: {rows[-1]['seconds_per_round']:.2f} s/round")
     for lookahead in (0, args.lookahead):
@@ -108,24 +159,38 @@ def run_bench(args, log: Callable[[str], None] = print) -> dict:
     base = rows[0]["seconds_per_round"] / max(rows[0]["groups_per_round"], 1e-9)
     for r in rows:  # virtual seconds per accepted group, relative to the barrier's
         r["speedup_per_group"] = base / (r["seconds_per_round"] / max(r["groups_per_round"], 1e-9))
-    return dict(rows=rows, settings=vars(args))
+    return dict(rows=rows, settings={k: v for k, v in vars(args).items() if k != "model"})
 
 
 def report(result: dict) -> str:
     s = result["settings"]
-    head = ["mode", "virtual s / round", "accepted groups / round", "speedup per accepted group",
+    real = s["engine"] == "real"
+    unit = "s / round" if real else "virtual s / round"
+    head = ["mode", unit, "accepted groups / round", "speedup per accepted group",
             "slot occupancy", "aborted", "resumed", "dropped stale", "filtered"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for r in result["rows"]:
         lines.append(f"| {r['mode']} | {r['seconds_per_round']:.2f} | {r['groups_per_round']:.2f} | "
                      f"{r['speedup_per_group']:.2f}x | {r['occupancy']:.3f} | {r['aborted']} | {r['resumed']} | "
                      f"{r.get('stale', 0)} | {r['filtered']} |")
+    command = f"`python experiments/bench_rl_pipeline.py {' '.join(s['argv'])}` ({result['wall_s']:.0f} s wall)"
+    if real:
+        return "\n".join([
+            "# RL rollout pipeline on the real engine", "",
+            f"{s['rounds']} rounds of {s['groups']} groups x {s['group_size']} samples; {s['slots']} slots; the "
+            f"model of `{s['workdir']}`; prompts of {s['families'] or 'every family'}; answers of at most "
+            f"{s['max_new_tokens']} tokens sampled at temperature 1; rule rewards. Command: {command}.", "",
+            *lines, "",
+            "Wall-clock seconds on this host, rewards included (the barrier waits for its rewards after the last "
+            "answer; the controller scores each episode as it ends). Slot occupancy is the engine's useful slot "
+            "fraction (slot-steps that produced a kept token). The barrier keeps a round's groups whose rewards "
+            "differ; the controller over-samples and fills its batch to the count.", ""])
     return "\n".join([
         "# RL rollout pipeline on a simulated engine", "",
         f"{s['rounds']} rounds of {s['groups']} groups x {s['group_size']} samples; {s['slots']} slots; answer "
         f"lengths lognormal (mean {s['mean_tokens']} tokens, sigma {s['sigma']}), at most {s['max_new_tokens']}; "
         f"{s['step_s']} virtual s per decode step; controller over-sampling x{s['over_sample']}. Command: "
-        f"`python experiments/bench_rl_pipeline.py {' '.join(s['argv'])}` ({result['wall_s']:.0f} s wall).", "",
+        f"{command}.", "",
         *lines, "",
         "Virtual seconds count decode steps only (rewards take no virtual time, so the barrier's wait for its "
         "rewards is not counted: its figures are a lower bound). The barrier keeps a round's groups whose "
@@ -136,6 +201,10 @@ def report(result: dict) -> str:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", choices=("sim", "real"), default="sim")
+    ap.add_argument("--workdir", default="", help="--engine=real: the run whose model generates")
+    ap.add_argument("--families", default="", help="--engine=real: comma-separated task families ('' = all)")
+    ap.add_argument("--warmup", type=int, default=1, help="--engine=real: compile the engine's shapes first")
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--groups", type=int, default=8, help="groups per batch")
@@ -150,6 +219,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out_dir", default=str(RESULTS), help="where the .md and .json go ('' to skip writing)")
     args = ap.parse_args(argv)
+    if args.engine == "real" and not args.workdir:
+        ap.error("--engine=real needs --workdir (a trained VLM run)")
     args.argv = argv
     return args
 
@@ -163,7 +234,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
     text = report(result)
     log(text)
     if args.out_dir:
-        stem = Path(args.out_dir) / "rl_pipeline_sim"
+        stem = Path(args.out_dir) / f"rl_pipeline_{args.engine}"
         stem.parent.mkdir(parents=True, exist_ok=True)
         Path(str(stem) + ".md").write_text(text)
         Path(str(stem) + ".json").write_text(json.dumps(result, indent=1, default=json_default) + "\n")

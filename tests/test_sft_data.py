@@ -192,6 +192,22 @@ def test_sft_batches_have_the_pretraining_contract_plus_task_ids(tok):
     assert set(pre) == CONTRACT
 
 
+def test_sft_tasks_keep_only_those_turns_and_count_the_records_without_one(tok):
+    convs = [make_conversation(r, np.random.default_rng(i), image=True, tasks=("count", "colour"))
+             for i, r in enumerate(_records(8))]
+    assert {t.task for c in convs for t in c.turns} == {"count", "colour"}  # no text turn without "text"
+    it = make_batch_iterator(_sft_records(), tok, _cfg(sft_tasks=("count",)))
+    batches = list(it)
+    for b in batches:
+        _check_sft_batch(b, _cfg(), tok)
+        assert set(np.unique(b["task_ids"])) <= {0, TASK_IDS["count"]}
+    # the four text-only records (the empty one too: filtered before its text is read); the corrupt image
+    assert it.stats["skipped/task_filter"] == 4 and it.stats["skipped/undecodable_image"] == 1
+    assert it.stats["examples"] == 6  # every good image record asks a count
+    with pytest.raises(Exception, match="sft_tasks"):
+        _cfg(sft_tasks=("counting",))
+
+
 def test_sft_iterator_checkpoint_restores_exactly(tok):
     c = _cfg(num_epochs=None, rows_per_batch=1, seq_len=200)
     it = make_batch_iterator(_sft_records(), tok, c)

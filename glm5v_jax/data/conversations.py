@@ -138,16 +138,23 @@ def _system(rng: np.random.Generator, system_prob: float) -> str:
 
 def image_conversation(record: Mapping[str, Any], rng: np.random.Generator, *, min_turns: int = 2,
                        max_turns: int = 5, system_prob: float = 0.5, text_turn_prob: float = 0.5,
-                       zh_caption_prob: float = 0.3, stats: MutableMapping[str, int] | None = None) -> Conversation:
+                       zh_caption_prob: float = 0.3, stats: MutableMapping[str, int] | None = None,
+                       tasks: Sequence[str] = ()) -> Conversation:
     """A conversation of min_turns..max_turns turns about an image record (fewer when it has
     less data): families in a random order, one turn each before any repeats, and with
-    probability `text_turn_prob` one text turn somewhere after the first.
-    Raises SkipSample("skipped/empty_text") when the record has nothing to ask about."""
+    probability `text_turn_prob` one text turn somewhere after the first. `tasks` (non-empty): only
+    turns of those TASKS (a text turn only with "text").
+    Raises SkipSample("skipped/empty_text") when the record has nothing to ask about, and
+    SkipSample("skipped/task_filter") when it has nothing of `tasks`."""
     pools = image_turns(record, rng, zh_caption_prob=zh_caption_prob, stats=stats)
     if not pools:
         raise SkipSample("skipped/empty_text", "image record without a usable caption, QA, box or OCR word")
+    if tasks:
+        pools = {t: p for t, p in pools.items() if t in tasks}
+        if not pools:
+            raise SkipSample("skipped/task_filter", f"image record without a turn of the tasks {list(tasks)}")
     n = int(rng.integers(min_turns, max_turns + 1))
-    n_text = int(n >= 2 and rng.random() < text_turn_prob)
+    n_text = int(n >= 2 and rng.random() < text_turn_prob and (not tasks or "text" in tasks))
     families = list(pools)
     order = [families[i] for i in rng.permutation(len(families))]
     for f in order:
@@ -194,13 +201,18 @@ def text_conversation(record: Mapping[str, Any], rng: np.random.Generator, *, mi
 
 def make_conversation(record: Mapping[str, Any], rng: np.random.Generator, *, image: bool, min_turns: int = 2,
                       max_turns: int = 5, system_prob: float = 0.5, text_turn_prob: float = 0.5,
-                      zh_caption_prob: float = 0.3, stats: MutableMapping[str, int] | None = None) -> Conversation:
-    """`image_conversation` for an image record, `text_conversation` for a text-only one."""
+                      zh_caption_prob: float = 0.3, stats: MutableMapping[str, int] | None = None,
+                      tasks: Sequence[str] = ()) -> Conversation:
+    """`image_conversation` for an image record, `text_conversation` for a text-only one; `tasks`
+    (non-empty): only turns of those TASKS (a text-only record needs "text": SkipSample otherwise)."""
     if min_turns < 1 or max_turns < min_turns:
         raise ValueError(f"need 1 <= min_turns ({min_turns}) <= max_turns ({max_turns})")
     if image:
         return image_conversation(record, rng, min_turns=min_turns, max_turns=max_turns, system_prob=system_prob,
-                                  text_turn_prob=text_turn_prob, zh_caption_prob=zh_caption_prob, stats=stats)
+                                  text_turn_prob=text_turn_prob, zh_caption_prob=zh_caption_prob, stats=stats,
+                                  tasks=tasks)
+    if tasks and "text" not in tasks:
+        raise SkipSample("skipped/task_filter", f"text-only record, and the tasks {list(tasks)} have no 'text'")
     return text_conversation(record, rng, min_turns=min_turns, max_turns=max_turns, system_prob=system_prob)
 
 

@@ -46,6 +46,7 @@ the iterator's `.stats` (running totals, part of its checkpoint state):
     skipped/too_small_image    smaller than one patch per side (NaFlexError), e.g. 1x2000
     skipped/empty_text         no usable caption/QA/box/OCR (image) or empty text (text-only)
     skipped/too_long           doc whose first target is past seq_len (an image block, an SFT prompt)
+    skipped/task_filter        an SFT record without a turn of `sft_tasks`
     skipped/error              any other exception while processing the record
     skipped/bad_record         a record its source cannot read or parse (a corrupt ArrayRecord
                                shard; the source logs its file and position)
@@ -85,7 +86,7 @@ import numpy as np
 from PIL import Image
 
 from glm5v_jax.data.batch import validate_vlm_batch
-from glm5v_jax.data.conversations import make_conversation, render_conversation
+from glm5v_jax.data.conversations import TASKS as SFT_TASKS, make_conversation, render_conversation
 from glm5v_jax.errors import ConfigError
 # Sources live in their own module; re-exported here because callers build pipelines from them.
 from glm5v_jax.data.sources import (  # noqa: F401
@@ -100,7 +101,7 @@ log = logging.getLogger(__name__)
 
 STAT_KEYS = (
     "skipped/undecodable_image", "skipped/empty_image", "skipped/too_small_image",
-    "skipped/empty_text", "skipped/too_long", "skipped/error", "skipped/bad_record",
+    "skipped/empty_text", "skipped/too_long", "skipped/task_filter", "skipped/error", "skipped/bad_record",
     "truncated/text", "truncated/image", "dropped/empty_caption", "dropped/empty_answer",
     "examples", "examples/image", "examples/text", "batches", "tokens", "images",
 )
@@ -153,6 +154,7 @@ class PipelineConfig:
     sft_max_turns: int = 5
     sft_system_prob: float = 0.5  # probability of a <|system|> message
     sft_text_turn_prob: float = 0.5  # probability of one text-only turn in an image conversation
+    sft_tasks: tuple[str, ...] = ()  # only turns of these conversations.TASKS (() = every task)
 
     def __post_init__(self):
         def need(cond, msg):
@@ -182,6 +184,7 @@ class PipelineConfig:
              f"need 1 <= sft_min_turns ({self.sft_min_turns}) <= sft_max_turns ({self.sft_max_turns})")
         need(0 <= self.sft_system_prob <= 1 and 0 <= self.sft_text_turn_prob <= 1,
              "sft_system_prob and sft_text_turn_prob must lie in [0, 1]")
+        need(set(self.sft_tasks) <= set(SFT_TASKS), f"sft_tasks {list(self.sft_tasks)} must be among {SFT_TASKS}")
 
 
 def _patch_dtype(name: str):
@@ -331,7 +334,8 @@ class ProcessRecord:
         if cfg.document_kind == "sft":
             conv = make_conversation(record, rng, image=n_image_tokens is not None, min_turns=cfg.sft_min_turns,
                                      max_turns=cfg.sft_max_turns, system_prob=cfg.sft_system_prob,
-                                     text_turn_prob=cfg.sft_text_turn_prob, zh_caption_prob=cfg.zh_caption_prob)
+                                     text_turn_prob=cfg.sft_text_turn_prob, zh_caption_prob=cfg.zh_caption_prob,
+                                     tasks=cfg.sft_tasks)
             return render_conversation(conv, tok, n_image_tokens=n_image_tokens)._asdict()
         if n_image_tokens is None:
             ids, mask = build_document(record, tok, n_image_tokens=None, rng=rng)

@@ -181,7 +181,8 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
     mj = vlm_pretrain.build_model_job(config, plan)
     sft = dict(document_kind="sft", sft_min_turns=int(config.data.sft.min_turns),
                sft_max_turns=int(config.data.sft.max_turns), sft_system_prob=float(config.data.sft.system_prob),
-               sft_text_turn_prob=float(config.data.sft.text_turn_prob))
+               sft_text_turn_prob=float(config.data.sft.text_turn_prob),
+               sft_tasks=tuple(t for t in str(config.data.sft.get("tasks", "")).split(",") if t))
     train_iter = vlm_pretrain.make_iterator(config.data, sources["train"], weights, tokenizer, mj.spec,
                                             seed=config.seed, train=True, **sft)
     evaluate_step = eval_fn(mj, config, plan)
