@@ -18,12 +18,14 @@ from pathlib import Path
 import ml_collections
 
 from glm5v_jax.config_args import parse_arg
+from glm5v_jax.data.source_registry import source_config
 
 PRESETS = ("tiny", "0p5b")
 OPTIONS = dict(
     mmtp="image_token",  # visual_embed | mask | image_token (must match the pre-training run's model)
     optimizer="muon",  # muon | adamw
     seed=0,
+    rl_tasks=0.0,  # > 0: mix in the RL families' formats with gold answers at this weight (a source "rl")
 )
 
 
@@ -40,6 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     tiny = opts.preset == "tiny"
     config = _pretrain_config(f"{opts.preset},mmtp={opts.mmtp},optimizer={opts.optimizer},seed={opts.seed}")
     config.trainer = "vlm_sft"  # glm5v_jax.train.stages.STAGES
+    if opts.rl_tasks > 0:  # the shapes world's sources weigh 0.8 (images) and 0.2 (text)
+        config.data.sources.rl = source_config("rl_tasks", weight=opts.rl_tasks, train_split="train",
+                                               train_size=20_000, eval_split="validation", eval_size=100)
     config.total_steps = 400 if tiny else 5000
     config.eval_every = 100 if tiny else 500
     config.checkpoint_every = 50 if tiny else 1000

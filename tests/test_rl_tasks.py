@@ -55,11 +55,11 @@ def _record(task: Task) -> dict:
 
 
 def _golden(task: Task) -> str:
-    """A response that is right for the task."""
+    """A response that is right for the task: its gold answer (single-turn families), or the final answer
+    of a tool episode."""
+    if task.data_source in tasks.GOLD:
+        return tasks.gold_answer(task)
     ref = task.reference
-    if task.data_source == "shapes/pointing":
-        x1, y1, x2, y2 = ref["boxes"][0]
-        return f"[{(x1 + x2) // 2},{(y1 + y2) // 2}]"
     if "boxes" in ref:
         return "<|begin_of_box|>" + format_boxes(ref["boxes"]) + "<|end_of_box|>"
     return str(ref["answer"])
@@ -119,6 +119,25 @@ def test_the_right_answer_scores_one(made):
             for c in tasks.FAMILIES[name].reward.components:
                 assert verifiers.VERIFIERS[c.verifier](_golden(task), task.reference) == 1.0, (name, task.reference)
                 assert verifiers.VERIFIERS[c.verifier]("no idea", task.reference) < 1.0
+
+
+def test_gold_records_feed_sft_conversations(made):
+    from glm5v_jax.data.conversations import make_conversation
+
+    records = tasks.GoldRecords(tasks.SFT_FAMILIES, seed=2, size=8)
+    assert len(records) == 8 and records[3] == records[3]
+    seen = set()
+    for i in range(len(records)):
+        r = records[i]
+        task = records.mix.task(i)
+        seen.add(task.data_source)
+        conv = make_conversation(r, np.random.default_rng(i), image=True, min_turns=1, max_turns=1)
+        (turn,) = conv.turns
+        assert (turn.user, turn.answer, turn.task) == (task.prompt, tasks.gold_answer(task), "qa")
+        assert r["image"] == task.images[0]
+    assert seen <= set(tasks.SFT_FAMILIES) and len(seen) >= 3
+    with pytest.raises(ConfigError, match="gold"):
+        tasks.GoldRecords(["tools/tiny_word"], seed=0, size=1)
 
 
 # ---------------------------------------------------------------- references against what the image shows

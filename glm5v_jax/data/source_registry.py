@@ -4,7 +4,7 @@ tokenizer of every stage.
     config.data.sources.<name> = source_config(kind, weight=..., train_split=..., ...)
 
 Fields of every source:
-  kind         a key of SOURCE_KINDS: shapes_world | tfds | array_record
+  kind         a key of SOURCE_KINDS: shapes_world | tfds | array_record | rl_tasks
   weight       its share of the training mixture (>= 0; the weights are normalised)
   train_split  the part it trains on (required)
   train_size   records of that part: shapes_world generates that many; tfds and array_record
@@ -26,6 +26,11 @@ Fields of each kind (their defaults are the `fields` of its SOURCE_KINDS entry):
                 format) is a ConfigError naming it, or with skip_bad_files=True left out with a
                 warning; a record that cannot be read or parsed (a corrupt shard) is skipped, its
                 file and position logged, and counted as skipped/bad_record.
+  rl_tasks      families, seed. The RL task families' prompts with their gold answers (`rl.tasks.GoldRecords`:
+                the task's image and one QA item), so SFT shows the answer formats RL rewards; families
+                "" = those SFT data have not shown (`rl.tasks.SFT_FAMILIES`: pointing, choice, charts);
+                splits train and validation, drawn from seeds `seed` and `seed` + 1 (default 2 and 3:
+                apart from RL's training and evaluation prompts).
 Every source yields records in the shapes-world layout (`image` bytes, `caption_en`, `qa_json`,
 `boxes_json`, `text`, ...; see `glm5v_jax.data.pipeline`), so the VLM pipeline and the CogViT
 image batches read any of them.
@@ -134,6 +139,30 @@ def _open_array_record(src, field: str, data_dir: epath.Path) -> dict[str, Any]:
     return out
 
 
+def _check_rl_tasks(src, field: str) -> None:
+    from glm5v_jax.rl.tasks import GOLD  # noqa: PLC0415
+
+    unknown = [f for f in str(src.families).split(",") if f and f not in GOLD]
+    if unknown:
+        raise ConfigError(f"{field}.families", f"{unknown} have no gold answers; expected among {sorted(GOLD)}")
+    for part, (split, size) in _parts(src).items():
+        if split not in RL_TASK_SPLITS or size < 1:
+            raise ConfigError(f"{field}.{part}_split", f"rl_tasks parts are {tuple(RL_TASK_SPLITS)} with a "
+                                                      f"{part}_size >= 1; got {split!r}, {size}")
+
+
+def _open_rl_tasks(src, field: str, data_dir: epath.Path) -> dict[str, Any]:
+    from glm5v_jax.rl.tasks import SFT_FAMILIES, GoldRecords  # noqa: PLC0415
+
+    del field, data_dir
+    families = [f for f in str(src.families).split(",") if f] or list(SFT_FAMILIES)
+    return {part: GoldRecords(families, int(src.seed) + RL_TASK_SPLITS[split], size)
+            for part, (split, size) in _parts(src).items()}
+
+
+RL_TASK_SPLITS = {"train": 0, "validation": 1}  # seed offsets (RL trains on seed 0, evaluates on seed 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceKind:
     fields: Mapping[str, Any]  # the kind's own fields and their defaults (besides COMMON_FIELDS)
@@ -146,6 +175,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
     "tfds": SourceKind(dict(name="", data_dir="", image_key="image", text_key="caption"), _check_tfds, _open_tfds),
     "array_record": SourceKind(dict(parse="tf_example", skip_bad_files=False), _check_array_record,
                                _open_array_record),
+    "rl_tasks": SourceKind(dict(families="", seed=2), _check_rl_tasks, _open_rl_tasks),
 }
 
 

@@ -19,13 +19,13 @@ import dataclasses
 import json
 import math
 import zlib
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from glm5v_jax.data import shapes_world as sw
 from glm5v_jax.data.conversations import GROUNDING_PROMPTS
-from glm5v_jax.data.templates import OCR_PROMPT, grounding_targets
+from glm5v_jax.data.templates import OCR_PROMPT, format_boxes, grounding_targets
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.rl import scenes
 from glm5v_jax.rl.types import Component, RewardSpec, Task
@@ -304,6 +304,56 @@ class TaskMix:
         while True:
             yield self.task(index)
             index += 1
+
+
+# ---------------------------------------------------------------- gold answers (SFT on the families' formats)
+
+def _number(x: Any) -> str:
+    return str(int(x)) if float(x) == int(x) else f"{float(x):g}"
+
+
+def _centre(box: Sequence[int]) -> str:
+    return f"[{(box[0] + box[2]) // 2},{(box[1] + box[3]) // 2}]"
+
+
+GOLD: dict[str, Callable[[Mapping[str, Any]], str]] = {  # family -> reference -> an answer scoring 1
+    "shapes/count": lambda r: str(r["answer"]),
+    "shapes/colour": lambda r: str(r["answer"]),
+    "shapes/position": lambda r: str(r["answer"]),
+    "shapes/grounding": lambda r: format_boxes(r["boxes"]),
+    "shapes/pointing": lambda r: _centre(r["boxes"][0]),
+    "shapes/ocr": lambda r: str(r["answer"]),
+    "shapes/choice": lambda r: str(r["answer"]),
+    "charts/bar": lambda r: _number(r["answer"]),
+    "charts/table": lambda r: _number(r["answer"]),
+}
+SFT_FAMILIES = ("shapes/pointing", "shapes/choice", "charts/bar", "charts/table")  # formats SFT has not shown
+
+
+def gold_answer(task: Task) -> str:
+    """A correct answer to a single-turn task, in its family's answer format. KeyError for the tool
+    families (their answers need tool calls first)."""
+    return GOLD[task.data_source](task.reference)
+
+
+class GoldRecords:
+    """Tasks of `families` (seed, index) as SFT records in the shapes-world layout: the task's image and one
+    QA item (its prompt, `gold_answer`), for a random-access data source (`data.source_registry` kind
+    "rl_tasks"), so SFT can show the answer formats RL will reward."""
+
+    def __init__(self, families: Sequence[str], seed: int, size: int):
+        unknown = [f for f in families if f not in GOLD]
+        if unknown:
+            raise ConfigError("families", f"{unknown} have no gold answers; families with them: {sorted(GOLD)}")
+        self.mix, self.size = TaskMix({f: 1.0 for f in families}, seed=seed), int(size)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        task = self.mix.task(int(index))
+        return {"id": task.uid, "image": task.images[0],
+                "qa_json": json.dumps([{"q": task.prompt, "a": gold_answer(task), "kind": "rl"}])}
 
 
 class TaskStream:
