@@ -14,12 +14,11 @@ tokens (`data.max_images_per_row` image slots each), and one optimizer update of
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
-from glm5v_jax.config_args import parse_arg
+from glm5v_jax.config_args import config_file, parse_arg
 
 PRESETS = ("tiny", "0p5b")
 OPTIONS = dict(
@@ -33,18 +32,11 @@ TINY_FAMILIES = ("shapes/count,shapes/colour,shapes/position,shapes/grounding,sh
                  "shapes/choice,charts/bar,charts/table")
 
 
-def _sft_config(arg: str) -> ml_collections.ConfigDict:
-    """configs/vlm_sft.py's get_config(arg), loaded by path (configs are files, not a package)."""
-    spec = importlib.util.spec_from_file_location("_vlm_sft_config", Path(__file__).with_name("vlm_sft.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opts = parse_arg(arg, PRESETS, "tiny", **OPTIONS)
     tiny = opts.preset == "tiny"
-    config = _sft_config(f"{opts.preset},mmtp={opts.mmtp},optimizer={opts.optimizer},seed={opts.seed}")
+    config = config_file(Path(__file__).with_name("vlm_sft.py"),
+                         f"{opts.preset},mmtp={opts.mmtp},optimizer={opts.optimizer},seed={opts.seed}")
     config.trainer = "rl"  # glm5v_jax.train.stages.STAGES
     config.total_steps = 40 if tiny else 2000
     config.log_every = 1 if tiny else 10

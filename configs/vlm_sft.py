@@ -12,12 +12,11 @@ captions, and text-only turns); the loss covers assistant tokens only.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
 
-from glm5v_jax.config_args import parse_arg
+from glm5v_jax.config_args import config_file, parse_arg
 from glm5v_jax.data.source_registry import source_config
 
 PRESETS = ("tiny", "0p5b")
@@ -29,18 +28,11 @@ OPTIONS = dict(
 )
 
 
-def _pretrain_config(arg: str) -> ml_collections.ConfigDict:
-    """configs/vlm_pretrain.py's get_config(arg), loaded by path (configs are files, not a package)."""
-    spec = importlib.util.spec_from_file_location("_vlm_pretrain_config", Path(__file__).with_name("vlm_pretrain.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     opts = parse_arg(arg, PRESETS, "tiny", **OPTIONS)
     tiny = opts.preset == "tiny"
-    config = _pretrain_config(f"{opts.preset},mmtp={opts.mmtp},optimizer={opts.optimizer},seed={opts.seed}")
+    config = config_file(Path(__file__).with_name("vlm_pretrain.py"),
+                         f"{opts.preset},mmtp={opts.mmtp},optimizer={opts.optimizer},seed={opts.seed}")
     config.trainer = "vlm_sft"  # glm5v_jax.train.stages.STAGES
     if opts.rl_tasks > 0:  # the shapes world's sources weigh 0.8 (images) and 0.2 (text)
         config.data.sources.rl = source_config("rl_tasks", weight=opts.rl_tasks, train_split="train",

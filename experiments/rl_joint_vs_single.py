@@ -19,7 +19,6 @@ change on every family. Output: `<out_dir>/rl_joint_vs_single.md|.json` with the
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -131,10 +130,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--out_dir", default=str(RESULTS), help="where the .md and .json go ('' to skip writing)")
     args = ap.parse_args(argv)
     if not args.families:
-        spec = importlib.util.spec_from_file_location("_rl_config", ROOT / "configs" / "rl.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        args.families = str(module.get_config(args.preset).rl.families) or ",".join(sorted(SFT_TASK))
+        from glm5v_jax.config_args import config_file
+
+        preset_families = str(config_file(ROOT / "configs" / "rl.py", args.preset).rl.families)
+        args.families = preset_families or ",".join(sorted(SFT_TASK))
     if args.family not in args.families.split(","):
         ap.error(f"--family {args.family} is not among --families {args.families}")
     args.argv = argv

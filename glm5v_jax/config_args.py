@@ -48,3 +48,18 @@ def parse_arg(arg: str | None, presets: Iterable[str], default_preset: str,
             raise ConfigError(f"option {key}", f"unknown option; expected one of {sorted(defaults)}")
         out[key] = _convert(key, value, defaults[key])
     return ml_collections.ConfigDict(out)
+
+
+def config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file at `path`, loaded by path (configs are files, not a package):
+    how one config builds on another (`configs/rl.py` on `configs/vlm_sft.py`) and how scripts read one."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    if spec is None or not path.is_file():
+        raise ConfigError("config", f"no config file at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)

@@ -103,3 +103,22 @@ def test_sigkill_and_restart_lose_no_prompt_and_a_dead_judge_falls_back(tmp_path
     given_out = {mix.task(i).uid for i in range(acct["position"])}
     assert set(acct["outcomes"]) | pending == given_out and not set(acct["outcomes"]) & pending
     assert sum(len(r["accepted"]) for r in ledger) == 2 * STEPS
+
+
+def test_abstract_program_lowers_with_the_reference_as_log_probabilities_only():
+    """The AOT tool's RL step: its arguments are the policy's state (model and optimizer: one copy of the
+    parameters) and the batch, whose `ref_logp` carries the reference's only contribution."""
+    import jax
+
+    from glm5v_jax.config_args import config_file
+    from glm5v_jax.train import rl as rl_stage
+
+    config = config_file(ROOT / "configs" / "rl.py", "tiny")
+    config.model.backbone.num_layers, config.data.batch_size, config.data.seq_len = 1, 2, 64
+    program = rl_stage.abstract_program(config, jax.devices()[:1], update_rms=False)
+    state, batch = program.args
+    assert sorted(state.keys()) == ["model", "optimizer"]
+    assert batch["ref_logp"].shape == batch["tokens"].shape == (2, 64)
+    assert {"rollout_logp", "advantages", "version_lag"} <= set(batch)
+    assert program.facts["reference"] == "host" and "RL step" in program.summary
+    program.step.lower(*program.args)  # traces the RL loss through the train step

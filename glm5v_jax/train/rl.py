@@ -56,7 +56,7 @@ from glm5v_jax.rl.tasks import TaskMix, TaskStream, reward_specs
 from glm5v_jax.train import flops as flops_lib
 from glm5v_jax.train import run as run_lib
 from glm5v_jax.train import vlm_pretrain, vlm_sft
-from glm5v_jax.train.parallel import MeshPlan, TrainProgram, abstract_state, global_batch, plan_from_config
+from glm5v_jax.train.parallel import MeshPlan, TrainProgram, global_batch
 from glm5v_jax.train.writers import read_jsonl, rollback_jsonl
 
 log = logging.getLogger(__name__)
@@ -371,19 +371,10 @@ def abstract_program(config: ml_collections.ConfigDict, devices: Sequence[Any], 
     """The RL train step with abstract model, optimizer and RL batch (`glm5v_jax.tools.aot`): its arguments
     are the policy's state and the batch (`ref_logp` included), never the reference's parameters, which
     live in host memory."""
-    spec = vlm_spec_from_config(config.model)
-    plan = plan_from_config(config.mesh, devices)
-    contract = rl_contract(spec, config, reference=config.rl.reference == "host")
-    placed, batch_sh, step = vlm_pretrain.place_model(config, spec, plan, abstract=True, update_rms=update_rms,
-                                                      loss_fn=rl_loss_fn(config, objective_from_config(config)),
-                                                      contract=contract)
-    d = config.data
-    facts = dict(global_batch=int(d.batch_size), seq_len=int(d.seq_len), objective=str(config.rl.objective.name),
-                 reference=str(config.rl.reference), update_rms=update_rms)
-    summary = (f"RL step: {d.batch_size} rows x {d.seq_len} tokens, objective {config.rl.objective.name}, "
-               f"reference {config.rl.reference} (its log-probabilities are a batch input)")
-    flops = flops_lib.train_flops_per_step(spec, rows=d.batch_size, seq_len=d.seq_len,
-                                           images=d.batch_size * d.max_images_per_row,
-                                           patches_per_image=spec.vision.max_patches)
-    return TrainProgram(plan, step, (placed.state, abstract_state(contract, batch_sh)), placed.replicated, facts,
-                        summary, flops)
+    reference = config.rl.reference == "host"
+    return vlm_pretrain.abstract_program(
+        config, devices, update_rms=update_rms, loss_fn=rl_loss_fn(config, objective_from_config(config)),
+        contract=lambda spec, c: rl_contract(spec, c, reference=reference),
+        facts=dict(objective=str(config.rl.objective.name), reference=str(config.rl.reference)),
+        note=f"RL step (objective {config.rl.objective.name}, reference {config.rl.reference}: its log-probabilities "
+             "are a batch input); ")

@@ -250,20 +250,25 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
                   start_scalars=pipeline_throughput, fingerprints={"data.tokenizer": tokenizer.sha256})
 
 
-def abstract_program(config: ml_collections.ConfigDict, devices: Sequence[Any], *, update_rms: bool = True):
+def abstract_program(config: ml_collections.ConfigDict, devices: Sequence[Any], *, update_rms: bool = True,
+                     loss_fn: Callable | None = None, contract: Callable | None = None,
+                     facts: dict | None = None, note: str = ""):
     """The train step with abstract model, optimizer and packed batch (`glm5v_jax.tools.aot`). The
-    model keeps the preset's vocabulary size (there is no tokenizer here)."""
+    model keeps the preset's vocabulary size (there is no tokenizer here). Another stage's objective
+    on another batch: `loss_fn` and `contract(spec, config)` (its global batch shapes), with its own
+    `facts` and a `note` ahead of the summary (the RL stage)."""
     spec = vlm_spec_from_config(config.model)
     plan = plan_from_config(config.mesh, devices)
-    placed, batch_sh, step = place_model(config, spec, plan, abstract=True, update_rms=update_rms)
-    batch = batch_contract(spec, config.data)
+    batch = (contract or (lambda sp, c: batch_contract(sp, c.data)))(spec, config)
+    placed, batch_sh, step = place_model(config, spec, plan, abstract=True, update_rms=update_rms, loss_fn=loss_fn,
+                                         contract=batch)
     d, m = config.data, config.model
     facts = dict(global_batch=int(d.batch_size), seq_len=int(d.seq_len), max_images_per_row=int(d.max_images_per_row),
                  vocab_size=int(m.backbone.vocab_size), remat=bool(m.remat), attention_impl=str(m.attention_impl),
-                 moe_impl=str(m.moe_impl), optimizer=str(config.optim.name), update_rms=update_rms)
-    summary = (f"{d.batch_size} rows x {d.seq_len} tokens, {d.max_images_per_row} image slots per row (global); "
-               f"remat={m.remat}, attention_impl={m.attention_impl}, moe_impl={m.moe_impl}, "
-               f"optimizer={config.optim.name}; vocab {m.backbone.vocab_size} (the preset's)")
+                 moe_impl=str(m.moe_impl), optimizer=str(config.optim.name), update_rms=update_rms, **(facts or {}))
+    summary = note + (f"{d.batch_size} rows x {d.seq_len} tokens, {d.max_images_per_row} image slots per row "
+                      f"(global); remat={m.remat}, attention_impl={m.attention_impl}, moe_impl={m.moe_impl}, "
+                      f"optimizer={config.optim.name}; vocab {m.backbone.vocab_size} (the preset's)")
     flops = flops_lib.train_flops_per_step(spec, rows=d.batch_size, seq_len=d.seq_len,
                                            images=d.batch_size * d.max_images_per_row,
                                            patches_per_image=spec.vision.max_patches)
