@@ -7,8 +7,9 @@ batches, its evaluation -- and this module runs it:
     job = stage.setup(config, workdir, plan)        # state created sharded, step, batches, evaluate
     resume from the newest good checkpoint           # resharded onto this run's mesh
       or, on a fresh start, `config.init_from`      # copy a subtree of another run's model
+    job.observe_state(state, start step)            # a stage that samples its own data (RL) sees it
     step 0: evaluate (the baseline training must beat)
-    loop: batch -> step -> average metrics -> log (steps/s, tokens/s, ETA, MFU) -> evaluate
+    loop: batch -> step -> observe_state -> average metrics -> log (steps/s, tokens/s, ETA, MFU) -> evaluate
           -> checkpoint (async) ; SIGTERM / SIGINT: checkpoint the current step and stop
     end: wait for the last checkpoint, plot the curves, eval_table.md (step 0 vs the end), the stage's
          `finish`.
