@@ -73,8 +73,16 @@ def compare(scores: Mapping[str, Mapping[str, float]], family: str, families: Se
     return out
 
 
-def verdict(changes: Mapping[str, Mapping], family: str) -> str:
-    """One paragraph on the report's claim from `compare`'s changes."""
+def noise(answers_per_family: int, families: int) -> float:
+    """Two standard errors of a difference between two arms' mean change over `families` families, each mean
+    reward (in [0, 1], so a standard deviation of at most 0.5) over `answers_per_family` answers: the
+    smallest difference this experiment can tell from sampling noise."""
+    return 2 * 0.5 * (2 / (answers_per_family * max(families, 1))) ** 0.5
+
+
+def verdict(changes: Mapping[str, Mapping], family: str, answers_per_family: int) -> str:
+    """One paragraph on the report's claim from `compare`'s changes; differences within `noise` are
+    reported as such, not as a verdict."""
     rl, sft, joint = changes.get("single_rl"), changes.get("single_sft"), changes.get("joint_rl")
     parts = []
     if joint:
@@ -82,7 +90,11 @@ def verdict(changes: Mapping[str, Mapping], family: str) -> str:
                      f"families upwards ({family}: {joint['target']:+.3f}; others on average {joint['others']:+.3f}).")
     if rl and sft:  # interference: what training on one family cost the others (0 when they gained)
         harm_rl, harm_sft = max(0.0, -rl["others"]), max(0.0, -sft["others"])
-        if harm_rl < harm_sft:
+        margin = noise(answers_per_family, len(rl["per_family"]) - 1)
+        if abs(rl["others"] - sft["others"]) < margin:
+            said = (f"the two differ by less than the sampling noise of this run ({margin:.3f}, two standard "
+                    "errors): no verdict at this scale.")
+        elif harm_rl < harm_sft:
             said = "RL interfered less than SFT, as the report says."
         elif harm_rl == harm_sft == 0:
             said = "neither lowered the other families, so there is no interference to compare."
@@ -157,7 +169,8 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
         scores[arm] = evaluate_run(run_dir, families, args.eval_prompts, args.n, args.max_new_tokens)
         log(f"{arm}: all {scores[arm]['all']:.3f} (start {scores['sft_start']['all']:.3f})")
     changes = compare(scores, args.family, families)
-    result = dict(scores=scores, changes=changes, families=families, verdict=verdict(changes, args.family),
+    result = dict(scores=scores, changes=changes, families=families,
+                  verdict=verdict(changes, args.family, args.eval_prompts * args.n),
                   settings=vars(args), wall_s=time.perf_counter() - t0)
     text = report(result)
     log(text)

@@ -39,8 +39,10 @@ def test_changes_and_verdict(sft_others, rl_less, tmp_path):
     assert ch["joint_rl"]["target"] == pytest.approx(0.2) and ch["joint_rl"]["improved"] == 3
     assert ch["single_rl"]["others"] == pytest.approx(-0.025)
     assert ch["single_sft"]["others"] == pytest.approx((sft_others[0] - 0.4 + sft_others[1] - 0.2) / 2)
-    text = jvs.verdict(ch, "shapes/count")
+    text = jvs.verdict(ch, "shapes/count", answers_per_family=4096)
     assert ("RL interfered less than SFT" in text) == rl_less and "3 of 3 families" in text
+    assert ("did not interfere less" in text) == (not rl_less)
+    assert "no verdict at this scale" in jvs.verdict(ch, "shapes/count", answers_per_family=8)  # within noise
     for s in scores.values():
         s["all"] = sum(s.values()) / 3
     table = jvs.report(dict(scores=scores, changes=ch, families=FAMILIES, verdict=text,
