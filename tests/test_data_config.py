@@ -13,8 +13,8 @@ from PIL import Image
 
 from glm5v_jax.data import shapes_world
 from glm5v_jax.data.batch import validate_vlm_batch
-from glm5v_jax.data.source_registry import (SOURCE_KINDS, open_sources, source_config, tokenizer_from_config,
-                                            tokenizer_texts)
+from glm5v_jax.data.source_registry import (SOURCE_KINDS, check_source, open_sources, source_config,
+                                            tokenizer_from_config, tokenizer_texts)
 from glm5v_jax.data.tokenizer import train_tokenizer
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.models.build import vlm_spec_from_config
@@ -176,7 +176,12 @@ def test_bad_data_settings_name_the_field(tmp_path, tokenizer_path):
     with pytest.raises(ConfigError) as info:
         tokenizer_texts(_config("", **{"tokenizer_sources": "image,natural"}).data)
     assert info.value.field == "config.data.tokenizer_sources"
-    assert set(SOURCE_KINDS) == {"shapes_world", "tfds", "array_record"}
+    assert set(SOURCE_KINDS) == {"shapes_world", "tfds", "array_record", "rl_tasks"}
+    for fields, field in ((dict(families="tools/tiny_word"), "families"), (dict(train_split="test"), "train_split")):
+        rl = source_config("rl_tasks", **{"train_split": "train", "train_size": 4, **fields})
+        with pytest.raises(ConfigError) as info:
+            check_source(rl, "config.data.sources.rl")
+        assert info.value.field == f"config.data.sources.rl.{field}", str(info.value)
 
 
 def test_tokenizer_from_config_is_the_old_one_and_cached_by_what_it_was_trained_on(tmp_path):
