@@ -45,10 +45,20 @@ def _free_compiled_programs():
 # the long ones first (longest-processing-time order) keeps both workers busy to the finish.
 # Costs from `--durations` on the 2-core CI machine, most expensive first.
 SLOW_MODULES = ("test_aot.py", "test_trainer.py", "test_mmtp_ablation.py", "test_sharded_training.py",
-                "test_multihost.py", "test_colabs.py", "test_fault_injection.py",
-                "test_cogvit_mim_sharded.py", "test_kernel_training.py",
-                "test_vlm.py", "test_speculative.py", "test_engine.py", "test_chain.py", "test_expert_parallel.py",
+                "test_multihost.py", "test_colabs.py", "test_fault_injection.py", "test_stage_meshes.py",
+                "test_chain.py", "test_rl_trainer.py", "test_cogvit_mim_sharded.py", "test_rl_batch.py",
+                "test_kernel_training.py",
+                "test_vlm.py", "test_speculative.py", "test_engine.py", "test_expert_parallel.py",
                 "test_sft_generated_eval.py", "test_muon.py", "test_qk_clip.py")
+
+
+def pytest_configure(config):
+    """Keep SLOW_MODULES' order. pytest-xdist sorts loadscope's modules by their number of tests, most
+    first, unless told not to (option `loadscopereorder`, pytest-xdist >= 3.8): that undid the order
+    and left the long modules with few tests (test_trainer 6, test_chain 3, test_stage_meshes 2,
+    test_multihost 1) for the end of the run, one worker finishing them while the other idled."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):
