@@ -34,11 +34,15 @@ def with_parameters(nb, assignments: dict[str, object]):
     return nb
 
 
-def execute(name: str, assignments: dict[str, object], timeout: int = 900):
+def execute(name: str, assignments: dict[str, object], timeout: int = 900, compile_cache: str | None = None):
     """Runs colabs/<name>.ipynb with `assignments` in a fresh kernel on one CPU device (conftest's 8
-    fake devices are for the in-process tests); returns (executed notebook, seconds)."""
+    fake devices are for the in-process tests); returns (executed notebook, seconds). `compile_cache`:
+    a directory for JAX's persistent compilation cache, for a notebook that builds the same programs
+    from several models (as `helpers.cli_env` does for command-line runs)."""
     nb = with_parameters(nbformat.read(COLABS / f"{name}.ipynb", as_version=4), assignments)
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # XLA_FLAGS: conftest's fast-compile flags
+    if compile_cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.pop("JAX_NUM_CPU_DEVICES", None)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=True,
                             resources={"metadata": {"path": str(COLABS)}})

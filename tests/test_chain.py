@@ -28,6 +28,7 @@ STEPS = 2
 
 
 def _vlm_data(cfg, data_dir):
+    cfg.model.backbone.num_layers = 2  # a dense and a MoE layer (notebooks.SMALL_MODEL); the tower stays whole
     d = cfg.data
     d.data_dir, d.batch_size, d.seq_len, d.tokenizer_vocab_size, d.eval_batches = str(data_dir), 2, 128, 1024, 2
     d.sources.image.update(train_size=32, eval_size=8)
@@ -94,7 +95,9 @@ def chain(tmp_path_factory):
     sft = _vlm_data(config_module("vlm_sft").get_config("tiny"), data)
     sft.init_from = str(runs["pt"])
     sft.eval_every = STEPS  # SFT's evaluation (answer accuracy per task) at step 0 and at the end
-    sft.data.eval_generate_examples = 1  # generated answers: tested in test_sft_generated_eval
+    # generated answers: off here (nothing below reads them); test_sft_generated_eval runs the same evaluate
+    # with them on, one device and a mesh
+    sft.data.eval_generate_examples = 0
     sft.rl_eval.update(prompts=1, n=2, max_new_tokens=4, families="shapes/count")  # all families: test_rl_evaluate
     run_lib.train_and_evaluate(sft, runs["sft"])
     return runs, pt, sft

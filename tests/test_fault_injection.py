@@ -22,6 +22,9 @@ from helpers import cli_env, stage_command
 
 ROOT = Path(__file__).parents[1]
 STEPS = 4
+# total_steps of the resumed runs: the learning-rate schedule is compiled into the step, so every run of
+# one length shares one compile (the persistent cache of cli_env); 8 for all of them.
+RESUMED = 8
 
 
 def _command(workdir, data_dir, steps=STEPS, *extra, checkpoint_every=2):
@@ -89,16 +92,16 @@ def _copy(finished: Path, tmp_path: Path) -> Path:
 def test_incompatible_config_change_is_refused_and_loses_nothing(finished, data_dir, tmp_path):
     workdir = _copy(finished, tmp_path)
     before = (workdir / "config.json").read_text()
-    out = _run(workdir, data_dir, "--config.model.backbone.embed_dim=128", "--config.optim.name=adamw", steps=8)
+    out = _run(workdir, data_dir, "--config.model.backbone.embed_dim=128", "--config.optim.name=adamw", steps=RESUMED)
     line = _refusal(out)
     assert out.returncode == 2 and line.startswith("config error: config:"), line
     assert "model.backbone.embed_dim: 256 -> 128" in line and "optim.name: 'muon' -> 'adamw'" in line
     assert "Traceback" not in out.stderr  # one line, not orbax's tree diff
     assert _checkpoints(workdir) == ["2", "4"] and (workdir / "config.json").read_text() == before
     # reverting the flags resumes where the run was
-    out = _run(workdir, data_dir, steps=6)
+    out = _run(workdir, data_dir, steps=RESUMED)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "resuming at step 4" in out.stderr and _checkpoints(workdir) == ["2", "4", "6"]
+    assert "resuming at step 4" in out.stderr and _checkpoints(workdir) == ["4", "6", "8"]  # keep_checkpoints 3
 
 
 def test_other_tokenizer_of_the_same_padded_size_is_refused(finished, data_dir, tmp_path):
@@ -111,7 +114,7 @@ def test_other_tokenizer_of_the_same_padded_size_is_refused(finished, data_dir, 
     new = train_tokenizer(texts, tmp_path / "other.model", vocab_size=old.vocab_size - 24)  # 1000 -> padded 1024
     assert new.padded_vocab_size == old.padded_vocab_size and new.sha256 != old.sha256
     shutil.copy(tmp_path / "other.model", cached)
-    out = subprocess.run(_command(workdir, moved, 6, "--config.resume_accept=data.data_dir"), cwd=ROOT,
+    out = subprocess.run(_command(workdir, moved, RESUMED, "--config.resume_accept=data.data_dir"), cwd=ROOT,
                          env=cli_env(data_dir), capture_output=True, text=True, timeout=600)
     line = _refusal(out)
     assert out.returncode == 2 and line.startswith("config error: config.data.tokenizer:") and "sha256" in line, line
@@ -153,7 +156,7 @@ def test_second_signal_exits_at_once_and_the_next_run_resumes(finished, data_dir
     from glm5v_jax.train.writers import read_jsonl
 
     workdir = _copy(finished, tmp_path)
-    proc = subprocess.Popen(_command(workdir, data_dir, 40), cwd=ROOT, env=cli_env(data_dir),
+    proc = subprocess.Popen(_command(workdir, data_dir, RESUMED), cwd=ROOT, env=cli_env(data_dir),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not any(r["step"] >= 6 for r in read_jsonl(workdir / "metrics.jsonl")):
@@ -170,7 +173,7 @@ def test_second_signal_exits_at_once_and_the_next_run_resumes(finished, data_dir
     reader.join(timeout=10)
     assert any("second SIGINT" in line for line in lines)
     assert (workdir / "run.lock").exists()  # left behind by the forced exit
-    out = _run(workdir, data_dir, steps=8)
+    out = _run(workdir, data_dir, steps=RESUMED)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "stale" in out.stderr and "resuming at step" in out.stderr
 

@@ -81,10 +81,13 @@ def test_sigkill_and_restart_lose_no_prompt_and_a_dead_judge_falls_back(tmp_path
 
     rows = read_jsonl(workdir / "metrics.jsonl")
     assert sorted(r["step"] for r in rows if "loss" in r) == list(range(1, STEPS + 1))
-    last = rows[-1]
+    # a round's two groups may both be of one family (which groups finish first depends on timing): each
+    # family's metrics appear in the steps whose round completed one of its groups
+    logged = set().union(*(r.keys() for r in rows))
     for family in FAMILIES.split(","):
         for key in ("reward_mean", "pass@1", "pass@2"):
-            assert f"train/rollout/{family}/{key}" in last, sorted(last)
+            assert f"train/rollout/{family}/{key}" in logged, sorted(logged)
+    assert "train/rollout/all/reward_mean" in rows[-1], sorted(rows[-1])
     resumed = [r for r in rows if r["step"] > 4 and "train/rollout/all/fallback_rate" in r]
     assert resumed and max(r["train/rollout/all/fallback_rate"] for r in resumed) > 0  # the dead judge
     assert all(r["train/rl/version_lag"] <= 1 for r in rows if "train/rl/version_lag" in r)

@@ -39,6 +39,7 @@ TASK_NAMES = {i: t for t, i in TASK_IDS.items()}
 def _config(data_dir, *, examples: int, max_new: int, batch_size: int = 2, eval_batches: int = 2, mesh=None):
     cfg = config_module("vlm_sft").get_config("tiny")
     cfg.model.dtype = "float32"  # greedy tokens comparable between the engine and full forwards
+    cfg.model.backbone.num_layers, cfg.model.vision.depth = 2, 1  # a dense and a MoE layer (notebooks.SMALL_MODEL)
     cfg.measure_pipeline_batches = 0
     d = cfg.data
     d.data_dir, d.batch_size, d.seq_len, d.tokenizer_vocab_size, d.eval_batches = (str(data_dir), batch_size, 128,

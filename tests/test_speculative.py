@@ -129,9 +129,12 @@ def test_sampled_speculation_reports_the_trainers_logprobs():
 
 def test_after_warmup_speculation_compiles_nothing():
     model = GLM5V(small_spec(), rngs=nnx.Rngs(0))
-    engine = Engine(model, max_slots=4, max_seq_len=64, page_size=8, prefill_rows=2, max_chunk=16, min_chunk=8,
-                    steps=2, speculate=2)
-    engine.warmup(max_images=1)
+    # 14 shapes: 4 prompt chunks (8 and 16 tokens, 0 or 1 image), sampling, page forks and 8 decodes (page-table
+    # widths 1, 2, 4 and 5 -- a verify writes k = 2 past max_seq_len's 4 pages -- for 2 and 4 rows); the longer
+    # requests end at the capacity, a path too. test_engine's warm-up test has more widths and row buckets.
+    engine = Engine(model, max_slots=4, max_seq_len=32, page_size=8, prefill_rows=2, max_chunk=16, min_chunk=8,
+                    steps=2, speculate=2, decode_row_buckets=2)
+    assert engine.warmup(max_images=1) == 14
     rng = np.random.default_rng(0)
     image_prompt, images = _image_prompt(model)
     with count_compiles() as compiles:
