@@ -65,6 +65,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         engine_slots=16 if tiny else 64,  # decode slots of the rollout engine
         engine_page_size=16,
         admit_lookahead=4,  # the engine admits up to this many requests past a head that waits for room
+        # a group that finds fewer free slots than samples starts some of them now (each part prefills the prompt
+        # again; each sample keeps its random stream): no slot idles behind a group (bench_rl_pipeline: 1.000)
+        admit_partial=True,
+        # MoE routing replay: the trainer's forward routes each token to the experts the engine chose when it
+        # sampled it (the router still learns through the combine weights); the MTP routers and the reference
+        # policy route on their own. Off by default (not in the report)
+        routing_replay=False,
         reference="host",  # host: reference policy in host memory, on device only for its forward | none
         # a judge (glm5v_jax.rl.judge_server, or any OpenAI-compatible endpoint): every family's reward gains
         # a component by that rubric (glm5v_jax.rl.judge.RUBRICS) of judge_weight; "" = rule verifiers only. A

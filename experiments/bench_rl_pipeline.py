@@ -13,7 +13,10 @@ per live sample per step, a virtual clock of `step_s` per step. Each round needs
               whose rewards differ (the rest are lost to the round), next round
   controller  `RolloutController`: over-sampling (x`over_sample`), rewards started as episodes end, the
               equal-reward filter, early abort by count, aborted groups cached and resumed first
-              (`--lookahead`: the engine's admit_lookahead)
+              (`--lookahead`: the engine's admit_lookahead); run four ways: without the early abort
+              (every started group waits to finish; the surplus opens the next batch), with it, with
+              the engine's admission lookahead, and with lookahead and partial group admission
+              (`admit_partial`: a group's samples take free slots before the whole group fits)
 
 Reported per mode: virtual seconds per round, slot occupancy (busy slot-steps / slot-steps), accepted
 groups per round, and the controller's aborted / resumed / filtered counts. Rewards are scored for real
@@ -58,15 +61,15 @@ def _tasks(args):
     return (Task(f"t{i}", "sim", f"Question {i}?") for i in itertools.count())
 
 
-def _engine(args, tokenizer, lookahead: int):
+def _engine(args, tokenizer, lookahead: int, partial: bool = False):
     if args.engine == "real":
         from glm5v_jax.generate.engine import Engine
 
         return Engine(args.model, max_slots=args.slots, max_seq_len=args.max_seq_len, tokenizer=tokenizer,
-                      admit_lookahead=lookahead)
+                      admit_lookahead=lookahead, admit_partial=partial)
     return SimEngine(filler=tokenizer.encode("a")[-1], stop=tokenizer.eos_id, max_slots=args.slots,
                      max_seq_len=args.max_seq_len, step_s=args.step_s, mean_tokens=args.mean_tokens,
-                     sigma=args.sigma, seed=args.seed, admit_lookahead=lookahead)
+                     sigma=args.sigma, seed=args.seed, admit_lookahead=lookahead, admit_partial=partial)
 
 
 def _rewards(args):
@@ -115,13 +118,13 @@ def run_barrier(args, tokenizer) -> dict:
                 filtered=args.rounds * args.groups - accepted)
 
 
-def run_controller(args, tokenizer, lookahead: int) -> dict:
-    engine = _engine(args, tokenizer, lookahead)
+def run_controller(args, tokenizer, lookahead: int, partial: bool = False, abort: bool = True) -> dict:
+    engine = _engine(args, tokenizer, lookahead, partial)
     driver = _driver(args, engine, tokenizer)
     worker = RewardWorker(_rewards(args))
     clock = _clock(args, engine)
     c = RolloutController(driver, worker, _tasks(args), group_size=args.group_size, groups_per_batch=args.groups,
-                          over_sample=args.over_sample, clock=clock)
+                          over_sample=args.over_sample, abort_on_count=abort, clock=clock)
     totals = dict(groups=0, aborted=0, resumed=0, filtered=0, stale=0)
     t0 = clock()
     try:
@@ -134,7 +137,9 @@ def run_controller(args, tokenizer, lookahead: int) -> dict:
         seconds = clock() - t0
     finally:
         worker.close()
-    return dict(mode=f"controller (lookahead {lookahead})", seconds_per_round=seconds / args.rounds,
+    mode = f"controller ({'early abort' if abort else 'no early abort'}, lookahead {lookahead}" + (
+        ", partial admission)" if partial else ")")
+    return dict(mode=mode, seconds_per_round=seconds / args.rounds,
                 occupancy=_occupancy(args, engine), groups_per_round=totals["groups"] / args.rounds,
                 aborted=totals["aborted"], resumed=totals["resumed"], filtered=totals["filtered"],
                 stale=totals["stale"])
@@ -153,8 +158,9 @@ def run_bench(args, log: Callable[[str], None] = print) -> dict:
                                         vocab_size=400)
     rows = [run_barrier(args, tokenizer)]
     log(f"barrier: {rows[-1]['seconds_per_round']:.2f} s/round")
-    for lookahead in (0, args.lookahead):
-        rows.append(run_controller(args, tokenizer, lookahead))
+    for lookahead, partial, abort in ((0, False, False), (0, False, True), (args.lookahead, False, True),
+                                      (args.lookahead, True, True)):
+        rows.append(run_controller(args, tokenizer, lookahead, partial, abort))
         log(f"{rows[-1]['mode']}: {rows[-1]['seconds_per_round']:.2f} s/round")
     base = rows[0]["seconds_per_round"] / max(rows[0]["groups_per_round"], 1e-9)
     for r in rows:  # virtual seconds per accepted group, relative to the barrier's

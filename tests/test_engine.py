@@ -328,3 +328,39 @@ def test_admission_lookahead_lets_a_request_that_fits_pass_a_waiting_group(model
     ahead, ahead_tokens, _ = run(1)
     assert fifo.index(single) > fifo.index(group) and ahead.index(single) < ahead.index(group)
     assert fifo_tokens == ahead_tokens
+
+
+def test_a_group_admitted_in_parts_gives_each_sample_its_own_tokens(model):
+    """With admit_partial, a group of four that finds two free slots starts two samples now and two later
+    (each part prefills the prompt): every sample's sampled tokens are the unsplit run's (each keeps its
+    random stream), the request completes once with its four samples in order, and an abort of a group
+    split across the queue and the slots returns every partial and frees every page."""
+    group = Request([7, 8, 9], n=4, max_new_tokens=6, sampling=Sampling(1.0, seed=11))
+
+    def run(partial):
+        engine = Engine(model, max_slots=4, max_seq_len=48, page_size=4, steps=2, admit_partial=partial)
+        engine.submit(Request([5, 17, 33], n=2, max_new_tokens=10))  # holds two slots for a while
+        rid = engine.submit(group)
+        engine.step()
+        running = engine.metrics()["running_slots"]
+        done = {c.id: c for c in engine.run()}
+        assert engine.pool.free_pages == engine.pool.num_pages
+        return running, done[rid], engine.metrics()
+
+    whole_running, whole, _ = run(False)
+    part_running, parts, m = run(True)
+    assert whole_running == 2 and part_running == 4 and m["partial_admissions"] == 1
+    assert [s.tokens for s in parts.samples] == [s.tokens for s in whole.samples]
+    np.testing.assert_allclose([s.logp_raw for s in parts.samples], [s.logp_raw for s in whole.samples], atol=1e-4)
+
+    engine = Engine(model, max_slots=4, max_seq_len=48, page_size=4, steps=2, admit_partial=True)
+    engine.submit(Request([5, 17, 33], n=3, max_new_tokens=10))
+    rid = engine.submit(group)
+    engine.step()  # one sample of the group runs, three wait
+    assert engine.metrics()["running_slots"] == 4 and engine.metrics()["queued"] == 1
+    (partial,) = engine.abort([rid])
+    assert [s.finish for s in partial.samples] == ["abort"] * 4 and len(partial.samples[0].tokens) >= 1
+    assert partial.samples[0].remaining == 6 - len(partial.samples[0].tokens) and not partial.samples[3].tokens
+    assert engine.metrics()["queued"] == 0
+    engine.run()
+    assert engine.pool.free_pages == engine.pool.num_pages

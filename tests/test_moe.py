@@ -23,12 +23,15 @@ def _np_swiglu(x, gate, up, down):
     return (a * _sigmoid(a)) * (x @ up) @ down
 
 
-def _np_moe(moe, x):
-    """Independent NumPy forward of MoE: unbiased combine weights, biased selection."""
+def _np_moe(moe, x, replay=None):
+    """Independent NumPy forward of MoE: unbiased combine weights, biased selection (or the experts of
+    `replay` [T, k] where a row has no -1)."""
     p = lambda v: np.asarray(v[...], np.float64)  # noqa: E731
     flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
     scores = _sigmoid(flat @ p(moe.router))
     idx = _np_topk(scores + p(moe.correction_bias), moe.top_k)
+    if replay is not None:
+        idx = np.where((replay >= 0).all(-1, keepdims=True), replay, idx)
     chosen = np.take_along_axis(scores, idx, -1)
     w = chosen / chosen.sum(-1, keepdims=True) * moe.routed_scaling
     y = np.zeros_like(flat)
@@ -265,3 +268,32 @@ def test_correction_bias_does_not_change_the_balance_loss():
     np.testing.assert_allclose(float(aux1["balance_loss"]), want, rtol=1e-5)
     biased = _np_balance(scores, mask, k, scores + bias)
     assert abs(biased - want) > 1e-3  # the check tells the two indicators apart
+
+
+@pytest.mark.parametrize("impl", ["dense", "ragged_dot"])
+def test_routing_replay_routes_to_the_given_experts(impl):
+    """replay_ids: each token goes to the given experts (a row with -1 keeps the router's own choice), with
+    combine weights from this router's scores at them (NumPy reference); the router still gets a gradient;
+    replaying the layer's own choice changes nothing; expert_load counts the replayed experts."""
+    rng = np.random.default_rng(3)
+    e, k = 6, 2
+    moe = _build(lambda: MoE(8, 12, e, k, num_shared_experts=1, routed_scaling=2.0, impl=impl,
+                             rngs=nnx.Rngs(0)), rng, 0.4)
+    x = jnp.asarray(rng.standard_normal((2, 5, 8)).astype(np.float32))
+    replay = np.stack([rng.permutation(e)[:k] for _ in range(10)]).astype(np.int32)
+    replay[3] = -1  # no record: routed by the layer
+    _, own, _ = _np_moe(moe, np.asarray(x))
+    assert (np.sort(replay[replay[:, 0] >= 0], -1) != np.sort(own[replay[:, 0] >= 0], -1)).any()
+
+    run = nnx.jit(lambda m, v, ids: m(v, replay_ids=ids, return_expert_ids=True))
+    y, aux = run(moe, x, jnp.asarray(replay).reshape(2, 5, k))
+    want, idx, _ = _np_moe(moe, np.asarray(x), replay)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(aux["expert_ids"]).reshape(10, k), idx)
+    np.testing.assert_array_equal(np.asarray(aux["expert_load"]), np.bincount(idx.ravel(), minlength=e))
+
+    same, _ = run(moe, x, jnp.asarray(own, jnp.int32).reshape(2, 5, k))
+    np.testing.assert_allclose(np.asarray(same), np.asarray(_forward(moe, x)[0]), rtol=1e-6, atol=1e-7)
+
+    grad = nnx.grad(lambda m: jnp.sum(m(x, replay_ids=jnp.asarray(replay).reshape(2, 5, k))[0] ** 2))(moe)
+    assert float(jnp.abs(grad.router[...]).sum()) > 0

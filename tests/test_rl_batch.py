@@ -2,7 +2,8 @@
 rows keep each episode's tokens, masks, rollout log-probabilities, advantages and images; the trainer's
 log-probabilities of a packed batch equal the engine's at every answer token (so packing, segments and
 M-RoPE agree with the engine's cache); the loss and its gradient do not change with the packing; episodes
-that cannot be trained are skipped and counted."""
+that cannot be trained are skipped and counted; with routing replay the batch carries the engine's experts
+per token and a trainer whose router would choose others still gives the engine's log-probabilities."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,7 @@ def rollout(tmp_path_factory):
     real engine over a random small model, with made-up distinct rewards."""
     tokenizer = chat_tokenizer(tmp_path_factory.mktemp("tok"))
     model = chat_model(tokenizer, seed=1)
-    engine = Engine(model, max_slots=8, max_seq_len=160, tokenizer=tokenizer)
+    engine = Engine(model, max_slots=8, max_seq_len=160, tokenizer=tokenizer, record_routing=True)
     driver = RolloutDriver(engine, tokenizer, max_new_tokens=12, sampling=Sampling(1.0, seed=3))
     tasks = [FAMILIES[f].make(0, i) for i, f in enumerate(("shapes/count", "shapes/colour", "charts/bar"))]
     episodes = driver.run(tasks, n=3)
@@ -165,3 +166,40 @@ def test_round_metrics_cover_accepted_and_filtered_groups(rollout):
     assert m["rollout/all/reward_mean"] == pytest.approx(np.mean([1, .5, 0, 0, .5, .25, 0, .5, .5]))
     assert m["rollout/filtered"] == 1 and m["rollout/aborted"] == 2 and m["rollout/abort_count"] == 1
     assert m["rollout/shapes/count/pass@1"] == pytest.approx(1 / 3) and "rollout/all/pass@3" in m
+
+
+def test_routing_replay_gives_the_engines_logprobs_to_a_router_that_would_choose_otherwise(rollout):
+    """The engine recorded each fed token's experts; packed as `expert_ids` (-1 on the last token, never
+    fed, and on padding) they steer the trainer's MoE layers: with a correction bias that makes every
+    router pick other experts (selection only; weights use the unbiased scores), the forward with replay
+    still equals the engine's log-probabilities at every answer token, and the one without does not."""
+    model, groups = rollout
+    spec = model.spec.backbone
+    layout = RowLayout(rows=4, seq_len=160, max_images=4, max_patches=model.spec.vision.max_patches,
+                       patch_dim=model.spec.vision.patch_size ** 2 * 3,
+                       routing=(spec.num_moe_layers, spec.experts_per_token))
+    batch, stats = build_batch(groups, SPEC, layout, max_new_tokens=12)
+    ids, seg = batch["expert_ids"], batch["segment_ids"]
+    assert ids.shape == (4, 160, spec.num_moe_layers, spec.experts_per_token) and stats.episodes == 9
+    for r in range(layout.rows):
+        for sg in range(1, int(seg[r].max()) + 1):
+            where = np.flatnonzero(seg[r] == sg)
+            e = next(e for g in groups for e in g.episodes if e.tokens == batch["tokens"][r, where].tolist())
+            assert len(e.expert_ids) == len(e.tokens) - 1  # every token but the last was fed
+            np.testing.assert_array_equal(ids[r, where[:-1]], np.stack(e.expert_ids))
+            assert (ids[r, where[-1]] == -1).all()
+    assert (ids[seg == 0] == -1).all()
+
+    graphdef, state = nnx.split(model)
+    biased = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+    bias = biased.backbone.moe_layers.mlp.correction_bias
+    favour = np.zeros(bias.shape, np.float32)
+    favour[:, :spec.experts_per_token] = 100.0  # every router now selects experts 0..k-1
+    bias[...] = jnp.asarray(favour)
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    mask = np.asarray(shift_left(b["loss_mask"], 1))
+    expected = np.asarray(shift_left(b["rollout_logp"], 1))[mask]
+    replayed = np.asarray(next_token_logprobs(biased(b), b))[mask]
+    own = np.asarray(next_token_logprobs(biased({k: v for k, v in b.items() if k != "expert_ids"}), b))[mask]
+    np.testing.assert_allclose(replayed, expected, atol=2e-4)
+    assert np.abs(own - expected).max() > 10 * 2e-4  # (a random small model: the experts move logits little)

@@ -1,7 +1,8 @@
 """The rollout controller over a simulated engine (lognormal answer lengths, a virtual clock): rewards start
 before the round's generation ends; the count abort and the time abort both trigger; over 50 rounds the
-engine's slots stay busy (>= 0.98), aborted groups are resumed and no group is lost, duplicated or past
-max_seq_len; stale cached groups are dropped and counted; a cancelled judge call ends at once (ms)."""
+engine's slots stay busy (>= 0.99, groups admitted in parts), aborted groups are resumed and no group is
+lost, duplicated or past max_seq_len; stale cached groups are dropped and counted; a cancelled judge call
+ends at once (ms)."""
 from __future__ import annotations
 
 import itertools
@@ -49,9 +50,10 @@ class Ask:
         return [{"role": "observation", "content": "go on"}], False, {"turns": self.n}
 
 
-def _setup(tokenizer, *, max_new_tokens=24, admit_lookahead=0, **kw):
+def _setup(tokenizer, *, max_new_tokens=24, admit_lookahead=0, admit_partial=False, **kw):
     engine = SimEngine(filler=tokenizer.encode("a")[-1], stop=tokenizer.eos_id, max_slots=16, max_seq_len=CAPACITY,
-                       step_s=0.01, mean_tokens=12, sigma=1.0, seed=0, admit_lookahead=admit_lookahead)
+                       step_s=0.01, mean_tokens=12, sigma=1.0, seed=0, admit_lookahead=admit_lookahead,
+                       admit_partial=admit_partial)
     driver = RolloutDriver(engine, tokenizer, max_new_tokens=max_new_tokens, env_factory=lambda task: Ask())
     worker = RewardWorker(ParityRewards(delay_s=0.001))
     controller = RolloutController(driver, worker, _tasks(multi_turn_every=3), clock=lambda: engine.clock, **kw)
@@ -60,7 +62,7 @@ def _setup(tokenizer, *, max_new_tokens=24, admit_lookahead=0, **kw):
 
 def test_fifty_rounds_keep_the_engine_busy_and_lose_nothing(tokenizer):
     engine, driver, worker, c = _setup(tokenizer, group_size=4, groups_per_batch=4, over_sample=2.0,
-                                       max_off_policy_steps=2, admit_lookahead=8)
+                                       max_off_policy_steps=2, admit_lookahead=8, admit_partial=True)
     seen, accepted, filtered, stale, resumed, aborted, counted, overlapped = set(), 0, 0, 0, 0, 0, 0, 0
     try:
         for version in range(50):
@@ -89,10 +91,10 @@ def test_fifty_rounds_keep_the_engine_busy_and_lose_nothing(tokenizer):
     assert resumed > 0 and aborted > 0 and filtered > 0 and counted > 25 and overlapped > 25
     m = engine.metrics()
     # slot occupancy: strict FIFO admission loses about 3% to head-of-line blocking (a group of 4 waits for 4
-    # free slots while later requests could use them); admit_lookahead lets those go first and it measures
-    # 0.987-0.994 (the rest: fewer slots free than any queued group needs). Reward timing is real time, so
-    # the bound leaves room.
-    assert m["busy_slot_steps"] / m["slot_steps"] >= 0.98, m
+    # free slots while later requests could use them); admit_lookahead lets those go first (0.983-0.994: the
+    # rest is fewer slots free than any queued group needs); admit_partial gives the free slots to some of
+    # the waiting group's samples (1.000 measured: a slot idles only when nothing is queued)
+    assert m["busy_slot_steps"] / m["slot_steps"] >= 0.99 and m["partial_admissions"] > 0, m
     assert m["held"] == 0  # finished conversations released, aborted ones dropped by the engine
 
 

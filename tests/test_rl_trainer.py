@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from glm5v_jax.rl.tasks import TaskMix
 from glm5v_jax.train.rl import LEDGER, family_weights, ledger_accounting
 from glm5v_jax.train.writers import read_jsonl
@@ -44,7 +46,8 @@ def _command(workdir: Path, sft: Path, port: int) -> list[str]:
                         "rl.max_new_tokens": 6, "rl.engine_slots": 4, "rl.families": FAMILIES,
                         "rl.filter_equal": False,  # a random policy scores all zeros: keep its groups
                         "rl.judge_url": f"http://127.0.0.1:{port}", "rl.judge_rubric": "caption",
-                        "rl.judge_weight": 0.5, "rl.judge_timeout_s": 2.0})
+                        "rl.judge_weight": 0.5, "rl.judge_timeout_s": 2.0,
+                        "rl.routing_replay": True})  # the engine's routes steer the trainer's MoE layer
     return [sys.executable, "-m", "glm5v_jax.main", "--config=configs/rl.py:tiny", f"--workdir={workdir}",
             *(f"--config.{k}={v}" for k, v in overrides.items())]
 
@@ -125,3 +128,23 @@ def test_abstract_program_lowers_with_the_reference_as_log_probabilities_only():
     assert {"rollout_logp", "advantages", "version_lag"} <= set(batch)
     assert program.facts["reference"] == "host" and "RL step" in program.summary
     program.step.lower(*program.args)  # traces the RL loss through the train step
+
+
+def test_routing_replay_puts_the_engines_experts_in_the_batch_contract():
+    import jax
+
+    from glm5v_jax.config_args import config_file
+    from glm5v_jax.errors import ConfigError
+    from glm5v_jax.train import rl as rl_stage
+
+    config = config_file(ROOT / "configs" / "rl.py", "tiny")
+    config.model.backbone.num_layers, config.data.batch_size, config.data.seq_len = 2, 2, 64
+    config.rl.routing_replay = True
+    program = rl_stage.abstract_program(config, jax.devices()[:1], update_rms=False)
+    _, batch = program.args
+    b = config.model.backbone
+    assert batch["expert_ids"].shape == (2, 64, b.num_layers - b.first_k_dense, b.experts_per_token)
+    program.step.lower(*program.args)
+    config.model.mtp.trunk_gradient = "isolate_vision"
+    with pytest.raises(ConfigError, match="config.rl.routing_replay"):
+        rl_stage.check_config(config)

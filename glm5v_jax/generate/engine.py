@@ -23,6 +23,7 @@ thread runs it.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import threading
 from typing import Any, Iterable
@@ -60,11 +61,16 @@ class _Seq:
 
 
 class _Job:
-    """A request on the engine, one turn at a time: queued -> running -> held (keep) | done."""
+    """A request on the engine, one turn at a time: queued -> running -> held (keep) | done.
+
+    With `Engine(admit_partial=True)` a fresh request may be admitted in parts: each part is a `_Job` whose
+    `seqs` are some of the request's samples (their own prefill, their own slots) and whose `owner` is the
+    request's record (all samples: what completes, aborts and frees). Unsplit, a job is its own owner."""
 
     def __init__(self, rid: int, request: Request, seed: int):
         self.id, self.request, self.seed = rid, request, seed
         self.seqs = [_Seq(self, i) for i in range(request.n)]
+        self.owner = self
         self.state = "queued"
         self.new_tokens = np.asarray(request.tokens, np.int32)  # this turn's tokens to append
         self.new_images = request.images
@@ -72,6 +78,15 @@ class _Job:
         self.stop = list(request.stop)
         self.prompt_length = len(self.new_tokens)
         self.copies: list[tuple[int, int]] = []
+
+    def split(self, k: int) -> tuple["_Job", "_Job"]:
+        """Two parts of this fresh (never prefilled) job: its first k samples and the rest."""
+        parts = []
+        for seqs in (self.seqs[:k], self.seqs[k:]):
+            part = copy.copy(self)
+            part.seqs, part.copies = seqs, []
+            parts.append(part)
+        return parts[0], parts[1]
 
 
 class Engine:
@@ -81,7 +96,7 @@ class Engine:
                  num_pages: int | None = None, prefill_rows: int = 4, max_chunk: int = 256, min_chunk: int = 16,
                  steps: int = 8, max_stop_ids: int = 4, mesh: jax.sharding.Mesh | None = None, speculate: int = 0,
                  record_routing: bool = False, decode_row_buckets: int = 3, tokenizer: Any = None,
-                 admit_lookahead: int = 0):
+                 admit_lookahead: int = 0, admit_partial: bool = False):
         self.graphdef, self.state = nnx.split(model)
         self.spec = model.spec
         backbone = self.spec.backbone
@@ -111,6 +126,10 @@ class Engine:
         # admission is FIFO; with admit_lookahead = k, while the head waits (a group needs more free slots or
         # pages than there are) up to k requests behind it that fit go first, so freed slots do not idle
         self.admit_lookahead = admit_lookahead
+        # with admit_partial, a fresh group that waits for slots takes the free ones now with some of its samples
+        # (the rest wait at the head of the queue): no slot idles behind a group, at the cost of one more prefill
+        # of its prompt per part; each sample keeps its own random stream, so its tokens are the same
+        self.admit_partial = admit_partial
         self.version = 0
         self._slot_seq: list[tuple[_Job, _Seq] | None] = [None] * max_slots
         self._queue: collections.deque[_Job] = collections.deque()
@@ -182,8 +201,8 @@ class Engine:
             for job in jobs:
                 if job.state == "done":
                     continue
-                if job.state == "queued":
-                    self._queue.remove(job)
+                if any(part.owner is job for part in self._queue):
+                    self._queue = collections.deque(part for part in self._queue if part.owner is not job)
                 for seq in job.seqs:
                     if seq.sample.finish is None:
                         self._end(seq, "abort")
@@ -238,6 +257,12 @@ class Engine:
     def idle(self) -> bool:
         with self._lock:
             return not self._queue and all(s is None for s in self._slot_seq)
+
+    @property
+    def queued_samples(self) -> int:
+        """Samples waiting for a slot (a scheduler above the engine keeps this from running dry)."""
+        with self._lock:
+            return sum(len(job.seqs) for job in self._queue)
 
     def step(self) -> list[Completion]:
         """One scheduler iteration: admit what fits and extend it, then one decode call of `steps` tokens
@@ -333,8 +358,8 @@ class Engine:
         """Free pages this turn needs: the first sample's growth, plus each fork's unshared pages."""
         need = pages_needed(self._final_length(job), self.page_size)
         prompt = job.seqs[0].length + len(job.new_tokens)
-        private = min(prompt, self._private_from(job)) if job.request.n > 1 else prompt
-        return need - len(job.seqs[0].pages) + (job.request.n - 1) * (need - private // self.page_size)
+        private = min(prompt, self._private_from(job)) if len(job.seqs) > 1 else prompt
+        return need - len(job.seqs[0].pages) + (len(job.seqs) - 1) * (need - private // self.page_size)
 
     def _admit(self) -> list[_Job]:
         admitted = []
@@ -342,6 +367,13 @@ class Engine:
         at = 0  # queue position looked at: the head, then up to `admit_lookahead` requests behind it
         while at < len(self._queue):
             job = self._queue[at]
+            if 0 < len(free) < len(job.seqs) and self._can_split(job):
+                first, rest = job.split(len(free))
+                if self._turn_pages(first) <= self.pool.free_pages:  # the free slots take part of the group now
+                    self._queue[at] = first
+                    self._queue.insert(at + 1, rest)
+                    job = first
+                    self._metrics["partial_admissions"] += 1
             if len(job.seqs) > len(free) or self._turn_pages(job) > self.pool.free_pages:
                 self._metrics["admission_waits"] += 1  # waits its turn: no slot or not enough free pages
                 if at >= self.admit_lookahead:
@@ -354,7 +386,7 @@ class Engine:
             self.pool.grow(first.pages, final)
             prompt = first.length + len(job.new_tokens)
             job.copies = []
-            private = self._private_from(job) if job.request.n > 1 else prompt
+            private = self._private_from(job) if len(job.seqs) > 1 else prompt
             for seq in job.seqs[1:]:
                 fork = self.pool.fork(first.pages, prompt, private)
                 self.pool.grow(fork.pages, final)
@@ -362,9 +394,13 @@ class Engine:
             for seq in job.seqs:
                 seq.slot = free.pop(0)
                 self._slot_seq[seq.slot] = (job, seq)
-            job.state = "running"
+            job.state = job.owner.state = "running"
             admitted.append(job)
         return admitted
+
+    def _can_split(self, job: _Job) -> bool:
+        """A group not started yet (its first turn, nothing prefilled), with admit_partial on."""
+        return self.admit_partial and job.seqs[0].length == 0 and not job.request.keep
 
     def _prefill(self, jobs: list[_Job], finished: list[Completion]) -> None:
         """Extend every admitted job's first sample by its new tokens, chunk by chunk, batched; sample each
@@ -555,6 +591,7 @@ class Engine:
             seq.slot = None
 
     def _maybe_done(self, job: _Job, finished: list[Completion]) -> None:
+        job = job.owner  # a part's request completes with its last sample
         if job.state != "running" or any(s.sample.finish is None for s in job.seqs):
             return
         if job.request.keep:

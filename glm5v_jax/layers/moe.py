@@ -63,6 +63,17 @@ def route(logits32: jax.Array, bias: jax.Array, top_k: int, routed_scaling: floa
     return idx, weights, scores
 
 
+def replay_route(scores: jax.Array, idx: jax.Array, replay: jax.Array, routed_scaling: float):
+    """Routing replay: the experts `replay [T,k]` chose (a rollout engine's, -1 where a token has no record)
+    replace the router's own choice `idx [T,k]`; the combine weights are this router's scores at them, so the
+    router still learns through them. (chosen experts [T,k], combine weights [T,k] f32)."""
+    known = jnp.all(replay >= 0, axis=-1, keepdims=True)
+    idx = jnp.where(known, replay.astype(idx.dtype), idx)
+    chosen = jnp.take_along_axis(scores, idx, axis=-1)
+    weights = chosen / (jnp.sum(chosen, axis=-1, keepdims=True) + 1e-20) * routed_scaling
+    return idx, weights
+
+
 def update_router_bias(bias: jax.Array, expert_load: jax.Array, rate: float) -> jax.Array:
     """One auxiliary-loss-free balancing step: raise the bias of under-loaded experts.
 
@@ -139,8 +150,10 @@ class MoE(nnx.Module):
             if num_shared_experts else None
         )
 
-    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None, *, return_expert_ids: bool = False):
-        """x `[B, S, E]`, token_mask `[B, S]` (padding excluded from load statistics).
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None, *, return_expert_ids: bool = False,
+                 replay_ids: jax.Array | None = None):
+        """x `[B, S, E]`, token_mask `[B, S]` (padding excluded from load statistics); replay_ids `[B, S, top_k]`
+        (optional): experts to route each token to instead of the router's choice (`replay_route`; -1: none).
 
         Returns (y, aux) with aux = {expert_load [E] (slots per expert, f32),
         balance_loss (DeepSeek-V3 sequence-wise loss per row, unweighted, counting the
@@ -152,6 +165,8 @@ class MoE(nnx.Module):
         flat = x.reshape(b * s, e)
         logits = flat.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
         idx, weights, scores = route(logits, self.correction_bias[...], self.top_k, self.routed_scaling)
+        if replay_ids is not None:
+            idx, weights = replay_route(scores, idx, replay_ids.reshape(b * s, -1), self.routed_scaling)
         c = self.dtype
         y, dropped = get_moe_impl(self.impl)(flat, idx, weights, self.gate[...].astype(c), self.up[...].astype(c),
                                              self.down[...].astype(c), capacity_factor=self.capacity_factor)

@@ -48,9 +48,9 @@ class DecoderBlock(nnx.Module):
         else:
             self.mlp = SwiGLU(h, spec.mlp_dim, dtype=dt, param_dtype=pdt, init_std=std, rngs=rngs)
 
-    def __call__(self, x, rotary, segment_ids):
+    def __call__(self, x, rotary, segment_ids, replay_ids=None):
         """Returns (x, aux); aux holds the MoE load statistics (none for dense) and, when
-        tracked, `attn_max_logits [H]`."""
+        tracked, `attn_max_logits [H]`. replay_ids `[B, S, top_k]`: routing replay (`MoE`)."""
         attn = self.attn(self.attn_norm(x), rotary=rotary, segment_ids=segment_ids, causal=True,
                          return_max_logits=self.track_max_logits)
         attn_aux = {}
@@ -58,7 +58,7 @@ class DecoderBlock(nnx.Module):
             attn, attn_aux = attn[0], {"attn_max_logits": attn[1]}
         x = x + attn
         if self.is_moe:
-            y, aux = self.mlp(self.mlp_norm(x), token_mask=segment_ids != 0)
+            y, aux = self.mlp(self.mlp_norm(x), token_mask=segment_ids != 0, replay_ids=replay_ids)
         else:
             y, aux = self.mlp(self.mlp_norm(x)), {}
         return constrain(x + y.astype(x.dtype), RESIDUAL), {**aux, **attn_aux}
@@ -101,8 +101,11 @@ class GLMBackbone(nnx.Module):
             positions = positions[..., None]
         return self.rotary.cos_sin(positions[..., : self.rotary.num_axes])
 
-    def run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array):
+    def run_layers(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                   replay_ids: jax.Array | None = None):
         """The decoder stack on embeddings x `[B, S, H]`; returns (h before the final norm, aux).
+        replay_ids `[B, S, L_moe, top_k]` (optional, -1 where unknown): routing replay, each MoE layer routes
+        its tokens to these experts (a rollout engine's record) instead of its own choice.
 
         aux: `expert_load [L_moe, E]`, `balance_loss` and `dropped_fraction` (token-expert slots
         dropped by a bounded expert-parallel capacity; both means over MoE layers); with
@@ -119,7 +122,13 @@ class GLMBackbone(nnx.Module):
             x, dense_aux = scan_layers(self.dense_layers, x, body, remat=remat)
             if "attn_max_logits" in dense_aux:
                 max_logits["dense_layers"] = dense_aux["attn_max_logits"]
-        if self.moe_layers is not None:
+        if self.moe_layers is not None and replay_ids is not None:
+            def replay_body(block, h, ids):
+                return block(h, rotary, segment_ids, ids)
+
+            x, moe_aux = scan_layers_with(self.moe_layers, x, jnp.moveaxis(replay_ids, 2, 0),
+                                          nnx.remat(replay_body) if remat else replay_body)
+        elif self.moe_layers is not None:
             x, moe_aux = scan_layers(self.moe_layers, x, body, remat=remat)
             aux = {"expert_load": moe_aux["expert_load"], "balance_loss": jnp.mean(moe_aux["balance_loss"]),
                    "dropped_fraction": jnp.mean(moe_aux["dropped_fraction"])}

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm5v_jax.errors import ConfigError
 from glm5v_jax.layers.attention import CachePages
 from glm5v_jax.models.backbone import GLMBackbone
 from glm5v_jax.models.cogvit import CogViT
@@ -188,10 +189,14 @@ class GLM5V(nnx.Module):
         positions = self.positions(batch)
         isolate = (self.mtp is not None and has_images
                    and self.spec.mtp.trunk_gradient == TrunkGradient.ISOLATE_VISION)
+        replay = batch.get("expert_ids")  # routing replay `[B, S, L_moe, top_k]` (RL); the MTP routers route alone
         if isolate:
+            if replay is not None:
+                raise ConfigError("mtp.trunk_gradient", "routing replay (a batch with expert_ids) runs the trunk "
+                                  "once with the replayed routes; use trunk_gradient 'full' or 'stop'")
             h, aux, h_mtp = trunk_isolating_vision(self.backbone, embeds, positions, segment_ids, is_visual)
         else:
-            h, aux = self.backbone.run_layers(embeds, positions, segment_ids)
+            h, aux = self.backbone.run_layers(embeds, positions, segment_ids, replay)
             h_mtp = h
         out = {"logits": self.backbone.logits(h), "is_visual": is_visual, "aux": aux}
         if self.mtp is not None:  # h_mtp before the final norm: MMTP applies spec.mtp.h0_norm

@@ -13,6 +13,8 @@ tokens (index t holds token t's value; the step shifts them onto the position th
     rollout_logp [B, S] f32   the engine's log-probability of token t (`Episode.logp_raw`)
     advantages   [B, S] f32   its episode's advantage (the objective's estimator over its group)
     version_lag  [B, S] f32   policy versions between sampling token t and this batch (0: on-policy)
+    expert_ids   [B, S, L_moe, top_k] i32   with `RowLayout.routing`: the experts the engine routed token t
+                 to in each MoE layer (routing replay); -1 where it has no record (the last token, padding)
 
 An episode that cannot be trained (more images than a row holds, longer than a row, or no answer token)
 is skipped and counted (`stats.skipped`); nothing else is dropped. Large Python objects (texts, PNG bytes,
@@ -44,6 +46,7 @@ class RowLayout:
     max_images: int
     max_patches: int
     patch_dim: int
+    routing: tuple[int, int] | None = None  # (MoE layers, top_k): pack the episodes' expert_ids for replay
 
 
 @dataclasses.dataclass
@@ -108,6 +111,8 @@ def build_batch(groups: Sequence[Any], spec: ObjectiveSpec, layout: RowLayout, *
                patch_yx=np.zeros((b * m, layout.max_patches, 2), np.int32),
                patch_valid=np.zeros((b * m, layout.max_patches), bool), image_grid=np.zeros((b * m, 2), np.int32),
                image_valid=np.zeros((b * m,), bool))
+    if layout.routing is not None:
+        out["expert_ids"] = np.full((b, s, *layout.routing), -1, np.int32)
     rows = _place(episodes, layout, stats)
     for r, members in enumerate(rows):
         t = slot = 0
@@ -120,6 +125,9 @@ def build_batch(groups: Sequence[Any], spec: ObjectiveSpec, layout: RowLayout, *
             out["advantages"][r, t:t + n] = advantages[i]
             versions = np.asarray(e.versions, np.float32)
             out["version_lag"][r, t:t + n] = np.where(versions >= 0, version - versions, 0.0)
+            if layout.routing is not None and e.expert_ids:
+                fed = min(len(e.expert_ids), n)
+                out["expert_ids"][r, t:t + fed] = np.stack(e.expert_ids[:fed])
             for image in e.image_slots:
                 for k in IMAGE_KEYS:
                     out[k][r * m + slot] = image[k][0]

@@ -200,13 +200,18 @@ class RolloutController:
         self.requeued += list(tasks)
 
     def _fill(self) -> None:
-        """Start fresh groups until accepted + active reach the over-sampling target and twice the engine's
-        slots are in flight (a request holds its episodes until its last sample ends, so this keeps work
-        queued for every freed slot: the long tail is cut by the abort, and what it generated is cached)."""
+        """Start fresh groups until accepted + active reach the over-sampling target, twice the engine's slots
+        are in flight and a slot's worth of samples waits in the engine's queue (a request holds its episodes
+        until its last sample ends, so episodes in flight overstate the work left: the queue keeps a sample
+        ready for every slot that frees; the long tail is cut by the abort, and what it generated is cached;
+        groups aborted before they start carry no tokens, so they are never stale). Without the count abort
+        every started group runs to its end, so only the first two conditions start groups."""
         r = self._round
-        slots = getattr(self.driver.engine, "max_slots", 0)
+        engine = self.driver.engine
+        slots = getattr(engine, "max_slots", 0)
         while (self.abort_on_count or len(r.groups) < self.groups_per_batch) and (
-                len(r.groups) + len(self.active) < self.target or len(self.driver.in_flight) < 2 * slots):
+                len(r.groups) + len(self.active) < self.target or len(self.driver.in_flight) < 2 * slots
+                or self.abort_on_count and getattr(engine, "queued_samples", slots) < slots):
             task = self.requeued.pop(0) if self.requeued else next(self.tasks, None)
             if task is None:
                 return

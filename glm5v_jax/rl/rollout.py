@@ -13,6 +13,8 @@ The bookkeeping keeps exactly the tokens the engine saw, never re-tokenised text
     tokens     = prompt + answer_1 + observation_1 + answer_2 + ...   (what the cache holds)
     loss_mask  = 0 on the prompt and observations, 1 on the answers' tokens (their stop token included)
     logp_raw / logp_sampled / versions: the engine's, on answer tokens; 0 / 0 / -1 elsewhere
+    expert_ids (an engine with record_routing): the routed experts `[L_moe, top_k]` of every token the
+               engine fed, from position 0 (the last sampled token is never fed): for routing replay
 
 so the trainer's log-probabilities of `tokens` at the masked positions are the rollout's `logp_raw`.
 """
@@ -46,6 +48,7 @@ class Episode:
     answers: list[str] = dataclasses.field(default_factory=list)  # each turn's answer text, stops removed
     finish: str | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    expert_ids: list[np.ndarray] = dataclasses.field(default_factory=list)  # per fed token: `[L_moe, top_k]`
     done: bool = False  # ended (not merely aborted: an aborted episode may be resumed)
 
     @property
@@ -204,6 +207,8 @@ class RolloutDriver:
         """The sample's tokens not booked yet join the episode (loss mask 1) and the current turn."""
         new = sample.tokens[live.booked:]
         live.episode._add(new, sample=sample, start=live.booked)
+        if sample.expert_ids:  # the request's prompt is the conversation from its start: positions 0, 1, ...
+            live.episode.expert_ids = sample.expert_ids
         live.booked = len(sample.tokens)
         live.turn += new
 

@@ -2,7 +2,8 @@
 uses (submit / extend / release / abort / step / idle / capacity / metrics), over a virtual clock.
 
 Each sample's answer length is drawn from a lognormal distribution (the long tail that makes synchronous
-rollouts wait); every `step()` admits queued requests FIFO while their samples have free slots, then
+rollouts wait); every `step()` admits queued requests FIFO while their samples have free slots (with
+`admit_lookahead` and `admit_partial` as the real engine's), then
 decodes one token for each live sample and advances `clock` by `step_s`. Answers are `filler` tokens
 ending with `stop` (or cut at the turn's budget: finish "length", or at `max_seq_len`: "capacity").
 `metrics()` counts busy and total slot-steps, so utilisation = busy / total. `ParityRewards` is a reward
@@ -28,6 +29,7 @@ class _SimJob:
         self.lengths = [length] * request.n  # tokens in each sample's context
         self.targets: list[int] = []
         self.counts: list[int] = []
+        self.admitted = [False] * request.n  # this turn's samples holding a slot (or finished)
         self.budget = request.max_new_tokens
         self.state = "queued"
 
@@ -38,8 +40,9 @@ class SimEngine:
     spec = None  # prompts must be text-only (no image to preprocess)
 
     def __init__(self, *, filler: int, stop: int, max_slots: int = 16, max_seq_len: int = 4096, step_s: float = 0.01,
-                 mean_tokens: float = 32.0, sigma: float = 1.0, seed: int = 0, admit_lookahead: int = 0):
-        self.admit_lookahead = admit_lookahead
+                 mean_tokens: float = 32.0, sigma: float = 1.0, seed: int = 0, admit_lookahead: int = 0,
+                 admit_partial: bool = False):
+        self.admit_lookahead, self.admit_partial = admit_lookahead, admit_partial
         self.filler, self.stop, self.max_slots, self.capacity = filler, stop, max_slots, max_seq_len
         self.step_s, self.mu, self.sigma = step_s, np.log(mean_tokens) - sigma**2 / 2, sigma
         self.rng = np.random.default_rng(seed)
@@ -55,6 +58,11 @@ class SimEngine:
     @property
     def idle(self) -> bool:
         return not self._queue and not self._running
+
+    @property
+    def queued_samples(self) -> int:
+        """Samples waiting for a slot."""
+        return sum(not a for j in self._queue for a in j.admitted)
 
     def submit(self, request: Request) -> int:
         if len(request.tokens) >= self.capacity:
@@ -72,6 +80,7 @@ class SimEngine:
             raise ValueError(f"request {rid} is {job.state}; only a held request can be extended")
         job.lengths = [n + len(tokens) for n in job.lengths]
         job.budget = max_new_tokens or job.request.max_new_tokens
+        job.admitted = [False] * job.request.n
         job.state = "queued"
         self._queue.append(job)
 
@@ -103,27 +112,37 @@ class SimEngine:
         return dict(self._metrics, queued=len(self._queue), held=sum(j.state == "held" for j in self._jobs.values()))
 
     def step(self) -> list[Completion]:
-        live = sum(s.finish is None for j in self._running for s in j.samples)  # a finished sample frees its slot
-        at = 0  # FIFO admission, with the engine's `admit_lookahead`
+        live = sum(s.finish is None and a for j in self._running for s, a in zip(j.samples, j.admitted))
+        at = 0  # FIFO admission, with the engine's `admit_lookahead` and `admit_partial`
         while at < len(self._queue):
             job = self._queue[at]
-            if live + job.request.n > self.max_slots:
-                if at >= self.admit_lookahead:
-                    break
-                at += 1
-                continue
-            del self._queue[at]
-            job.targets = [max(1, int(round(x))) for x in self.rng.lognormal(self.mu, self.sigma, job.request.n)]
-            job.counts = [0] * job.request.n
-            for s in job.samples:
-                s.finish = None
-            job.state = "running"
-            self._running.append(job)
-            live += job.request.n
+            waiting = [i for i, a in enumerate(job.admitted) if not a]
+            free = self.max_slots - live
+            partial = self.admit_partial and not job.request.keep
+            take = len(waiting) if len(waiting) <= free else free if partial else 0
+            if take:
+                if not any(job.admitted):  # the turn starts
+                    job.targets = [max(1, int(round(x))) for x in self.rng.lognormal(self.mu, self.sigma,
+                                                                                      job.request.n)]
+                    job.counts = [0] * job.request.n
+                    for s in job.samples:
+                        s.finish = None
+                    job.state = "running"
+                    self._running.append(job)
+                for i in waiting[:take]:
+                    job.admitted[i] = True
+                live += take
+                if take == len(waiting):
+                    del self._queue[at]
+                    continue
+                self._metrics["partial_admissions"] += 1  # the rest of the group waits at its place
+            if at >= self.admit_lookahead:
+                break
+            at += 1
         finished, decoded = [], 0
         for job in list(self._running):
             for i, s in enumerate(job.samples):
-                if s.finish is not None:
+                if s.finish is not None or not job.admitted[i]:
                     continue
                 decoded += 1
                 job.counts[i] += 1

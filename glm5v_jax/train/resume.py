@@ -36,6 +36,7 @@ SAFE_FIELDS = (
     "data.eval_*", "data.sources.*.eval_*", "data.eval_source.*", "rl_eval.*",
     # where and how it runs, not what it computes
     "data.num_workers", "mesh.*", "model.remat", "model.attention_impl", "model.moe_impl", "loss_impl",
+    "rl.admit_lookahead", "rl.admit_partial",  # the rollout engine's admission order
 )
 NONFINITE_MODES = ("stop", "skip")
 

@@ -12,7 +12,9 @@ Reads top to bottom; the run layer (`glm5v_jax.train.run`) does the loop, checkp
             cached and served first, staleness bound) with the newest policy
             -> the reference parameters start their host-to-device copy while the host packs the batch
                (`rl.batch`: rows, advantages; texts and images' bytes stay on the host)
-            -> reference log-probabilities, then one optimizer update of the objective (`rl.loss`)
+            -> reference log-probabilities, then one optimizer update of the objective (`rl.loss`);
+               with `rl.routing_replay` the policy's forward routes each token to the experts the engine
+               recorded when it sampled it (`expert_ids` in the batch; MTP and reference route alone)
   checkpoints hold the model, the optimizer and the task stream: its position and the tasks of the
      groups held between rounds (cached, carried), which a restart starts again: no prompt is lost or
      trained twice (`rollouts.jsonl` lists every step's prompts by outcome, rolled back on resume)
@@ -107,6 +109,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if spec.kl_beta > 0 and rl.reference == "none":
         raise ConfigError("config.rl.reference", f"the objective's KL term (kl_beta={spec.kl_beta}) needs the "
                                                  "reference policy: set reference=host or objective.kl_beta=0")
+    if rl.routing_replay and config.model.mtp.get("trunk_gradient", "full") == "isolate_vision":
+        raise ConfigError("config.rl.routing_replay", "routing replay runs the trunk once with the engine's routes; "
+                                                      "model.mtp.trunk_gradient='isolate_vision' runs it apart")
+    if rl.routing_replay and int(config.model.backbone.num_layers) <= int(config.model.backbone.first_k_dense):
+        raise ConfigError("config.rl.routing_replay", "the backbone has no MoE layer to replay")
     if rl.max_new_tokens >= config.data.seq_len:
         raise ConfigError("config.rl.max_new_tokens", f"{rl.max_new_tokens} leaves no room for a prompt in "
                                                       f"data.seq_len={config.data.seq_len} tokens")
@@ -122,7 +129,14 @@ def rl_loss_fn(config: ml_collections.ConfigDict, obj: ObjectiveSpec):
 def layout_from_config(config: ml_collections.ConfigDict, spec) -> RowLayout:
     d, v = config.data, spec.vision
     return RowLayout(rows=int(d.batch_size), seq_len=int(d.seq_len), max_images=int(d.max_images_per_row),
-                     max_patches=int(v.max_patches), patch_dim=int(v.patch_size) ** 2 * 3)
+                     max_patches=int(v.max_patches), patch_dim=int(v.patch_size) ** 2 * 3,
+                     routing=replay_shape(config, spec))
+
+
+def replay_shape(config: ml_collections.ConfigDict, spec) -> tuple[int, int] | None:
+    """(MoE layers, top_k) of the batch's `expert_ids` with `rl.routing_replay`, else None."""
+    b = spec.backbone
+    return (int(b.num_moe_layers), int(b.experts_per_token)) if config.rl.routing_replay else None
 
 
 def rl_contract(spec, config: ml_collections.ConfigDict, *, reference: bool) -> dict[str, jax.ShapeDtypeStruct]:
@@ -131,7 +145,11 @@ def rl_contract(spec, config: ml_collections.ConfigDict, *, reference: bool) -> 
     contract = vlm_pretrain.batch_contract(spec, config.data)
     b, s = config.data.batch_size, config.data.seq_len
     extra = list(RL_KEYS) + (["ref_logp"] if reference else [])
-    return {**contract, **{k: jax.ShapeDtypeStruct((b, s), jnp.float32) for k in extra}}
+    contract.update({k: jax.ShapeDtypeStruct((b, s), jnp.float32) for k in extra})
+    replay = replay_shape(config, spec)
+    if replay is not None:  # routing replay: the engine's experts per token and MoE layer
+        contract["expert_ids"] = jax.ShapeDtypeStruct((b, s, *replay), jnp.int32)
+    return contract
 
 
 # ----------------------------------------------------------------------------- rounds -> batches
@@ -271,7 +289,8 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
     # the rollout side: engine over the policy's arrays, driver, rewards, controller
     engine = Engine(nnx.merge(placed.graphdef, placed.state).model, max_slots=int(rl.engine_slots),
                     max_seq_len=int(config.data.seq_len), page_size=int(rl.engine_page_size), mesh=plan.mesh,
-                    tokenizer=tokenizer, admit_lookahead=int(rl.admit_lookahead))
+                    tokenizer=tokenizer, admit_lookahead=int(rl.admit_lookahead),
+                    admit_partial=bool(rl.admit_partial), record_routing=bool(rl.routing_replay))
     driver = RolloutDriver(engine, tokenizer, max_new_tokens=int(rl.max_new_tokens),
                            sampling=Sampling(float(rl.temperature), seed=int(config.seed)))
     judge, judged = None, bool(rl.judge_url) and float(rl.judge_weight) > 0
