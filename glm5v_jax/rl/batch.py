@@ -4,10 +4,10 @@ per-token arrays the objective reads, and the round's per-source metrics.
     layout = RowLayout(rows=16, seq_len=512, max_images=2, max_patches=256, patch_dim=588)
     batch, stats = build_batch(groups, objective_spec, layout, max_new_tokens=48)
 
-Every episode is one sequence (a segment of a packed row), placed by first-fit decreasing on its length
-with both capacities of a row: `seq_len` tokens and `max_images` image slots (row b owns slots
-b*M .. b*M+M-1, in order of appearance, as in the pre-training pipeline). Host arrays, aligned to the
-tokens (index t holds token t's value; the step shifts them onto the position that predicts token t):
+Every episode is one sequence (a segment of a packed row), placed by first-fit decreasing with both
+capacities of a row (`glm5v_jax.data.packing.pack_rows`): `seq_len` tokens and `max_images` image slots
+(row b owns slots b*M .. b*M+M-1, in order of appearance, as in the pre-training pipeline). Host arrays,
+aligned to the tokens (index t holds token t's value; the step shifts them onto the position that predicts token t):
 
     tokens, segment_ids, loss_mask (the answer tokens the engine sampled), patches ... image_valid
     rollout_logp [B, S] f32   the engine's log-probability of token t (`Episode.logp_raw`)
@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from glm5v_jax.data.packing import pack_rows
 from glm5v_jax.generate.requests import IMAGE_KEYS
 from glm5v_jax.rl import metrics
 from glm5v_jax.rl.objectives import ObjectiveSpec, objective_advantages
@@ -72,29 +73,21 @@ def group_advantages(spec: ObjectiveSpec, groups: Sequence[Any], max_new_tokens:
 
 
 def _place(episodes: Sequence[Episode], layout: RowLayout, stats: BatchStats) -> list[list[int]]:
-    """First-fit decreasing: row -> indices of the episodes it holds (skipped ones counted)."""
-    order = sorted(range(len(episodes)), key=lambda i: -len(episodes[i].tokens))
-    rows: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # (tokens, image slots) left per row
-    for i in order:
-        e = episodes[i]
-        n, m = len(e.tokens), len(e.image_slots)
-        reason = ("too_many_images" if m > layout.max_images else "too_long" if n > layout.seq_len
-                  else "no_answer_tokens" if not any(e.loss_mask) else None)
-        if reason is not None:
-            stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
-            continue
-        row = next((r for r, (t, s) in enumerate(room) if n <= t and m <= s), None)
-        if row is None:
-            if len(rows) == layout.rows:
-                stats.skipped["no_room"] = stats.skipped.get("no_room", 0) + 1
-                continue
-            rows.append([])
-            room.append((layout.seq_len, layout.max_images))
-            row = len(rows) - 1
-        rows[row].append(i)
-        room[row] = (room[row][0] - n, room[row][1] - m)
-    return rows
+    """Row -> indices of the episodes it holds (`data.packing.pack_rows` over tokens and image slots: first-fit
+    decreasing with both capacities); the episodes that cannot be placed are counted by reason."""
+    def skip(reason: str, count: int = 1) -> None:
+        if count:
+            stats.skipped[reason] = stats.skipped.get(reason, 0) + count
+
+    trainable = [i for i, e in enumerate(episodes) if any(e.loss_mask)]
+    skip("no_answer_tokens", len(episodes) - len(trainable))
+    tokens = [len(episodes[i].tokens) for i in trainable]
+    images = [len(episodes[i].image_slots) for i in trainable]
+    rows, too_large = pack_rows(tokens, images, seq_len=layout.seq_len, vit_capacity=layout.max_images)
+    for j in too_large:
+        skip("too_many_images" if images[j] > layout.max_images else "too_long")
+    skip("no_room", sum(len(r) for r in rows[layout.rows:]))  # the smallest episodes, in rows past the batch
+    return [[trainable[j] for j in r] for r in rows[:layout.rows]]
 
 
 def build_batch(groups: Sequence[Any], spec: ObjectiveSpec, layout: RowLayout, *, max_new_tokens: int,
