@@ -131,6 +131,8 @@ def test_abstract_program_lowers_with_the_reference_as_log_probabilities_only():
 
 
 def test_routing_replay_puts_the_engines_experts_in_the_batch_contract():
+    """With routing replay the batch carries `expert_ids [B, S, L_moe, top_k]`, sharded like the tokens: the
+    RL step lowers on an FSDP mesh of the 8 fake devices."""
     import jax
 
     from glm5v_jax.config_args import config_file
@@ -138,12 +140,14 @@ def test_routing_replay_puts_the_engines_experts_in_the_batch_contract():
     from glm5v_jax.train import rl as rl_stage
 
     config = config_file(ROOT / "configs" / "rl.py", "tiny")
-    config.model.backbone.num_layers, config.data.batch_size, config.data.seq_len = 2, 2, 64
+    config.model.backbone.num_layers, config.data.batch_size, config.data.seq_len = 2, 8, 64
     config.rl.routing_replay = True
-    program = rl_stage.abstract_program(config, jax.devices()[:1], update_rms=False)
+    program = rl_stage.abstract_program(config, jax.devices()[:8], update_rms=False)
     _, batch = program.args
     b = config.model.backbone
-    assert batch["expert_ids"].shape == (2, 64, b.num_layers - b.first_k_dense, b.experts_per_token)
+    assert batch["expert_ids"].shape == (8, 64, b.num_layers - b.first_k_dense, b.experts_per_token)
+    rows = tuple(batch["expert_ids"].sharding.spec)[0]
+    assert rows == tuple(batch["tokens"].sharding.spec)[0] and rows is not None  # split over the batch axes
     program.step.lower(*program.args)
     config.model.mtp.trunk_gradient = "isolate_vision"
     with pytest.raises(ConfigError, match="config.rl.routing_replay"):
