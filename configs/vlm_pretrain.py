@@ -149,6 +149,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch_size=4 if tiny else 256,  # packed rows per step (global)
         seq_len=256 if tiny else 4096,
         max_images_per_row=4 if tiny else 16,
+        # first_fit: greedy in arrival order | joint: first-fit decreasing on tokens and images at once, each
+        # host's rows dealt to packing_ranks data-parallel ranks balanced in text and ViT tokens (as the report
+        # packs its rollouts; the RL batches always do)
+        packing="first_fit",
+        packing_ranks=1,  # the host's data-parallel shards of its rows (joint); must divide its rows
         num_workers=0,
         eval_batches=8 if tiny else 50,
     ))

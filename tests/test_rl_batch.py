@@ -48,10 +48,11 @@ def rollout(tmp_path_factory):
     return model, groups
 
 
-def test_packed_rows_keep_every_episode(rollout):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_packed_rows_keep_every_episode(rollout, ranks):
     model, groups = rollout
     layout = RowLayout(rows=4, seq_len=160, max_images=4, max_patches=model.spec.vision.max_patches,
-                       patch_dim=model.spec.vision.patch_size ** 2 * 3)
+                       patch_dim=model.spec.vision.patch_size ** 2 * 3, ranks=ranks)
     batch, stats = build_batch(groups, SPEC, layout, max_new_tokens=12, version=5)
     episodes = [e for g in groups for e in g.episodes]
     adv = np.concatenate(group_advantages(SPEC, groups, 12))
@@ -77,6 +78,9 @@ def test_packed_rows_keep_every_episode(rollout):
             found += 1
         assert batch["image_valid"][r * layout.max_images:(r + 1) * layout.max_images].sum() == slot
     assert found == 9
+    if ranks == 2:  # each rank's pair of rows: the three packed rows are spread over both (2 + 1, not 3 + 0)
+        used = (batch["segment_ids"] != 0).any(1)
+        assert stats.rows_used == 3 and used[:2].any() and used[2:].any()
     # advantages: GRPO over each group's rewards (sample std)
     r0 = np.array([1.0, 0.5, 0.0])
     np.testing.assert_allclose(adv[:3], (r0 - r0.mean()) / (r0.std(ddof=1) + 1e-6), rtol=1e-5)

@@ -9,9 +9,11 @@ Stages (all deterministic given `PipelineConfig.seed`):
       -> map_with_index        decode PNG (PIL), NaFlex, `templates.build_document` (or, with
                                document_kind "sft", a `conversations` chat)
       -> to_iter_dataset       (+ mp_prefetch when num_workers > 0)
-      -> PackedBatchDataset    greedy first-fit packing into `rows_per_batch` rows of
-                               `seq_len` tokens, at most `max_images_per_row` images per
-                               row, emitted as one batch dict.
+      -> PackedBatchDataset    packing into `rows_per_batch` rows of `seq_len` tokens, at most
+                               `max_images_per_row` images per row, emitted as one batch dict
+                               (`packed_batches`: greedy first fit, or `packing="joint"`:
+                               first-fit decreasing on both capacities, rows balanced over
+                               data-parallel ranks in text and ViT tokens)
 
 Record format (any random-access source whose items are dicts; strings may be `str`
 or `bytes`): image (PNG/JPEG bytes, or a uint8 array; b"" for text-only), width,
@@ -73,7 +75,6 @@ with no image data in the state. Works with `grain.checkpoint.CheckpointSave`.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import io
 import logging
@@ -85,7 +86,9 @@ import grain
 import numpy as np
 from PIL import Image
 
-from glm5v_jax.data.batch import validate_vlm_batch
+from glm5v_jax.data.packed_batches import (PACKINGS, SFT_KEYS, STAT_KEYS, STATE_VERSION,  # noqa: F401
+                                           PackedBatchDataset, PackedBatchIterator, PackLayout, empty_stats,
+                                           patch_dtype)
 from glm5v_jax.data.conversations import TASKS as SFT_TASKS, make_conversation, render_conversation
 from glm5v_jax.errors import ConfigError
 # Sources live in their own module; re-exported here because callers build pipelines from them.
@@ -99,19 +102,8 @@ from glm5v_jax.data.templates import (DEFAULT_TASK_WEIGHTS, TASKS, SkipSample, a
 
 log = logging.getLogger(__name__)
 
-STAT_KEYS = (
-    "skipped/undecodable_image", "skipped/empty_image", "skipped/too_small_image",
-    "skipped/empty_text", "skipped/too_long", "skipped/task_filter", "skipped/error", "skipped/bad_record",
-    "truncated/text", "truncated/image", "dropped/empty_caption", "dropped/empty_answer",
-    "examples", "examples/image", "examples/text", "batches", "tokens", "images",
-)
-STATE_VERSION = 1
 DOCUMENT_KINDS = ("pretrain", "sft")
-SFT_KEYS = ("task_ids", "answer_ids")  # extra per-token keys of "sft" documents and batches
 
-
-def empty_stats() -> dict[str, int]:
-    return {k: 0 for k in STAT_KEYS}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -139,6 +131,10 @@ class PipelineConfig:
     # Documents that did not fit the open batch before it is emitted (>= 1, <= rows_per_batch).
     # 1 = emit as soon as one document does not fit; larger packs tighter.
     pack_lookahead: int = 4
+    # "first_fit": greedy in arrival order; "joint": first-fit decreasing over a window on tokens and images at
+    # once, rows dealt to `packing_ranks` data-parallel ranks balanced in text and ViT tokens (packed_batches)
+    packing: str = "first_fit"
+    packing_ranks: int = 1
     patch_dtype: str = "float32"  # or "bfloat16" (via ml_dtypes)
     # Big images: JPEG DCT-scaled decoding and an integer box-reduce before the bicubic resize.
     fast_downscale: bool = True
@@ -171,6 +167,9 @@ class PipelineConfig:
         need(self.num_epochs is None or self.num_epochs >= 1, f"num_epochs ({self.num_epochs}) must be >= 1 or None")
         need(0 <= self.seed < 2 ** 32, f"seed ({self.seed}) must lie in [0, 2**32)")
         need(self.pack_lookahead >= 1, f"pack_lookahead ({self.pack_lookahead}) must be >= 1")
+        need(self.packing in PACKINGS, f"packing ({self.packing!r}) must be one of {PACKINGS}")
+        need(self.packing_ranks >= 1 and self.rows_per_batch % self.packing_ranks == 0,
+             f"packing_ranks ({self.packing_ranks}) must be >= 1 and divide rows_per_batch ({self.rows_per_batch})")
         need(self.num_workers >= 0, f"num_workers ({self.num_workers}) must be >= 0")
         need(self.patch_dtype in ("float32", "bfloat16"),
              f"patch_dtype ({self.patch_dtype!r}) must be float32 or bfloat16")
@@ -186,12 +185,6 @@ class PipelineConfig:
              "sft_system_prob and sft_text_turn_prob must lie in [0, 1]")
         need(set(self.sft_tasks) <= set(SFT_TASKS), f"sft_tasks {list(self.sft_tasks)} must be among {SFT_TASKS}")
 
-
-def _patch_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes  # noqa: PLC0415  (ships with jax; imported only when asked for)
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
 
 
 # --------------------------------------------------------------------------- images
@@ -395,213 +388,10 @@ class ProcessRecord:
         if doc is None:
             return _skip("skipped/too_long", counts)
         counts.update({"examples": 1, "examples/image": 1})
-        dt = _patch_dtype(cfg.patch_dtype)
+        dt = patch_dtype(cfg.patch_dtype)
         return {**doc, "n_images": 1, "counts": counts,
                 "patches": item["patches"][None].astype(dt), "patch_yx": item["patch_yx"][None],
                 "patch_valid": item["valid"][None], "image_grid": item["grid"][None]}
-
-
-# --------------------------------------------------------------------------- packing
-
-
-@dataclasses.dataclass(frozen=True)
-class PackLayout:
-    """Static shapes and ids the packer needs (plain data, picklable)."""
-
-    seq_len: int
-    rows_per_batch: int
-    max_images_per_row: int
-    max_patches: int
-    patch_dim: int
-    pad_id: int
-    image_token_id: int
-    vocab_size: int
-    merge: int = 2
-    lookahead: int = 4
-    patch_dtype: str = "float32"
-    validate: bool = True
-    max_consecutive_skips: int = 10_000
-    document_kind: str = "pretrain"
-
-    def key(self) -> dict[str, Any]:
-        key: dict[str, Any] = dict(seq_len=self.seq_len, rows_per_batch=self.rows_per_batch,
-                                   max_images_per_row=self.max_images_per_row, max_patches=self.max_patches)
-        if self.document_kind != "pretrain":  # pre-training states keep their old layout key
-            key["document_kind"] = self.document_kind
-        return key
-
-
-class _Row:
-    __slots__ = ("docs", "used", "n_images")
-
-    def __init__(self):
-        self.docs: list[dict] = []
-        self.used = 0
-        self.n_images = 0
-
-    def fits(self, doc: dict, layout: PackLayout) -> bool:
-        return (self.used + len(doc["tokens"]) <= layout.seq_len
-                and self.n_images + doc["n_images"] <= layout.max_images_per_row)
-
-    def add(self, doc: dict) -> None:
-        self.docs.append(doc)
-        self.used += len(doc["tokens"])
-        self.n_images += doc["n_images"]
-
-
-class PackedBatchIterator(grain.DatasetIterator):
-    """Checkpointable iterator of packed batches; see the module docstring for the state."""
-
-    def __init__(self, parent: grain.DatasetIterator, layout: PackLayout):
-        super().__init__(parent)
-        self._layout = layout
-        self._lookahead = max(1, min(layout.lookahead, layout.rows_per_batch))
-        self._carry: list[tuple[int, Any, dict]] = []  # (seq, parent state before it, doc)
-        self._seq = 0  # documents read from the parent (relative numbering)
-        self.stats: dict[str, int] = empty_stats()
-
-    # -- reading
-    def _read(self) -> tuple[Any, dict]:
-        pre = copy.deepcopy(self._parent.get_state())
-        el = next(self._parent)
-        self._seq += 1
-        return pre, el
-
-    def _count(self, counts: Mapping[str, int]) -> None:
-        for k, v in counts.items():
-            self.stats[k] = self.stats.get(k, 0) + int(v)
-
-    # -- packing
-    def _place(self, rows: list[_Row], doc: dict) -> bool:
-        for row in rows:
-            if row.fits(doc, self._layout):
-                row.add(doc)
-                return True
-        return False
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        layout = self._layout
-        rows = [_Row() for _ in range(layout.rows_per_batch)]
-        carried, self._carry = self._carry, []
-        for entry in carried:  # documents that did not fit the previous batch go first
-            if not self._place(rows, entry[2]):
-                self._carry.append(entry)
-        skips = 0
-        while len(self._carry) < self._lookahead:
-            try:
-                pre, el = self._read()
-            except StopIteration:
-                break
-            self._count(el.get("counts", {}))
-            if "skip" in el:
-                skips += 1
-                if skips >= layout.max_consecutive_skips:
-                    bad = {k: v for k, v in self.stats.items() if v and k.startswith("skipped/")}
-                    raise RuntimeError(f"packer: {skips} records in a row were skipped ({bad}); "
-                                       "is the source in the record format?")
-                continue
-            skips = 0
-            if not self._place(rows, el):
-                self._carry.append((self._seq - 1, pre, el))
-        if not any(row.docs for row in rows):
-            if self._carry:  # cannot happen: every document fits an empty row
-                raise RuntimeError("packer: carried documents do not fit an empty batch")
-            raise StopIteration
-        return self._emit(rows)
-
-    def _emit(self, rows: list[_Row]) -> dict[str, np.ndarray]:
-        L = self._layout
-        b, s, m, n = L.rows_per_batch, L.seq_len, L.max_images_per_row, L.max_patches
-        out = dict(
-            tokens=np.full((b, s), L.pad_id, np.int32),
-            segment_ids=np.zeros((b, s), np.int32),
-            loss_mask=np.zeros((b, s), bool),
-            patches=np.zeros((b * m, n, L.patch_dim), _patch_dtype(L.patch_dtype)),
-            patch_yx=np.zeros((b * m, n, 2), np.int32),
-            patch_valid=np.zeros((b * m, n), bool),
-            image_grid=np.zeros((b * m, 2), np.int32),
-            image_valid=np.zeros((b * m,), bool),
-        )
-        sft = L.document_kind == "sft"
-        if sft:
-            out.update({key: np.zeros((b, s), np.int32) for key in SFT_KEYS})
-        n_images = 0
-        for r, row in enumerate(rows):
-            pos, slot, n_answers = 0, r * m, 0
-            for seg, doc in enumerate(row.docs, start=1):
-                k = len(doc["tokens"])
-                out["tokens"][r, pos:pos + k] = doc["tokens"]
-                out["segment_ids"][r, pos:pos + k] = seg
-                out["loss_mask"][r, pos:pos + k] = doc["loss_mask"]
-                if sft:  # answers numbered through the row: 1, 2, ... over its documents
-                    out["task_ids"][r, pos:pos + k] = doc["task_ids"]
-                    answers = doc["answer_ids"]
-                    out["answer_ids"][r, pos:pos + k] = np.where(answers > 0, answers + n_answers, 0)
-                    n_answers += int(answers.max(initial=0))
-                pos += k
-                for j in range(doc["n_images"]):
-                    out["patches"][slot] = doc["patches"][j]
-                    out["patch_yx"][slot] = doc["patch_yx"][j]
-                    out["patch_valid"][slot] = doc["patch_valid"][j]
-                    out["image_grid"][slot] = doc["image_grid"][j]
-                    out["image_valid"][slot] = True
-                    slot += 1
-                    n_images += 1
-        if L.validate:
-            validate_vlm_batch(out, image_token_id=L.image_token_id, vocab_size=L.vocab_size, merge=L.merge)
-        self.stats["batches"] += 1
-        self.stats["tokens"] += int((out["segment_ids"] != 0).sum())
-        self.stats["images"] += n_images
-        return out
-
-    # -- checkpointing
-    def get_state(self) -> dict[str, Any]:
-        if self._carry:
-            anchor_seq, anchor_state, _ = self._carry[0]
-            parent = copy.deepcopy(anchor_state)
-            n_consumed = self._seq - anchor_seq
-            keep = [seq - anchor_seq for seq, _, _ in self._carry]
-        else:
-            parent, n_consumed, keep = copy.deepcopy(self._parent.get_state()), 0, []
-        return {"version": STATE_VERSION, "parent": parent, "n_consumed": n_consumed, "keep": keep,
-                "stats": dict(self.stats), "layout": self._layout.key()}
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"packed-batch iterator state version {state.get('version')!r}, "
-                             f"expected {STATE_VERSION}")
-        if dict(state["layout"]) != self._layout.key():
-            raise ValueError(f"packed-batch iterator state was saved with layout {dict(state['layout'])}, "
-                             f"this pipeline has {self._layout.key()}")
-        self._parent.set_state(copy.deepcopy(state["parent"]))
-        self.stats = empty_stats()
-        self.stats.update({k: int(v) for k, v in state["stats"].items()})
-        self._carry, self._seq = [], 0
-        keep = set(int(i) for i in state["keep"])
-        for i in range(int(state["n_consumed"])):  # replay: rebuild the carried documents
-            pre, el = self._read()
-            if i in keep:
-                if "skip" in el:
-                    raise ValueError("packed-batch iterator state does not match the data: "
-                                     f"replayed element {i} is a skipped record")
-                self._carry.append((i, pre, el))
-
-    def __str__(self) -> str:
-        return f"PackedBatchIterator({self._layout})"
-
-
-class PackedBatchDataset(grain.IterDataset):
-    """IterDataset of packed batches over an IterDataset of `ProcessRecord` outputs."""
-
-    def __init__(self, parent: grain.IterDataset, layout: PackLayout):
-        super().__init__(parent)
-        self._layout = layout
-
-    def __iter__(self) -> PackedBatchIterator:
-        return PackedBatchIterator(self._parent.__iter__(), self._layout)
-
-    def __str__(self) -> str:
-        return f"PackedBatchDataset({self._layout})"
 
 
 # --------------------------------------------------------------------------- public API
@@ -645,7 +435,8 @@ def pack_layout(tokenizer, config: PipelineConfig) -> PackLayout:
         patch_dim=config.patch_size * config.patch_size * 3, pad_id=int(tokenizer.pad_id),
         image_token_id=int(tokenizer.image_id), vocab_size=int(tokenizer.vocab_size), merge=config.merge,
         lookahead=config.pack_lookahead, patch_dtype=config.patch_dtype, validate=config.validate,
-        max_consecutive_skips=config.max_consecutive_skips, document_kind=config.document_kind)
+        max_consecutive_skips=config.max_consecutive_skips, document_kind=config.document_kind,
+        packing=config.packing, balance_ranks=config.packing_ranks)
 
 
 def make_batch_dataset(source: Any, tokenizer, config: PipelineConfig) -> PackedBatchDataset:

@@ -274,6 +274,8 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
     contract = rl_contract(spec, config, reference=use_reference)
     placed, batch_sh, jitted = vlm_pretrain.place_model(config, spec, plan, loss_fn=rl_loss_fn(config, obj),
                                                         contract=contract)
+    rows = int(config.data.batch_size)  # rows are dealt to the batch shards balanced in tokens and ViT patches
+    layout = dataclasses.replace(layout, ranks=rows // batch_sh["tokens"].shard_shape(contract["tokens"].shape)[0])
 
     # the reference policy: host memory, with a jitted forward on the policy's model shardings
     model_graphdef = nnx.graphdef(nnx.merge(placed.graphdef, placed.state).model)

@@ -74,7 +74,8 @@ def pipeline_config(cfg, spec, *, seed: int, train: bool, **extra) -> pipeline_l
         max_images_per_row=cfg.max_images_per_row, patch_size=spec.vision.patch_size,
         max_patches=spec.vision.max_patches, merge=spec.vision.merge_size, seed=seed,
         num_epochs=None if train else 1, shuffle=train, num_workers=cfg.num_workers if train else 0,
-        process_index=jax.process_index(), process_count=jax.process_count(), **extra)
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        packing=cfg.packing, packing_ranks=cfg.packing_ranks, **extra)
 
 
 def make_iterator(cfg, sources: dict, weights: dict, tokenizer: Tokenizer, spec, *, seed: int, train: bool,
