@@ -349,8 +349,8 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
 
 
 def plot_reward_curves(metrics_path: epath.Path, out_png: epath.Path) -> None:
-    """PNG: each family's training reward (every completed group of a round, 5-step running mean) and its
-    held-out evaluation reward (markers) against the step."""
+    """PNG: each family's training reward (every completed group of a round, 5-step running mean) and, when
+    the run evaluated, its held-out evaluation reward (markers) against the step."""
     import io
 
     import matplotlib
@@ -362,10 +362,11 @@ def plot_reward_curves(metrics_path: epath.Path, out_png: epath.Path) -> None:
     prefix, eval_prefix = "train/rollout/", "eval/rl/"
     families = sorted({k[len(prefix):-len("/reward_mean")] for r in rows for k in r
                        if k.startswith(prefix) and k.endswith("/reward_mean")} - {"all"})
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, title, key_of, smooth in ((axes[0], "training rounds (running mean of 5 steps)",
-                                       lambda f: f"{prefix}{f}/reward_mean", 5),
-                                      (axes[1], "held-out prompts", lambda f: f"{eval_prefix}{f}/reward_mean", 1)):
+    panels = [("training rounds (running mean of 5 steps)", lambda f: f"{prefix}{f}/reward_mean", 5)]
+    if any(k.startswith(eval_prefix) and k.endswith("/reward_mean") for r in rows for k in r):
+        panels.append(("held-out prompts", lambda f: f"{eval_prefix}{f}/reward_mean", 1))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 1.5, 4.5), sharey=True, squeeze=False)
+    for ax, (title, key_of, smooth) in zip(axes[0], panels):
         for family in families + ["all"]:
             pts = [(r["step"], r[key_of(family)]) for r in rows if isinstance(r.get(key_of(family)), (int, float))]
             if not pts:
@@ -378,8 +379,8 @@ def plot_reward_curves(metrics_path: epath.Path, out_png: epath.Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mean reward")
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axes[0][0].set_ylabel("mean reward")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
