@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from glm5v_jax.data import conversations
+from glm5v_jax.data.packed_batches import SFT_KEYS  # the SFT batch's extra per-token keys
 from glm5v_jax.data.tokenizer import Tokenizer
 from glm5v_jax.errors import ConfigError
 from glm5v_jax.generate.offline import generate
@@ -44,7 +45,6 @@ from glm5v_jax.paths import as_path
 from glm5v_jax.rl import evaluate as rl_evaluate
 
 log = logging.getLogger(__name__)
-SFT_KEYS = ("task_ids", "answer_ids")
 
 
 def sft_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path) -> Tokenizer | None:
