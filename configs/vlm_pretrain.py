@@ -153,7 +153,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # host's rows dealt to packing_ranks data-parallel ranks balanced in text and ViT tokens (as the report
         # packs its rollouts; the RL batches always do)
         packing="first_fit",
-        packing_ranks=1,  # the host's data-parallel shards of its rows (joint); must divide its rows
+        packing_ranks=0,  # joint: ranks to balance over; 0 = the data-parallel shards of the host's rows
         num_workers=0,
         eval_batches=8 if tiny else 50,
     ))

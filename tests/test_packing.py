@@ -4,6 +4,8 @@ counts, every row once; on lognormal text lengths and ViT token counts the ranks
 the mean in both dimensions, where balancing on text alone leaves the ViT side uneven."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,19 @@ def test_bad_input_is_named():
         pack_rows([1, 2], [1], seq_len=8, vit_capacity=8)
     with pytest.raises(ValueError, match="num_ranks"):
         balance_ranks(np.ones((3, 2)), 0)
+
+
+@pytest.mark.parametrize("shape, shards", [((1, 1, 1, 1), 1), ((2, 4, 1, 1), 8), ((2, 2, 2, 1), 4), ((1, 2, 4, 1), 2)])
+def test_the_rows_are_balanced_over_the_meshs_batch_shards(shape, shards):
+    """`local_row_shards`: what joint packing balances over by default (`data.packing_ranks=0`) is the number
+    of slices the batch sharding cuts the host's rows into: the data and fsdp axes, not tensor or expert."""
+    import jax
+
+    from glm5v_jax.config_args import config_file
+    from glm5v_jax.train.parallel import batch_sharding, local_row_shards, plan_from_config
+
+    mesh_cfg = config_file(Path(__file__).parents[1] / "configs" / "vlm_pretrain.py", "tiny").mesh
+    mesh_cfg.shape = shape
+    n = int(np.prod(shape))
+    plan = plan_from_config(mesh_cfg, jax.devices()[:n])
+    assert local_row_shards(batch_sharding((16, 64), plan), 16, 64) == shards

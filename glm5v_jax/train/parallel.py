@@ -107,6 +107,13 @@ def host_batch_shardings(host: Mapping[str, np.ndarray], plan: MeshPlan) -> dict
                             for k, v in host.items()}, plan)
 
 
+def local_row_shards(tokens_sharding: NamedSharding, global_rows: int, seq_len: int) -> int:
+    """How many data-parallel shards this host's rows of a `[global_rows, seq_len]` batch are split into (the
+    ranks a packer balances its rows over: each shard is a contiguous slice of the host's rows)."""
+    per_device = tokens_sharding.shard_shape((global_rows, seq_len))[0]
+    return max(1, global_rows // jax.process_count() // per_device)
+
+
 def global_batch(host_batch: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
     """Global arrays from this host's rows (every host calls this with its own shard)."""
     out = {}

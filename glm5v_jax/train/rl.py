@@ -58,7 +58,7 @@ from glm5v_jax.rl.tasks import TaskMix, TaskStream, reward_specs
 from glm5v_jax.train import flops as flops_lib
 from glm5v_jax.train import run as run_lib
 from glm5v_jax.train import vlm_pretrain, vlm_sft
-from glm5v_jax.train.parallel import MeshPlan, TrainProgram, global_batch
+from glm5v_jax.train.parallel import MeshPlan, TrainProgram, global_batch, local_row_shards
 from glm5v_jax.train.writers import read_jsonl, rollback_jsonl
 
 log = logging.getLogger(__name__)
@@ -274,8 +274,8 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
     contract = rl_contract(spec, config, reference=use_reference)
     placed, batch_sh, jitted = vlm_pretrain.place_model(config, spec, plan, loss_fn=rl_loss_fn(config, obj),
                                                         contract=contract)
-    rows = int(config.data.batch_size)  # rows are dealt to the batch shards balanced in tokens and ViT patches
-    layout = dataclasses.replace(layout, ranks=rows // batch_sh["tokens"].shard_shape(contract["tokens"].shape)[0])
+    # the rows are dealt to the batch shards balanced in tokens and ViT patches
+    layout = dataclasses.replace(layout, ranks=local_row_shards(batch_sh["tokens"], *contract["tokens"].shape))
 
     # the reference policy: host memory, with a jitted forward on the policy's model shardings
     model_graphdef = nnx.graphdef(nnx.merge(placed.graphdef, placed.state).model)

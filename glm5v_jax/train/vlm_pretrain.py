@@ -36,7 +36,7 @@ from glm5v_jax.train import flops as flops_lib
 from glm5v_jax.train import run as run_lib
 from glm5v_jax.train.optimizer import transform_from_config
 from glm5v_jax.train.parallel import (MeshPlan, TrainProgram, abstract_state, batch_shardings, global_batch,
-                                       jit_eval, jit_step, plan_from_config)
+                                       jit_eval, jit_step, local_row_shards, plan_from_config)
 from glm5v_jax.train.step import train_step
 
 log = logging.getLogger(__name__)
@@ -67,15 +67,17 @@ def prepare_data(cfg: ml_collections.ConfigDict, workdir: epath.Path, tokenizer:
     return {"train": data.train, "eval": data.eval}, data.weights, tokenizer
 
 
-def pipeline_config(cfg, spec, *, seed: int, train: bool, **extra) -> pipeline_lib.PipelineConfig:
-    """The packed-row pipeline settings of config.data for this host."""
+def pipeline_config(cfg, spec, *, seed: int, train: bool, row_shards: int = 1,
+                    **extra) -> pipeline_lib.PipelineConfig:
+    """The packed-row pipeline settings of config.data for this host; `row_shards`: the data-parallel shards
+    of the host's rows, which joint packing balances over unless `data.packing_ranks` (> 0) says otherwise."""
     return pipeline_lib.PipelineConfig(
         seq_len=cfg.seq_len, rows_per_batch=cfg.batch_size // jax.process_count(),
         max_images_per_row=cfg.max_images_per_row, patch_size=spec.vision.patch_size,
         max_patches=spec.vision.max_patches, merge=spec.vision.merge_size, seed=seed,
         num_epochs=None if train else 1, shuffle=train, num_workers=cfg.num_workers if train else 0,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        packing=cfg.packing, packing_ranks=cfg.packing_ranks, **extra)
+        packing=cfg.packing, packing_ranks=int(cfg.packing_ranks) or row_shards, **extra)
 
 
 def make_iterator(cfg, sources: dict, weights: dict, tokenizer: Tokenizer, spec, *, seed: int, train: bool,
@@ -158,6 +160,10 @@ class ModelJob:
     train_step: Callable  # (state, global batch) -> (state, metrics)
     eval_step: Callable  # (state, global batch) -> metrics
 
+    def row_shards(self, data_cfg) -> int:
+        """The data-parallel shards of this host's rows (what joint packing balances over)."""
+        return local_row_shards(self.batch_shardings["tokens"], int(data_cfg.batch_size), int(data_cfg.seq_len))
+
     def job(self, config, plan: MeshPlan, train_iter, evaluate, **kw) -> run_lib.Job:
         """A run-layer Job that feeds host batches of `BATCH_KEYS` (plus `kw`) to the train step."""
         spec, batch_sh, placed = self.spec, self.batch_shardings, self.placed
@@ -227,11 +233,13 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
     config = resolve_model_config(config, tokenizer)
     save_tokenizer(tokenizer, workdir)
     mj = build_model_job(config, plan)
+    shards = mj.row_shards(config.data)
     train_iter = make_iterator(config.data, sources["train"], weights, tokenizer, mj.spec, seed=config.seed,
-                               train=True)
+                               train=True, row_shards=shards)
 
     def evaluate(state) -> dict:
-        batches = make_iterator(config.data, sources["eval"], weights, tokenizer, mj.spec, seed=0, train=False)
+        batches = make_iterator(config.data, sources["eval"], weights, tokenizer, mj.spec, seed=0, train=False,
+                                row_shards=shards)
         means = mean_metrics(mj.eval_step, state, batches, config.data.eval_batches, mj.batch_shardings)
         return {f"eval/{k}": v for k, v in means.items()}
 
@@ -240,7 +248,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
         if not n:
             return {}
         probe = make_iterator(config.data, sources["train"], weights, tokenizer, mj.spec, seed=config.seed + 1,
-                              train=True)
+                              train=True, row_shards=shards)
         tput = pipeline_lib.measure_throughput(probe, n)
         log.info("input pipeline alone: %.1f examples/s, %.0f tokens/s (%d batches)", tput["examples_per_s"],
                  tput["tokens_per_s"], n)

@@ -183,6 +183,7 @@ def setup(config: ml_collections.ConfigDict, workdir: epath.Path, plan: MeshPlan
                sft_max_turns=int(config.data.sft.max_turns), sft_system_prob=float(config.data.sft.system_prob),
                sft_text_turn_prob=float(config.data.sft.text_turn_prob),
                sft_tasks=tuple(t for t in str(config.data.sft.get("tasks", "")).split(",") if t))
+    sft["row_shards"] = mj.row_shards(config.data)  # (joint packing balances the rows over them)
     train_iter = vlm_pretrain.make_iterator(config.data, sources["train"], weights, tokenizer, mj.spec,
                                             seed=config.seed, train=True, **sft)
     evaluate_step = eval_fn(mj, config, plan)
