@@ -75,3 +75,19 @@ def test_the_rows_are_balanced_over_the_meshs_batch_shards(shape, shards):
     n = int(np.prod(shape))
     plan = plan_from_config(mesh_cfg, jax.devices()[:n])
     assert local_row_shards(batch_sharding((16, 64), plan), 16, 64) == shards
+
+
+def test_packing_balance_experiment_small(tmp_path):
+    """experiments/packing_balance.py on 600 samples: the three modes per rank count, joint the most even on
+    the ViT side, the rows of both-capacity packing within the ViT capacity, the report and files written."""
+    from helpers import experiment_module
+
+    bench = experiment_module("packing_balance")
+    r = bench.main(["--samples=600", "--ranks=4,8", f"--out_dir={tmp_path}"], log=lambda line: None)
+    by = {(row["ranks"], row["mode"]): row for row in r["rows"]}
+    for ranks in (4, 8):
+        joint, text_only = by[ranks, "joint"], by[ranks, "text-only"]
+        assert joint["vit_max_over_mean"] <= 1.10 < text_only["vit_max_over_mean"]
+        assert joint["max_vit_per_row"] <= 8192 < text_only["max_vit_per_row"]
+    assert [Path(f).name for f in r["files"]] == ["packing_balance.md", "packing_balance.json"]
+    assert "| 8 | joint |" in Path(r["files"][0]).read_text()
