@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ from glm5v_jax.rl.controller import RewardWorker, RolloutController
 from glm5v_jax.rl.rollout import RolloutDriver
 from glm5v_jax.rl.simulated import ParityRewards, SimEngine
 from glm5v_jax.rl.types import Task
-from glm5v_jax.train.writers import json_default
+from glm5v_jax.train.writers import write_result_files
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -240,11 +239,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
     text = report(result)
     log(text)
     if args.out_dir:
-        stem = Path(args.out_dir) / f"rl_pipeline_{args.engine}"
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        Path(str(stem) + ".md").write_text(text)
-        Path(str(stem) + ".json").write_text(json.dumps(result, indent=1, default=json_default) + "\n")
-        result["files"] = [str(stem) + ".md", str(stem) + ".json"]
+        result["files"] = write_result_files(args.out_dir, f"rl_pipeline_{args.engine}", text, result)
     return result
 
 

@@ -18,7 +18,6 @@ written with a json to `<out_dir>/packing_balance.md|.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,11 +25,10 @@ from typing import Callable
 
 import numpy as np
 
+from glm5v_jax.data.packing import balance_ranks, imbalance, pack_rows, row_loads
+from glm5v_jax.train.writers import write_result_files
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from glm5v_jax.data.packing import balance_ranks, imbalance, pack_rows, row_loads  # noqa: E402
-
 RESULTS = ROOT / "experiments" / "results"
 
 
@@ -113,11 +111,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
     text = report(result)
     log(text)
     if args.out_dir:
-        stem = Path(args.out_dir) / "packing_balance"
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        Path(str(stem) + ".md").write_text(text)
-        Path(str(stem) + ".json").write_text(json.dumps(result, indent=1) + "\n")
-        result["files"] = [str(stem) + ".md", str(stem) + ".json"]
+        result["files"] = write_result_files(args.out_dir, "packing_balance", text, result)
     return result
 
 

@@ -19,7 +19,6 @@ change on every family. Output: `<out_dir>/rl_joint_vs_single.md|.json` with the
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -175,10 +174,9 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> d
     text = report(result)
     log(text)
     if args.out_dir:
-        stem = Path(args.out_dir) / "rl_joint_vs_single"
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        Path(str(stem) + ".md").write_text(text)
-        Path(str(stem) + ".json").write_text(json.dumps(result, indent=1) + "\n")
+        from glm5v_jax.train.writers import write_result_files
+
+        write_result_files(args.out_dir, "rl_joint_vs_single", text, result)
     return result
 
 

@@ -23,7 +23,7 @@ import grain
 import numpy as np
 
 from glm5v_jax.data.batch import validate_vlm_batch
-from glm5v_jax.data.packing import balance_ranks, pack_rows
+from glm5v_jax.data.packing import pack_rows, rank_order
 
 STAT_KEYS = (
     "skipped/undecodable_image", "skipped/empty_image", "skipped/too_small_image",
@@ -201,12 +201,11 @@ class PackedBatchIterator(grain.DatasetIterator):
             loads[r] = (sum(len(docs[i]["tokens"]) for i in members),
                         sum(int(np.sum(docs[i]["patch_valid"])) for i in members if docs[i]["n_images"]))
         rows = []
-        for rank_rows in balance_ranks(loads, layout.balance_ranks):  # rank by rank: each rank's rows contiguous
-            for r in rank_rows:
-                row = _Row()
-                for i in (chosen[r] if r < len(chosen) else []):
-                    row.add(docs[i])
-                rows.append(row)
+        for r in rank_order(loads, layout.balance_ranks):  # each rank's rows contiguous
+            row = _Row()
+            for i in (chosen[r] if r < len(chosen) else []):
+                row.add(docs[i])
+            rows.append(row)
         return self._emit(rows)
 
     def _emit(self, rows: list[_Row]) -> dict[str, np.ndarray]:

@@ -100,6 +100,12 @@ def balance_ranks(loads: np.ndarray, num_ranks: int) -> list[list[int]]:
     return sorted((sorted(rows) for rows, _ in final), key=lambda r: r[0])
 
 
+def rank_order(loads: np.ndarray, num_ranks: int) -> list[int]:
+    """The rows of `loads [rows, d]` in the order the ranks take them (`balance_ranks`): rank 0's rows, then
+    rank 1's, ..., so that each rank's share is a contiguous slice; indices >= len(loads) are empty padding."""
+    return [i for rows in balance_ranks(loads, num_ranks) for i in rows]
+
+
 def _spread(subsets) -> float:
     """The largest max-min difference of the subsets' loads over the dimensions."""
     loads = np.stack([load for _, load in subsets])

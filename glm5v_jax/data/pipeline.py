@@ -105,7 +105,6 @@ log = logging.getLogger(__name__)
 DOCUMENT_KINDS = ("pretrain", "sft")
 
 
-
 @dataclasses.dataclass(kw_only=True)
 class PipelineConfig:
     """Settings of `make_batch_iterator` (all keyword-only)."""
@@ -184,7 +183,6 @@ class PipelineConfig:
         need(0 <= self.sft_system_prob <= 1 and 0 <= self.sft_text_turn_prob <= 1,
              "sft_system_prob and sft_text_turn_prob must lie in [0, 1]")
         need(set(self.sft_tasks) <= set(SFT_TASKS), f"sft_tasks {list(self.sft_tasks)} must be among {SFT_TASKS}")
-
 
 
 # --------------------------------------------------------------------------- images

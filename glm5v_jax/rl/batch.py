@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from glm5v_jax.data.packing import balance_ranks, pack_rows
+from glm5v_jax.data.packing import pack_rows, rank_order
 from glm5v_jax.generate.requests import IMAGE_KEYS
 from glm5v_jax.rl import metrics
 from glm5v_jax.rl.objectives import ObjectiveSpec, objective_advantages
@@ -49,7 +49,7 @@ class RowLayout:
     patch_dim: int
     routing: tuple[int, int] | None = None  # (MoE layers, top_k): pack the episodes' expert_ids for replay
     # data-parallel ranks sharing the rows (each a contiguous slice of rows / ranks rows): the packed rows are
-    # dealt to them balanced in tokens and ViT patches (`data.packing.balance_ranks`)
+    # dealt to them balanced in tokens and ViT patches (`data.packing.rank_order`)
     ranks: int = 1
 
 
@@ -115,7 +115,7 @@ def build_batch(groups: Sequence[Any], spec: ObjectiveSpec, layout: RowLayout, *
         for r, members in enumerate(rows):
             loads[r] = (sum(len(episodes[i].tokens) for i in members),
                         sum(int(im["patch_valid"].sum()) for i in members for im in episodes[i].image_slots))
-        rows = [rows[i] if i < len(rows) else [] for rank in balance_ranks(loads, layout.ranks) for i in rank]
+        rows = [rows[i] if i < len(rows) else [] for i in rank_order(loads, layout.ranks)]
     for r, members in enumerate(rows):
         t = slot = 0
         for seg, i in enumerate(sorted(members), start=1):  # episodes in batch order within a row

@@ -274,6 +274,16 @@ def write_eval_table(workdir: str | os.PathLike, step: int) -> str:
     return table
 
 
+def write_result_files(out_dir: str | os.PathLike, name: str, text: str, result: Mapping[str, Any]) -> list[str]:
+    """An experiment's report `<out_dir>/<name>.md` and its numbers `<name>.json` (`json_default`); the paths."""
+    stem = os.path.join(os.fspath(out_dir), name)
+    os.makedirs(os.fspath(out_dir), exist_ok=True)
+    files = [stem + ".md", stem + ".json"]
+    epath.Path(files[0]).write_text(text)
+    epath.Path(files[1]).write_text(json.dumps(result, indent=1, default=json_default) + "\n")
+    return files
+
+
 def json_default(x: Any) -> Any:
     """`json.dumps(..., default=json_default)` for result files: non-finite floats as null, tuples and sets
     as lists, numpy scalars as Python numbers, anything else as its string."""
